@@ -1,0 +1,1 @@
+"""The lead node: HTTP and WebSocket server, registry, queue, placement and store."""

@@ -1,0 +1,1 @@
+"""The compute node: GPU detection, telemetry, executors and the connection loop."""

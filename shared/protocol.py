@@ -1,0 +1,227 @@
+"""The wire protocol between the coordinator and compute clients.
+
+Every frame is one JSON object with a ``type`` tag. Both sides decode a frame once, at
+the edge, into one of the typed messages below; a frame that does not decode becomes a
+``BadMessage`` value carrying the reason, never an exception in a connection handler.
+
+Fields may be added in later protocol versions; they are never renamed. Unknown fields
+are ignored, so an older peer can read a newer one's messages.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+SUPPORTED_PROTOCOLS = frozenset({1})
+MAX_FRAME_BYTES = 1 << 20  # larger frames are closed with 1009 by the WebSocket layer
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class CloseCode(IntEnum):
+    """Close codes the coordinator uses. The client treats 1008 and 4002 as fatal."""
+
+    NORMAL = 1000  # the coordinator closed a finished conversation
+    GOING_AWAY = 1001  # the coordinator is shutting down: reconnect later
+    INVALID_PAYLOAD = 1007  # a text frame that is not UTF-8 (raised by the WebSocket layer)
+    POLICY_VIOLATION = 1008  # bad token, or a first frame that is not `register`: fatal
+    MESSAGE_TOO_BIG = 1009  # a frame over MAX_FRAME_BYTES (raised by the WebSocket layer)
+    INTERNAL_ERROR = 1011  # a bug on the coordinator: reconnect with backoff
+    SUPERSEDED = 4001  # the same node connected again; this older socket is closed
+    PROTOCOL_UNSUPPORTED = 4002  # `register.protocol` is not spoken here: fatal
+    NODE_LOST = 4003  # the node was silent past the heartbeat timeout; its tasks moved
+
+
+FATAL_CLOSE_CODES = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.PROTOCOL_UNSUPPORTED})
+
+
+class GpuInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One schedulable GPU (a whole card, or one MIG instance) and its latest readings."""
+
+    index: NonNegInt
+    name: str = ""
+    vendor: str = ""  # nvidia | amd | intel | apple | fake
+    uuid: str = ""
+    memory_total_mb: NonNegInt = 0
+    memory_used_mb: NonNegInt = 0
+    utilization_pct: float = 0.0
+    temperature_c: float | None = None
+    power_w: float | None = None
+    power_limit_w: float | None = None
+    compute_capability: str = ""
+    parent_index: int | None = None  # the physical card of a MIG instance
+
+
+class TaskRef(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A task a client holds: still running, or finished with its result not yet acked."""
+
+    task_id: str
+    attempt: NonNegInt
+    state: Literal["running", "finished"] = "running"
+
+
+class SeedNodeInfo(msgspec.Struct, kw_only=True):
+    """The seed's short register form: `{"gpu_count", "gpu_type", "gpu_memory"}` (GB)."""
+
+    gpu_count: NonNegInt = 0
+    gpu_type: str = ""
+    gpu_memory: float = 0.0
+
+
+class Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
+    pass
+
+
+# --- client -> coordinator ---------------------------------------------------------------
+
+
+class Register(Msg, tag="register"):
+    protocol: int = PROTOCOL_VERSION
+    token: str = ""
+    node_info: SeedNodeInfo | None = None  # the seed's short form; the fields below win
+    hostname: str = ""
+    role: str = "compute"
+    version: str = ""
+    gpus: list[GpuInfo] = []
+    cpu_count: NonNegInt = 0
+    memory_mb: NonNegInt = 0
+    executors: list[str] | None = None  # None: the seed's short form, offers nothing
+    slots: NonNegInt = 0  # concurrent CPU tasks; 0 means cpu_count
+    labels: dict[str, str] = {}
+    running: list[TaskRef] = []
+
+
+class Heartbeat(Msg, tag="heartbeat"):
+    gpus: list[GpuInfo] = []
+    cpu_pct: float = 0.0
+    memory_used_mb: NonNegInt = 0
+    load1: float = 0.0
+    running: list[TaskRef] = []
+
+
+class TaskAccepted(Msg, tag="task_accepted"):
+    task_id: str
+    attempt: NonNegInt
+
+
+class TaskStarted(Msg, tag="task_started"):
+    task_id: str
+    attempt: NonNegInt
+
+
+class TaskLog(Msg, tag="task_log"):
+    task_id: str
+    attempt: NonNegInt
+    data: str
+    stream: str = "output"
+    seq: NonNegInt = 0
+
+
+class TaskOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    exit_code: int | None = None
+    output: str = ""  # the tail of stdout and stderr together
+    duration_s: float = 0.0
+    data: dict[str, Any] = {}  # structured results (the `test` task puts the node's GPUs here)
+    energy_j: float | None = None
+
+
+class TaskResult(Msg, tag="task_result"):
+    task_id: str
+    attempt: NonNegInt
+    status: Literal["completed", "failed"]
+    result: TaskOutcome = msgspec.field(default_factory=TaskOutcome)
+    error: str = ""
+
+
+ClientMsg = Register | Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
+
+
+# --- coordinator -> client ---------------------------------------------------------------
+
+
+class Registered(Msg, tag="registered"):
+    node_id: str
+    protocol: int = PROTOCOL_VERSION
+    heartbeat_interval_s: float = 5.0
+    keep: list[TaskRef] = []  # reported tasks whose attempt is current: carry on
+    stop: list[TaskRef] = []  # reported tasks that were fenced off: stop and forget them
+
+
+class Assign(Msg, tag="assign"):
+    task_id: str
+    attempt: NonNegInt
+    task_type: str
+    priority: int = 5
+    executor: str = "builtin"  # builtin | process | docker
+    gpu_indices: list[int] = []
+    gpu_vendor: str = ""
+    script: str | None = None
+    command: list[str] | None = None
+    image: str | None = None
+    env: dict[str, str] = {}
+    timeout_s: float | None = None
+    volumes: list[str] = []
+    shm_size: str | None = None
+    cpus: float | None = None
+    mem_limit: str | None = None
+    params: dict[str, Any] = {}  # the submission's other fields, for task-type templates
+
+
+class Cancel(Msg, tag="cancel"):
+    task_id: str
+    attempt: NonNegInt
+    reason: str = ""
+
+
+class Ack(Msg, tag="ack"):
+    """A task_result was written durably; the client may forget it."""
+
+    task_id: str
+    attempt: NonNegInt
+
+
+class Drain(Msg, tag="drain"):
+    reason: str = ""
+
+
+class Error(Msg, tag="error"):
+    reason: str
+    code: str = "bad_message"  # bad_message | not_registered | stale_attempt | unknown_task
+    task_id: str | None = None
+    attempt: int | None = None
+
+
+ServerMsg = Registered | Assign | Cancel | Ack | Drain | Error
+
+
+class BadMessage(msgspec.Struct, frozen=True):
+    """A frame that did not decode; `reason` says why, in msgspec's words."""
+
+    reason: str
+
+
+_client_decoder = msgspec.json.Decoder(ClientMsg)
+_server_decoder = msgspec.json.Decoder(ServerMsg)
+_encoder = msgspec.json.Encoder()
+
+
+def decode_client(raw: bytes | str) -> ClientMsg | BadMessage:
+    try:
+        return _client_decoder.decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        return BadMessage(str(exc))
+
+
+def decode_server(raw: bytes | str) -> ServerMsg | BadMessage:
+    try:
+        return _server_decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        return BadMessage(str(exc))
+
+
+def encode(msg: Msg) -> bytes:
+    return _encoder.encode(msg)
