@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+
+import msgspec
 from typing import Protocol
 
 from shared.config import env_bool, env_str
@@ -51,7 +53,7 @@ class FakeGpus:
         return cls(gpus)
 
     def read(self) -> list[GpuInfo]:
-        return [replace(g) for g in self.gpus]
+        return [msgspec.structs.replace(g) for g in self.gpus]
 
 
 def make_source(env: Mapping[str, str]) -> GpuSource:
