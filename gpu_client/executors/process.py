@@ -1,0 +1,341 @@
+"""The `process` executor: a task's `script` or `command` as a detached process group.
+
+Each attempt gets a directory `{work_dir}/{task_id}.{attempt}/` holding `meta.json` (task,
+attempt, pid, pgid, psutil create time, start time, timeout), `output.log` (stdout and stderr
+merged) and, once the command ends, `exit_code`. A short launcher shell, started with
+`create_subprocess_exec` in a new session, forks the wrapper and exits at once, so the
+wrapper is no child of the client: it outlives a client restart (asyncio would kill a child
+whose transport is closed) and is re-adopted from its directory by the next client. Its end is
+awaited through a pidfd on the event loop. The directory is deleted on `release()` (the result
+was acked, or the attempt was fenced off); the output tail lives on in the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpu_client.detect import GpuSource
+from gpu_client.executors.base import (
+    GPU_VISIBILITY_VARS,
+    Adopted,
+    OnOutput,
+    OnStarted,
+    RunOutcome,
+    describe_exit,
+    gpu_env,
+)
+from gpu_client.executors.pids import create_time, pid_matches, terminate_group, wait_pid
+from gpu_client.settings import ClientSettings
+from shared.protocol import Assign
+
+log = logging.getLogger(__name__)
+
+TAIL_INTERVAL_S = 0.25  # how often output.log is read for streaming
+TAIL_READ_MAX = 256 * 1024  # more than this per read is skipped, with a marker
+NO_EXIT_CODE = "process ended without recording an exit code"
+
+# $0 is "gpumesh-task", "$@" the task's argv: never interpolated into the script text.
+_LAUNCHER = """
+(
+  "$@" </dev/null >>output.log 2>&1
+  echo $? >exit_code.tmp && mv -f exit_code.tmp exit_code
+) </dev/null >/dev/null 2>&1 &
+echo "$! $$" >pid
+echo "$!"
+"""
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass
+class _Attempt:
+    task_id: str
+    attempt: int
+    dir: Path
+    pid: int
+    pgid: int
+    cancelled: bool = False
+
+
+class ProcessExecutor:
+    name = "process"
+
+    def __init__(
+        self,
+        work_dir: Path,
+        source: GpuSource,
+        *,
+        output_tail_bytes: int = 16 * 1024,
+        kill_grace_s: float = 5.0,
+        base_env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._work_dir = work_dir
+        self._source = source
+        self._tail_bytes = output_tail_bytes
+        self._grace = kill_grace_s
+        self._base_env = dict(os.environ if base_env is None else base_env)
+        self._attempts: dict[tuple[str, int], _Attempt] = {}
+
+    async def available(self) -> bool:
+        try:
+            await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            log.warning("process executor off: work dir %s: %s", self._work_dir, exc)
+            return False
+        return os.access("/bin/sh", os.X_OK) and os.access(self._work_dir, os.W_OK)
+
+    def attempt_dir(self, task_id: str, attempt: int) -> Path:
+        return self._work_dir / f"{_UNSAFE.sub('_', task_id)}.{attempt}"
+
+    async def run(self, assign: Assign, on_started: OnStarted, on_output: OnOutput) -> RunOutcome:
+        if assign.command:
+            argv = list(assign.command)
+        elif assign.script:
+            argv = ["/bin/sh", "-c", assign.script]
+        else:
+            return RunOutcome(exit_code=None, error="a process task needs `script` or `command`")
+        d = self.attempt_dir(assign.task_id, assign.attempt)
+        meta: dict[str, Any] = {
+            "task_id": assign.task_id, "attempt": assign.attempt,
+            "started_at": time.time(), "timeout_s": assign.timeout_s,
+        }
+        await asyncio.to_thread(_prepare_dir, d, meta)
+        env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read))
+        try:
+            launcher = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", *argv, cwd=d, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
+            out, err = await launcher.communicate()
+        except OSError as exc:
+            return RunOutcome(exit_code=None, error=f"could not start the process: {exc}")
+        try:
+            pid = int(out.split()[0])
+        except (ValueError, IndexError):
+            why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
+            return RunOutcome(exit_code=None, error=f"could not start the process: {why}")
+        started = await asyncio.to_thread(create_time, pid)
+        meta.update(pid=pid, pgid=launcher.pid, create_time=started)
+        await asyncio.to_thread(_write_json, d / "meta.json", meta)
+        att = _Attempt(assign.task_id, assign.attempt, d, pid, launcher.pid)
+        log.info(
+            "task %s.%d started as pid %d", att.task_id, att.attempt, pid,
+            extra={"task": att.task_id, "attempt": att.attempt},
+        )
+        on_started()
+        return await self._follow(att, meta, on_output, offset=0)
+
+    async def cancel(self, task_id: str, attempt: int) -> None:
+        att = self._attempts.get((task_id, attempt))
+        if att is None:
+            return
+        att.cancelled = True
+        await asyncio.to_thread(terminate_group, att.pgid, self._grace)
+
+    async def adopt(self) -> list[Adopted]:
+        found = await asyncio.to_thread(_scan, self._work_dir)
+        adopted = []
+        for d, meta in found:
+            key = (str(meta["task_id"]), int(meta["attempt"]))
+            if key in self._attempts:
+                continue
+            running = await asyncio.to_thread(_still_running, d, meta)
+            adopted.append(
+                Adopted(
+                    task_id=key[0], attempt=key[1], running=running,
+                    follow=self._follower(d, meta, running),
+                )
+            )
+            log.info("adopted task %s.%d (running: %s)", key[0], key[1], running,
+                     extra={"task": key[0], "attempt": key[1]})
+        return adopted
+
+    async def release(self, task_id: str, attempt: int) -> None:
+        self._attempts.pop((task_id, attempt), None)
+        await asyncio.to_thread(shutil.rmtree, self.attempt_dir(task_id, attempt), True)
+
+    def _follower(
+        self, d: Path, meta: dict[str, Any], running: bool
+    ) -> Callable[[OnOutput], Awaitable[RunOutcome]]:
+        async def follow(on_output: OnOutput) -> RunOutcome:
+            if not running:
+                return await asyncio.to_thread(self._read_outcome, d, meta, "")
+            att = _Attempt(str(meta["task_id"]), int(meta["attempt"]), d,
+                           int(meta["pid"]), int(meta["pgid"]))
+            offset = await asyncio.to_thread(_size, d / "output.log")
+            return await self._follow(att, meta, on_output, offset=offset)
+
+        return follow
+
+    async def _follow(
+        self, att: _Attempt, meta: dict[str, Any], on_output: OnOutput, *, offset: int
+    ) -> RunOutcome:
+        """Wait for the wrapper to end (or time out), streaming output.log meanwhile."""
+        key = (att.task_id, att.attempt)
+        self._attempts[key] = att
+        timeout_s = meta.get("timeout_s")
+        left = None if timeout_s is None else timeout_s - (time.time() - meta["started_at"])
+        tail = _Tail(att.dir / "output.log", offset, on_output)
+        tail_task = asyncio.create_task(tail.loop())
+        error = ""
+        try:
+            try:
+                async with asyncio.timeout(None if left is None else max(left, 0.0)):
+                    await wait_pid(att.pid)
+            except TimeoutError:
+                error = f"timed out after {timeout_s:g}s"
+                log.info("task %s.%d %s: stopping its process group", att.task_id, att.attempt,
+                         error, extra={"task": att.task_id, "attempt": att.attempt})
+                await asyncio.to_thread(terminate_group, att.pgid, self._grace)
+                await wait_pid(att.pid)
+        finally:
+            tail_task.cancel()
+            self._attempts.pop(key, None)
+        await tail.read_once()
+        if att.cancelled:
+            error = "cancelled"
+        return await asyncio.to_thread(self._read_outcome, att.dir, meta, error)
+
+    def _read_outcome(self, d: Path, meta: dict[str, Any], error: str) -> RunOutcome:
+        """Blocking: the exit code and output tail from an attempt's directory."""
+        output = _read_tail(d / "output.log", self._tail_bytes)
+        duration = round(max(0.0, _mtime(d / "exit_code") - meta["started_at"]), 3)
+        try:
+            exit_code: int | None = int((d / "exit_code").read_text().strip())
+        except (OSError, ValueError):
+            exit_code = None
+        if not error:
+            if exit_code is None:
+                error = NO_EXIT_CODE
+            elif exit_code != 0:
+                error = describe_exit(exit_code)
+        elif exit_code is None:
+            duration = round(time.time() - meta["started_at"], 3)
+        return RunOutcome(exit_code=exit_code, output=output, duration_s=duration, error=error)
+
+
+def task_env(base: Mapping[str, str], assign: Assign, gpus: list[Any]) -> dict[str, str]:
+    """The client's environment minus its MESH_* settings and GPU masks, + task env + GPU env."""
+    env = {k: v for k, v in base.items() if not k.startswith("MESH_")}
+    for name in GPU_VISIBILITY_VARS:
+        env.pop(name, None)
+    env.update(assign.env)
+    env.update(gpu_env(assign, gpus))
+    return env
+
+
+class _Tail:
+    """Streams what is appended to a file, decoded as UTF-8 across read boundaries."""
+
+    def __init__(self, path: Path, offset: int, on_output: OnOutput) -> None:
+        self._path, self._offset, self._on_output = path, offset, on_output
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    async def loop(self) -> None:
+        while True:
+            await self.read_once()
+            await asyncio.sleep(TAIL_INTERVAL_S)
+
+    async def read_once(self) -> None:
+        data, offset, skipped = await asyncio.to_thread(_read_from, self._path, self._offset)
+        self._offset = offset
+        if skipped:
+            self._on_output(f"[... {skipped} bytes skipped]\n")
+        text = self._decoder.decode(data)
+        if text:
+            self._on_output(text)
+
+
+# --- blocking helpers: call through asyncio.to_thread -----------------------------------
+
+
+def _prepare_dir(d: Path, meta: dict[str, Any]) -> None:
+    if d.exists():
+        shutil.rmtree(d)  # a leftover of a crash before this attempt was ever reported
+    d.mkdir(parents=True)
+    _write_json(d / "meta.json", meta)
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+
+
+def _scan(work_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    found = []
+    for meta_path in sorted(work_dir.glob("*/meta.json")):
+        try:
+            meta = json.loads(meta_path.read_text())
+            str(meta["task_id"]), int(meta["attempt"]), float(meta["started_at"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable %s: %s", meta_path, exc)
+            continue
+        if "pid" not in meta:  # the client died between launch and writing the pid
+            try:
+                meta["pid"], meta["pgid"] = map(int, (meta_path.parent / "pid").read_text().split())
+            except (OSError, ValueError):
+                meta["pid"] = meta["pgid"] = 0
+        found.append((meta_path.parent, meta))
+    return found
+
+
+def _still_running(d: Path, meta: dict[str, Any]) -> bool:
+    if (d / "exit_code").exists() or not meta.get("pid"):
+        return False
+    return pid_matches(int(meta["pid"]), meta.get("create_time"), int(meta["pgid"]))
+
+
+def _read_from(path: Path, offset: int) -> tuple[bytes, int, int]:
+    """(new bytes, new offset, bytes skipped because more than TAIL_READ_MAX were new)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            skipped = max(0, size - offset - TAIL_READ_MAX)
+            f.seek(offset + skipped)
+            data = f.read(TAIL_READ_MAX)
+    except FileNotFoundError:
+        return b"", offset, 0
+    return data, offset + skipped + len(data), skipped
+
+
+def _read_tail(path: Path, limit: int) -> str:
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except FileNotFoundError:
+        return ""
+    if len(data) == limit and size > limit:
+        data = data.lstrip(bytes(range(0x80, 0xC0)))[:limit]  # no half character in front
+    return data.decode("utf-8", errors="replace")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return time.time()
+
+
+def create(settings: ClientSettings, source: GpuSource) -> ProcessExecutor:
+    return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes)

@@ -1,0 +1,103 @@
+"""The compute client's settings: read from the environment once, in one place, then passed in."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import (
+    ConfigError,
+    env_bool,
+    env_float,
+    env_int,
+    env_labels,
+    env_list,
+    env_str,
+)
+from shared.tasks import EXECUTORS
+
+DEFAULT_COORDINATOR_URL = "ws://localhost:8001"
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SCHEMES = {"ws://": "ws://", "wss://": "wss://", "http://": "ws://", "https://": "wss://"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    node_name: str
+    role: str = "compute"
+    coordinator_url: str = DEFAULT_COORDINATOR_URL  # ws:// or wss://, no trailing "/" or "/ws"
+    gpu_enabled: bool = True
+    executors: tuple[str, ...] = ("builtin", "process")  # "builtin" always first
+    slots: int = 1
+    labels: dict[str, str] = field(default_factory=dict)
+    token: str = ""
+    work_dir: Path = Path("/tmp/gpumesh-work")
+    reconnect_max_s: float = 10.0
+    output_tail_bytes: int = 16 * 1024
+
+    @property
+    def ws_url(self) -> str:
+        """Where this node connects: `{coordinator_url}/ws/{node_name}`."""
+        return f"{self.coordinator_url}/ws/{self.node_name}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> ClientSettings:
+        """Read every knob; a bad value raises ConfigError naming its variable."""
+        node_name = env_str(env, "NODE_NAME", socket.gethostname())
+        if not _NODE_NAME.match(node_name):
+            raise ConfigError("NODE_NAME", node_name, "letters, digits, '.', '_' or '-'")
+        slots = env_int(env, "MESH_SLOTS", os.cpu_count() or 1)
+        if slots < 1:
+            raise ConfigError("MESH_SLOTS", str(slots), "a positive integer")
+        reconnect_max_s = env_float(env, "MESH_RECONNECT_MAX_S", 10.0)
+        if not reconnect_max_s > 0:
+            raise ConfigError("MESH_RECONNECT_MAX_S", str(reconnect_max_s), "a positive number")
+        tail = env_int(env, "MESH_OUTPUT_TAIL_BYTES", 16 * 1024)
+        if tail < 0:
+            raise ConfigError("MESH_OUTPUT_TAIL_BYTES", str(tail), "a non-negative integer")
+        work_dir = env_str(env, "MESH_WORK_DIR", f"/tmp/gpumesh-work/{node_name}")
+        return cls(
+            node_name=node_name,
+            role=_role(env),
+            coordinator_url=normalize_url(env_str(env, "MESH_COORDINATOR_URL", "")),
+            gpu_enabled=env_bool(env, "GPU_ENABLED", True),
+            executors=_executors(env),
+            slots=slots,
+            labels=env_labels(env, "MESH_LABELS"),
+            token=env.get("MESH_TOKEN", "").strip(),
+            work_dir=Path(work_dir),
+            reconnect_max_s=reconnect_max_s,
+            output_tail_bytes=tail,
+        )
+
+
+def normalize_url(raw: str) -> str:
+    """`http://h:8001/ws/` -> `ws://h:8001`; https -> wss. Raises ConfigError otherwise."""
+    url = raw.strip() or DEFAULT_COORDINATOR_URL
+    for prefix, scheme in _SCHEMES.items():
+        if url.lower().startswith(prefix):
+            rest = url[len(prefix) :].rstrip("/")
+            if rest.endswith("/ws"):
+                rest = rest[: -len("/ws")].rstrip("/")
+            if rest and not rest.startswith("/"):
+                return scheme + rest
+    raise ConfigError("MESH_COORDINATOR_URL", raw, "a ws://, wss://, http:// or https:// URL")
+
+
+def _role(env: Mapping[str, str]) -> str:
+    role = env_str(env, "NODE_ROLE", "compute").lower()
+    if role not in ("compute", "lead"):
+        raise ConfigError("NODE_ROLE", role, "compute or lead")
+    return role
+
+
+def _executors(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = [n.lower() for n in env_list(env, "MESH_EXECUTORS", ("process",))]
+    for name in names:
+        if name not in EXECUTORS:
+            raise ConfigError("MESH_EXECUTORS", name, "a comma list of " + ", ".join(EXECUTORS))
+    return ("builtin", *dict.fromkeys(n for n in names if n != "builtin"))
