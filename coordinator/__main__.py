@@ -1,0 +1,54 @@
+"""`python -m coordinator` / `gpumesh-coordinator`: run the lead node."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.settings import Settings
+from shared.config import ConfigError
+from shared.protocol import MAX_FRAME_BYTES
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gpumesh-coordinator", description=__doc__)
+    p.add_argument("--host", help="bind address (env MESH_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (env MESH_PORT, default 8001)")
+    p.add_argument("--data-dir", type=Path, help="SQLite lives here (env MESH_DATA_DIR)")
+    p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"))
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env(
+            os.environ, host=args.host, port=args.port, data_dir=args.data_dir
+        )
+    except ConfigError as exc:
+        print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws="websockets-sansio",
+        ws_max_size=MAX_FRAME_BYTES,
+        log_level=args.log_level.lower(),
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""HTTP routes: translate requests into Mesh calls and Mesh state into JSON. No state here.
+
+Bad input is a 4xx with `{"error": <what>, "reason": <why>}`; the reason for a body comes
+from msgspec ("Expected `int`, got `str` - at `$.priority`").
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
+from coordinator.store import StoreError
+from coordinator.views import mesh_status, node_view, task_view
+from shared import __version__
+from shared.tasks import TASK_TYPES, split_submission
+
+MAX_BODY = 4 << 20
+MAX_BATCH = 10_000
+
+
+class JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def error(status: int, what: str, reason: str) -> JSON:
+    return JSON({"error": what, "reason": reason}, status_code=status)
+
+
+def _mesh(request: Request) -> Mesh:
+    mesh: Mesh = request.app.state.mesh
+    return mesh
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPException(400, f"`{name}` must be an integer, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise HTTPException(400, f"`{name}` must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _float_param(request: Request, name: str, lo: float, hi: float) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise HTTPException(400, f"`{name}` must be a number, got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise HTTPException(400, f"`{name}` must be between {lo:g} and {hi:g}, got {value:g}")
+    return value
+
+
+async def index(request: Request) -> JSON:
+    return JSON({
+        "name": "gpumesh",
+        "service": "gpumesh coordinator",
+        "version": __version__,
+        "coordinator": _mesh(request).settings.name,
+        "task_types": list(TASK_TYPES),
+        "links": {
+            "health": "/health", "status": "/mesh/status", "nodes": "/mesh/nodes",
+            "submit": "/tasks/submit", "active": "/tasks/active",
+            "completed": "/tasks/completed", "task": "/tasks/{task_id}",
+            "metrics": "/metrics", "websocket": "/ws/{node_id}",
+        },
+    })
+
+
+async def health(request: Request) -> JSON:
+    mesh = _mesh(request)
+    online = sum(1 for n in mesh.nodes.values() if n.online)
+    return JSON({"status": "healthy", "version": __version__, "online_nodes": online})
+
+
+async def status(request: Request) -> JSON:
+    return JSON(mesh_status(_mesh(request)))
+
+
+async def nodes(request: Request) -> JSON:
+    mesh = _mesh(request)
+    views = {name: node_view(n, detail=True) for name, n in sorted(mesh.nodes.items())}
+    return JSON({"nodes": views, "count": len(views)})
+
+
+async def node(request: Request) -> JSON:
+    n = _mesh(request).nodes.get(request.path_params["name"])
+    if n is None:
+        return error(404, "unknown node", f"no node named {request.path_params['name']!r}")
+    return JSON(node_view(n, detail=True))
+
+
+async def submit(request: Request) -> JSON:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        return error(413, "body too large", f"at most {MAX_BODY} bytes")
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        return error(400, "invalid JSON", str(exc))
+    batch = isinstance(doc, list)
+    items = doc if batch else [doc]
+    if not items or len(items) > MAX_BATCH:
+        return error(400, "invalid task", f"send 1 to {MAX_BATCH} tasks")
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            return error(422, "invalid task", f"item {i}: expected an object")
+        try:
+            specs.append(split_submission(item))
+        except msgspec.ValidationError as exc:
+            where = f"item {i}: " if batch else ""
+            return error(422, "invalid task", f"{where}{exc}")
+    try:
+        tasks = await _mesh(request).submit(specs)
+    except StoreError as exc:
+        return error(503, "not stored", str(exc))
+    accepted = [{"task_id": t.id, "status": "queued"} for t in tasks]
+    if batch:
+        return JSON({"tasks": accepted, "count": len(accepted)})
+    return JSON(accepted[0])
+
+
+async def active(request: Request) -> JSON:
+    mesh = _mesh(request)
+    tasks = {t.id: task_view(t, mesh.queued_reason(t)) for t in mesh.tasks.values()}
+    return JSON({"tasks": tasks, "count": len(tasks)})
+
+
+async def completed(request: Request) -> JSON:
+    mesh = _mesh(request)
+    limit = _int_param(request, "limit", 100, 1, 1000)
+    offset = _int_param(request, "offset", 0, 0, 10**9)
+    page = await mesh.store.finished(limit, offset)
+    total = sum(mesh.finished_counts.values())
+    nxt = offset + len(page) if offset + len(page) < total and len(page) == limit else None
+    return JSON({
+        "tasks": {t.id: task_view(t) for t in page},
+        "count": len(page),
+        "total": total,
+        "limit": limit,
+        "offset": offset,
+        "next_offset": nxt,
+    })
+
+
+async def task(request: Request) -> JSON:
+    mesh = _mesh(request)
+    task_id = request.path_params["task_id"]
+    wait = _float_param(request, "wait", 0, mesh.settings.max_wait_s)
+    if wait:
+        await mesh.wait_finished(task_id, wait)
+    t = await mesh.lookup(task_id)
+    if t is None:
+        return error(404, "unknown task", f"no task {task_id}")
+    return JSON(task_view(t, mesh.queued_reason(t)))
+
+
+async def cancel(request: Request) -> JSON:
+    task_id = request.path_params["task_id"]
+    try:
+        t = await _mesh(request).cancel(task_id)
+    except UnknownTask:
+        return error(404, "unknown task", f"no task {task_id}")
+    except AlreadyFinished as exc:
+        return error(409, "already finished", str(exc))
+    return JSON(task_view(t))
+
+
+async def logs(request: Request) -> Response:
+    mesh = _mesh(request)
+    task_id = request.path_params["task_id"]
+    t = await mesh.lookup(task_id)
+    if t is None:
+        return error(404, "unknown task", f"no task {task_id}")
+    buf = mesh.logs.get(task_id)
+    follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+    if not follow or buf is None or buf.closed:
+        text = buf.text() if buf is not None else (t.result or {}).get("output", "")
+        return Response(text, media_type="text/plain; charset=utf-8")
+    timeout = mesh.settings.max_wait_s
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for chunk in buf.follow(timeout):
+            yield chunk.encode()
+
+    return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+async def metrics(request: Request) -> Response:
+    # On the loop on purpose: the gauges read live Mesh state, which only the loop may touch.
+    body = generate_latest(_mesh(request).metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+routes = [
+    Route("/", index),
+    Route("/health", health),
+    Route("/mesh/status", status),
+    Route("/mesh/nodes", nodes),
+    Route("/mesh/nodes/{name}", node),
+    Route("/tasks/submit", submit, methods=["POST"]),
+    Route("/tasks/active", active),
+    Route("/tasks/completed", completed),
+    Route("/tasks/{task_id}", task),
+    Route("/tasks/{task_id}", cancel, methods=["DELETE"]),
+    Route("/tasks/{task_id}/cancel", cancel, methods=["POST"]),
+    Route("/tasks/{task_id}/logs", logs),
+    Route("/metrics", metrics),
+]

@@ -1,0 +1,71 @@
+"""The Starlette app: the Mesh is built in the lifespan and kept on app.state."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import WebSocketRoute
+
+from coordinator.api import error, routes
+from coordinator.mesh import Mesh
+from coordinator.metrics import MeshMetrics
+from coordinator.settings import Settings
+from coordinator.store import Store
+from coordinator.ws import Connections, node_socket
+
+log = logging.getLogger(__name__)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    what = {400: "bad request", 404: "not found", 405: "method not allowed"}.get(
+        exc.status_code, "error"
+    )
+    reason = exc.detail if exc.status_code == 400 else f"{request.method} {request.url.path}"
+    return error(exc.status_code, what, reason)
+
+
+def create_app(settings: Settings) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        metrics = MeshMetrics()
+        store = Store(
+            settings.data_dir / "mesh.sqlite3",
+            synchronous=settings.sqlite_synchronous,
+            on_commit=metrics.store_committed,
+        )
+        await store.open()
+        mesh = Mesh(store, settings, metrics)
+        connections = Connections()
+        metrics.watch(mesh, lambda: connections.open)
+        app.state.mesh = mesh
+        app.state.connections = connections
+        await mesh.start()
+        log.info("coordinator %s ready; data in %s", settings.name, settings.data_dir)
+        try:
+            yield
+        finally:
+            await mesh.stop()
+            await store.close()
+
+    return Starlette(
+        routes=[*routes, WebSocketRoute("/ws/{node_id}", node_socket)],
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["*"],
+            )
+        ],
+        exception_handlers={HTTPException: _http_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,570 @@
+"""The Mesh: the one owner of task and node state.
+
+One object on one event loop, no locks. Transport code (HTTP routes, the WebSocket
+handler) turns bytes into calls here and sends back what comes out. Every change of a
+task's state goes through `_transition`, which looks the edge up in one table, applies
+it synchronously (check and set, no await in between) and returns the durable write;
+callers await that write (shielded) before they acknowledge or send anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from coordinator.logs import TaskLogs
+from coordinator.metrics import MeshMetrics
+from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
+from coordinator.placement import NoFit, place
+from coordinator.queue import ClassKey, TaskQueue
+from coordinator.settings import Settings
+from coordinator.store import Store, StoreError, insert_of, update_of
+from shared.protocol import (
+    Ack,
+    Assign,
+    Cancel,
+    ClientMsg,
+    Error,
+    GpuInfo,
+    Heartbeat,
+    Register,
+    Registered,
+    TaskAccepted,
+    TaskLog,
+    TaskResult,
+    TaskStarted,
+)
+from shared.tasks import TaskSubmit, executor_for, priority_band
+
+log = logging.getLogger(__name__)
+
+Q, A, R = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING
+DONE, FAIL, CANC, LOST = (
+    TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST,
+)
+_enc = msgspec.json.Encoder()
+
+
+class InvalidTransition(RuntimeError):
+    def __init__(self, task: Task, to: TaskState, cause: str) -> None:
+        super().__init__(f"task {task.id}: no edge {task.state} -> {to} (cause: {cause})")
+        self.task_id, self.state, self.to, self.cause = task.id, task.state, to, cause
+
+
+class UnknownTask(LookupError):
+    def __init__(self, task_id: str) -> None:
+        super().__init__(f"no task {task_id}")
+        self.task_id = task_id
+
+
+class AlreadyFinished(RuntimeError):
+    def __init__(self, task: Task) -> None:
+        super().__init__(f"task {task.id} is already {task.state}")
+        self.task = task
+
+
+class Mesh:
+    def __init__(
+        self, store: Store, settings: Settings, metrics: MeshMetrics | None = None
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics or MeshMetrics()
+        self.tasks: dict[str, Task] = {}  # every unfinished task
+        self.finished: OrderedDict[str, Task] = OrderedDict()  # the most recent finished
+        self.nodes: dict[str, Node] = {}
+        self.queue = TaskQueue(self._is_queued)
+        self.state_counts: Counter[TaskState] = Counter()  # unfinished tasks by state
+        self.queued_by_band: Counter[str] = Counter()
+        self.finished_counts: Counter[str] = Counter()  # all-time, from the store on start
+        self.logs = TaskLogs(settings.log_bytes_per_task)
+        self.started_at = time.time()
+        self._seq = 0
+        self._wake = asyncio.Event()
+        self._done: dict[str, asyncio.Event] = {}
+        self._loops: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reload unfinished work from the store, then start dispatching."""
+        counts, self._seq = await self.store.counts()
+        self.finished_counts.update(counts)
+        loaded = await self.store.load_unfinished()
+        now = time.time()
+        for t in loaded:
+            self.tasks[t.id] = t
+            self.state_counts[t.state] += 1
+            if t.state in (Q, LOST):
+                if t.state is LOST:
+                    self._requeue_or_fail(t, "lost before the coordinator restarted")
+                else:
+                    self._enqueue(t)
+            elif t.node is not None:
+                node = self.nodes.get(t.node) or self._placeholder(t.node, now)
+                node.hold(t)
+        for node in self.nodes.values():
+            self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
+        log.info(
+            "mesh started: %d unfinished tasks reloaded (%d queued), %d nodes awaited",
+            len(loaded), self.state_counts[Q], len(self.nodes),
+        )
+        self._loops = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch"),
+            asyncio.create_task(self._liveness_loop(), name="liveness"),
+        ]
+        self._wake.set()
+
+    def _placeholder(self, name: str, now: float) -> Node:
+        node = Node(name=name, status="disconnected", connected_at=now)
+        self.nodes[name] = node
+        return node
+
+    async def stop(self) -> None:
+        for loop_task in self._loops:
+            loop_task.cancel()
+        for loop_task in self._loops:
+            try:
+                await loop_task
+            except asyncio.CancelledError:
+                pass
+        for node in self.nodes.values():
+            if node.grace is not None:
+                node.grace.cancel()
+            if node.link is not None:
+                node.link.close(1001, "coordinator shutting down")
+
+    # --- the transition table ----------------------------------------------------------
+
+    def _transition(
+        self, t: Task, to: TaskState, *, cause: str, **change: Any
+    ) -> asyncio.Future[None]:
+        step = self._EDGES.get((t.state, to))
+        if step is None:
+            raise InvalidTransition(t, to, cause)
+        prev, prev_attempt = t.state, t.attempt
+        step(self, t, to, **change)
+        t.state = to
+        self._count(t, prev, to)
+        log.info(
+            "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
+        )
+        return self.store.write(update_of(t, prev, prev_attempt))
+
+    def _queued_assigned(self, t: Task, to: TaskState, *, node: Node,
+                         gpus: tuple[int, ...]) -> None:
+        t.attempt += 1
+        t.node, t.gpu_indices, t.assigned_at = node.name, gpus, time.time()
+        t.started_at = None
+        node.hold(t)
+        self.metrics.task_waited(t.task_type, t.assigned_at - t.submitted_at)
+
+    def _assigned_running(self, t: Task, to: TaskState) -> None:
+        t.started_at = time.time()
+
+    def _finish(self, t: Task, to: TaskState, *, result: dict[str, Any] | None = None,
+                error: str = "") -> None:
+        t.finished_at = time.time()
+        t.result, t.error = result, error
+        node = self.nodes.get(t.node) if t.node else None
+        if node is not None and t.id in node.tasks:
+            node.release(t)
+            if to is DONE:
+                node.completed += 1
+            elif to is FAIL:
+                node.failed += 1
+        del self.tasks[t.id]
+        self.finished[t.id] = t
+        while len(self.finished) > self.settings.finished_cache:
+            self.finished.popitem(last=False)
+        self.finished_counts[to.value] += 1
+        self.logs.finish(t.id)
+        done = self._done.pop(t.id, None)
+        if done is not None:
+            done.set()
+        run_s = t.finished_at - t.started_at if t.started_at else None
+        self.metrics.task_finished(t.task_type, to.value, run_s)
+        self._wake.set()
+
+    def _lost(self, t: Task, to: TaskState) -> None:
+        node = self.nodes.get(t.node) if t.node else None
+        if node is not None:
+            node.release(t)
+
+    def _lost_queued(self, t: Task, to: TaskState) -> None:
+        t.node, t.gpu_indices, t.assigned_at, t.started_at = None, (), None, None
+        self.metrics.reassigned()
+
+    _EDGES: dict[tuple[TaskState, TaskState], Callable[..., None]] = {
+        (Q, A): _queued_assigned,
+        (A, R): _assigned_running,
+        (A, DONE): _finish, (A, FAIL): _finish, (R, DONE): _finish, (R, FAIL): _finish,
+        (Q, CANC): _finish, (A, CANC): _finish, (R, CANC): _finish,
+        (A, LOST): _lost, (R, LOST): _lost,
+        (LOST, Q): _lost_queued, (LOST, FAIL): _finish,
+    }
+
+    def _count(self, t: Task, prev: TaskState, to: TaskState) -> None:
+        if prev not in FINISHED:
+            self.state_counts[prev] -= 1
+        if to not in FINISHED:
+            self.state_counts[to] += 1
+        band = priority_band(t.priority)
+        if prev is Q:
+            self.queued_by_band[band] -= 1
+        if to is Q:
+            self.queued_by_band[band] += 1
+            self._enqueue(t, counted=True)
+
+    def _enqueue(self, t: Task, counted: bool = False) -> None:
+        if not counted:
+            self.queued_by_band[priority_band(t.priority)] += 1
+        self.queue.push(t.class_key, t.priority, t.seq, t.id)
+        self._wake.set()
+
+    def _is_queued(self, task_id: str) -> bool:
+        t = self.tasks.get(task_id)
+        return t is not None and t.state is Q
+
+    # --- submission and cancel (called by the HTTP API) --------------------------------
+
+    def _new_task(self, spec: TaskSubmit, params: dict[str, Any]) -> Task:
+        self._seq += 1
+        t = Task(
+            id=uuid.uuid4().hex, seq=self._seq, task_type=spec.task_type,
+            priority=spec.priority, executor=executor_for(spec),
+            req_raw=_enc.encode(spec.requirements), spec_raw=_enc.encode(spec),
+            params_raw=_enc.encode(params), max_attempts=spec.max_attempts,
+            tenant=spec.tenant, submitted_at=time.time(), _spec=spec,
+        )
+        self.tasks[t.id] = t
+        self.state_counts[Q] += 1
+        self._enqueue(t)
+        self.metrics.task_submitted(t.task_type)
+        return t
+
+    async def submit(self, specs: list[tuple[TaskSubmit, dict[str, Any]]]) -> list[Task]:
+        """Accept tasks; returns once every one of them is durable."""
+        tasks = [self._new_task(spec, params) for spec, params in specs]
+        writes = [self.store.write(insert_of(t)) for t in tasks]
+        try:
+            await asyncio.shield(asyncio.gather(*writes))
+        except StoreError:
+            for t in tasks:  # never acknowledged, so never run: take them back out
+                if t.state is Q:
+                    self._transition(t, CANC, cause="store write failed", error="not stored")
+            raise
+        return tasks
+
+    async def cancel(self, task_id: str, reason: str = "cancelled by user") -> Task:
+        t = self.tasks.get(task_id)
+        if t is None:
+            known = self.finished.get(task_id) or await self.store.get(task_id)
+            if known is None:
+                raise UnknownTask(task_id)
+            raise AlreadyFinished(known)
+        node = self.nodes.get(t.node) if t.node else None
+        attempt = t.attempt
+        await asyncio.shield(self._transition(t, CANC, cause=reason, error=reason))
+        if node is not None and node.link is not None:
+            node.link.send(Cancel(task_id=t.id, attempt=attempt, reason=reason))
+        return t
+
+    async def lookup(self, task_id: str) -> Task | None:
+        t = self.tasks.get(task_id) or self.finished.get(task_id)
+        return t if t is not None else await self.store.get(task_id)
+
+    async def wait_finished(self, task_id: str, wait_s: float) -> None:
+        if task_id not in self.tasks:
+            return
+        event = self._done.setdefault(task_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), wait_s)
+        except TimeoutError:
+            pass
+
+    def queued_reason(self, t: Task) -> str:
+        if t.state is not Q:
+            return ""
+        return self.queue.reasons.get(t.class_key, "waiting for a free slot")
+
+    # --- dispatch ----------------------------------------------------------------------
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._dispatch_once()
+            except Exception:  # the one catch-all of this loop: keep dispatching
+                log.exception("dispatch pass failed")
+
+    async def _dispatch_once(self) -> None:
+        started = time.perf_counter()
+        placed = self._dispatch_pass()
+        if not placed:
+            return
+        results = await asyncio.shield(
+            asyncio.gather(*(w for _, w in placed), return_exceptions=True)
+        )
+        for (t, _), res in zip(placed, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("assignment of task %s not stored: %s", t.id, res)
+                continue
+            self._send_assign(t)
+        self.metrics.dispatched(time.perf_counter() - started, len(placed))
+
+    def _dispatch_pass(self) -> list[tuple[Task, asyncio.Future[None]]]:
+        """Place queued work until nothing more fits. Synchronous: no await inside."""
+        placed: list[tuple[Task, asyncio.Future[None]]] = []
+        blocked: set[ClassKey] = set()
+        while True:
+            best: tuple[ClassKey, tuple[int, int, str]] | None = None
+            for key, entry in self.queue.heads():
+                if key not in blocked and (best is None or entry < best[1]):
+                    best = (key, entry)
+            if best is None:
+                return placed
+            key, (_, _, task_id) = best
+            t = self.tasks[task_id]
+            decision = place(t.spec.requirements, t.executor, self.nodes.values(), t.priority)
+            if isinstance(decision, NoFit):
+                blocked.add(key)
+                self.queue.reasons[key] = decision.reason
+                continue
+            self.queue.reasons.pop(key, None)
+            self.queue.pop(key)
+            node = self.nodes[decision.node]
+            write = self._transition(
+                t, A, cause=f"placed on {node.name}", node=node, gpus=decision.gpu_indices
+            )
+            placed.append((t, write))
+
+    def _send_assign(self, t: Task) -> None:
+        if t.state is not A or t.node is None:
+            return  # cancelled or lost while its write was in flight
+        node = self.nodes[t.node]
+        if node.link is None:
+            return  # the node is away; register's reconciliation requeues or keeps it
+        node.link.send(self._assign_msg(t, node))
+
+    def _assign_msg(self, t: Task, node: Node) -> Assign:
+        spec = t.spec
+        vendors = {g.vendor for g in node.gpus if g.index in t.gpu_indices}
+        return Assign(
+            task_id=t.id, attempt=t.attempt, task_type=t.task_type, priority=t.priority,
+            executor=t.executor, gpu_indices=list(t.gpu_indices),
+            gpu_vendor=vendors.pop() if len(vendors) == 1 else "",
+            script=spec.script, command=spec.command, image=spec.image, env=spec.env,
+            timeout_s=spec.timeout_s, volumes=spec.volumes, shm_size=spec.shm_size,
+            cpus=spec.cpus, mem_limit=spec.mem_limit, params=msgspec.json.decode(t.params_raw),
+        )
+
+    # --- node loss ---------------------------------------------------------------------
+
+    def _requeue_or_fail(self, t: Task, cause: str) -> None:
+        if t.state in ACTIVE:
+            self._transition(t, LOST, cause=cause)
+        if t.attempt >= t.max_attempts:
+            why = f"gave up after {t.attempt} attempts; last: {cause}"
+            self._transition(t, FAIL, cause=why, error=why)
+        else:
+            self._transition(t, Q, cause=cause)
+
+    def node_gone(self, node: Node, cause: str) -> None:
+        node.status = "lost"
+        node.link = None
+        if node.grace is not None:
+            node.grace.cancel()
+            node.grace = None
+        for task_id in sorted(node.tasks, key=lambda i: self.tasks[i].seq):
+            self._requeue_or_fail(self.tasks[task_id], f"node {node.name} lost: {cause}")
+        log.warning("node %s lost: %s", node.name, cause, extra={"node": node.name})
+        self._wake.set()
+
+    def _start_grace(self, node: Node, delay: float, cause: str) -> None:
+        if node.grace is not None:
+            node.grace.cancel()
+        epoch = node.epoch
+
+        def expire() -> None:
+            node.grace = None
+            if node.epoch == epoch and not node.online:
+                self.node_gone(node, f"{cause}: not back within {delay:g}s")
+
+        node.grace = asyncio.get_running_loop().call_later(delay, expire)
+
+    async def _liveness_loop(self) -> None:
+        interval = min(self.settings.heartbeat_interval_s, self.settings.node_timeout_s / 3)
+        while True:
+            await asyncio.sleep(interval)
+            deadline = time.monotonic() - self.settings.node_timeout_s
+            for node in list(self.nodes.values()):
+                if node.online and node.last_seen < deadline:
+                    silent = self.settings.node_timeout_s
+                    if node.link is not None:
+                        node.link.close(4003, f"node lost: no message for {silent:g}s")
+                    self.node_gone(node, f"silent for more than {silent:g}s")
+
+    # --- the node side (called by the WebSocket handler) -------------------------------
+
+    def register(self, name: str, msg: Register, link: Link) -> Registered:
+        node = self.nodes.get(name) or Node(name=name)
+        self.nodes[name] = node
+        if node.link is not None and node.link is not link:
+            node.link.close(4001, "superseded: same node reconnected")
+        if node.grace is not None:
+            node.grace.cancel()
+            node.grace = None
+        _apply_register(node, msg)
+        node.status, node.link, node.epoch = "online", link, node.epoch + 1
+        node.last_seen, node.connected_at = time.monotonic(), time.time()
+        keep, stop = [], []
+        for ref in msg.running:
+            t = self.tasks.get(ref.task_id)
+            if t is not None and t.state in ACTIVE and t.node == name and t.attempt == ref.attempt:
+                keep.append(ref)
+                if t.state is A and ref.state == "running":
+                    self._transition(t, R, cause=f"{name} reported it running on register")
+            else:
+                stop.append(ref)
+                self.metrics.stale("register")
+        kept = {ref.task_id for ref in keep}
+        for task_id in sorted(node.tasks - kept, key=lambda i: self.tasks[i].seq):
+            self._requeue_or_fail(self.tasks[task_id], f"node {name} re-registered without it")
+        log.info(
+            "node %s registered: %d GPUs, executors %s, kept %d, stopped %d",
+            name, len(node.gpus), sorted(node.executors), len(keep), len(stop),
+            extra={"node": name},
+        )
+        self._wake.set()
+        return Registered(
+            node_id=name, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            keep=keep, stop=stop,
+        )
+
+    def disconnected(self, name: str, link: Link, why: str) -> None:
+        node = self.nodes.get(name)
+        if node is None or node.link is not link:
+            return  # superseded by a newer connection: nothing to do
+        node.link = None
+        if node.status == "online":
+            node.status = "disconnected"
+            log.info("node %s disconnected (%s)", name, why, extra={"node": name})
+            self._start_grace(node, self.settings.reconnect_grace_s, "disconnected")
+
+    def handle(self, name: str, link: Link, msg: ClientMsg) -> None:
+        """One decoded message from a registered node. Replies go out through `link`."""
+        node = self.nodes[name]
+        node.last_seen = time.monotonic()
+        if isinstance(msg, Heartbeat):
+            _apply_heartbeat(node, msg)
+        elif isinstance(msg, TaskResult):
+            self._on_result(node, link, msg)
+        elif isinstance(msg, TaskStarted | TaskAccepted | TaskLog):
+            t = self._fenced(node, link, msg.task_id, msg.attempt, _kind(msg))
+            if t is None:
+                return
+            if isinstance(msg, TaskStarted) and t.state is A:
+                self._transition(t, R, cause=f"started on {name}")
+            elif isinstance(msg, TaskLog):
+                self.logs.open(t.id).append(msg.data)
+        elif isinstance(msg, Register):
+            link.send(Error(reason="already registered on this connection", code="bad_message"))
+
+    def _fenced(
+        self, node: Node, link: Link, task_id: str, attempt: int, kind: str
+    ) -> Task | None:
+        """The task if this message is from its current attempt; else refuse and stop it."""
+        t = self.tasks.get(task_id)
+        if t is not None and t.state in ACTIVE and t.node == node.name and t.attempt == attempt:
+            return t
+        current = f"attempt {t.attempt} on {t.node}" if t is not None else "not running"
+        log.warning(
+            "refused %s for task %s attempt %d from %s: task is %s",
+            kind, task_id, attempt, node.name, current,
+            extra={"task": task_id, "attempt": attempt, "node": node.name, "cause": kind},
+        )
+        self.metrics.stale(kind)
+        link.send(Error(
+            reason=f"stale {kind}: task {task_id} attempt {attempt} is not current ({current})",
+            code="stale_attempt", task_id=task_id, attempt=attempt,
+        ))
+        link.send(Cancel(task_id=task_id, attempt=attempt, reason="fenced: not current"))
+        return None
+
+    def _on_result(self, node: Node, link: Link, msg: TaskResult) -> None:
+        done = self.finished.get(msg.task_id)
+        if done is not None and done.attempt == msg.attempt and done.node == node.name:
+            link.send(Ack(task_id=msg.task_id, attempt=msg.attempt))  # a resend: already kept
+            return
+        t = self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
+        if t is None:
+            return
+        to = DONE if msg.status == "completed" else FAIL
+        result = msgspec.to_builtins(msg.result)
+        write = self._transition(
+            t, to, cause=f"{msg.status} on {node.name}", result=result, error=msg.error
+        )
+        ack = Ack(task_id=msg.task_id, attempt=msg.attempt)
+        write.add_done_callback(lambda f: None if f.exception() else link.send(ack))
+
+    # --- invariants --------------------------------------------------------------------
+
+    def check_invariants(self) -> None:
+        """Cross-checks of the registry, the queue and the tasks; raises on a broken one."""
+        held: Counter[str] = Counter()
+        for node in self.nodes.values():
+            for task_id in node.tasks:
+                t = self.tasks.get(task_id)
+                assert t is not None and t.state in ACTIVE, (node.name, task_id)
+                assert t.node == node.name, (task_id, t.node, node.name)
+                held[task_id] += 1
+            for index, holders in node.gpu_tasks.items():
+                assert holders, (node.name, index)
+                assert holders <= node.tasks, (node.name, index)
+            assert node.cpu_tasks <= node.tasks
+        for t in self.tasks.values():
+            assert t.state not in FINISHED and t.state is not LOST, (t.id, t.state)
+            if t.state in ACTIVE:
+                assert held[t.id] == 1, (t.id, held[t.id])
+        by_state = Counter(t.state for t in self.tasks.values())
+        for state in (Q, A, R):
+            assert by_state[state] == self.state_counts[state], (state, by_state[state])
+        assert sum(self.queued_by_band.values()) == by_state[Q]
+
+
+def _seed_gpus(msg: Register) -> list[GpuInfo]:
+    info = msg.node_info
+    if info is None:
+        return []
+    mb = int(info.gpu_memory * 1024)
+    return [GpuInfo(index=i, name=info.gpu_type, memory_total_mb=mb) for i in range(info.gpu_count)]
+
+
+def _apply_register(node: Node, msg: Register) -> None:
+    node.seed_form = msg.executors is None
+    node.gpus = msg.gpus or _seed_gpus(msg)
+    node.executors = frozenset(msg.executors or ())
+    node.hostname, node.role, node.version = msg.hostname, msg.role, msg.version
+    node.protocol, node.labels = msg.protocol, dict(msg.labels)
+    node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb
+    node.slots = msg.slots or msg.cpu_count or 1
+
+
+def _apply_heartbeat(node: Node, msg: Heartbeat) -> None:
+    if msg.gpus:
+        node.gpus = msg.gpus
+    node.cpu_pct, node.memory_used_mb, node.load1 = msg.cpu_pct, msg.memory_used_mb, msg.load1
+    node.history.append((time.time(), msg.cpu_pct, sum(g.memory_used_mb for g in msg.gpus)))
+
+
+def _kind(msg: ClientMsg) -> str:
+    return str(type(msg).__struct_config__.tag)

@@ -1,0 +1,161 @@
+"""Prometheus metrics: counters and histograms the Mesh feeds, gauges read at scrape time.
+
+Each app gets its own `CollectorRegistry` (no module-level globals), so two coordinators
+in one test process never share counters. Gauges are computed from the Mesh's state when
+Prometheus scrapes, so they cannot drift from the truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from coordinator.mesh import Mesh
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_TASK_TIME = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+BANDS = ("low", "normal", "high", "critical")
+
+
+class MeshMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.submitted = Counter(
+            "gpumesh_tasks_submitted", "Tasks accepted", ["task_type"], registry=r
+        )
+        self.finished = Counter(
+            "gpumesh_tasks_finished", "Tasks finished", ["task_type", "status"], registry=r
+        )
+        self.reassignments = Counter(
+            "gpumesh_reassignments", "Tasks requeued after their node was lost", registry=r
+        )
+        self.stale_messages = Counter(
+            "gpumesh_stale_messages", "Messages refused by attempt fencing", ["kind"], registry=r
+        )
+        self.bad_messages = Counter(
+            "gpumesh_bad_messages", "WebSocket frames that did not decode", registry=r
+        )
+        self.wait = Histogram(
+            "gpumesh_task_wait_seconds", "Submit to assignment", ["task_type"],
+            buckets=_TASK_TIME, registry=r,
+        )
+        self.run = Histogram(
+            "gpumesh_task_run_seconds", "Start to finish", ["task_type"],
+            buckets=_TASK_TIME, registry=r,
+        )
+        self.dispatch = Histogram(
+            "gpumesh_dispatch_latency_seconds", "One dispatch pass, placement to durable",
+            buckets=_LATENCY, registry=r,
+        )
+        self.store_write = Histogram(
+            "gpumesh_store_write_seconds", "One store commit (a batch of writes)",
+            buckets=_LATENCY, registry=r,
+        )
+        self.store_batch = Histogram(
+            "gpumesh_store_batch_size", "Writes per store commit",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
+        )
+
+    # Called by the Mesh (and the store) -------------------------------------------------
+
+    def task_submitted(self, task_type: str) -> None:
+        self.submitted.labels(task_type).inc()
+
+    def task_waited(self, task_type: str, seconds: float) -> None:
+        self.wait.labels(task_type).observe(max(0.0, seconds))
+
+    def task_finished(self, task_type: str, status: str, run_s: float | None) -> None:
+        self.finished.labels(task_type, status).inc()
+        if run_s is not None:
+            self.run.labels(task_type).observe(max(0.0, run_s))
+
+    def reassigned(self) -> None:
+        self.reassignments.inc()
+
+    def stale(self, kind: str) -> None:
+        self.stale_messages.labels(kind).inc()
+
+    def dispatched(self, seconds: float, count: int) -> None:
+        self.dispatch.observe(seconds)
+
+    def store_committed(self, seconds: float, writes: int) -> None:
+        self.store_write.observe(seconds)
+        self.store_batch.observe(writes)
+
+    def watch(self, mesh: Mesh, ws_connections: Callable[[], int]) -> None:
+        self.registry.register(_MeshGauges(mesh, ws_connections))
+
+
+class _MeshGauges(Collector):
+    def __init__(self, mesh: Mesh, ws_connections: Callable[[], int]) -> None:
+        self.mesh = mesh
+        self.ws_connections = ws_connections
+
+    def collect(self) -> Iterator[Metric]:
+        mesh = self.mesh
+        nodes = GaugeMetricFamily("gpumesh_nodes", "Nodes by status", labels=["status"])
+        by_status = {"online": 0, "disconnected": 0, "lost": 0}
+        up = GaugeMetricFamily("gpumesh_node_up", "1 if the node is online", labels=["node"])
+        gpu_labels = ["node", "gpu", "name"]
+        mem_total = GaugeMetricFamily(
+            "gpumesh_gpu_memory_total_bytes", "GPU memory", labels=gpu_labels
+        )
+        mem_used = GaugeMetricFamily(
+            "gpumesh_gpu_memory_used_bytes", "GPU memory in use", labels=gpu_labels
+        )
+        util = GaugeMetricFamily(
+            "gpumesh_gpu_utilization_percent", "GPU utilisation", labels=gpu_labels
+        )
+        temp = GaugeMetricFamily(
+            "gpumesh_gpu_temperature_celsius", "GPU temperature", labels=gpu_labels
+        )
+        power = GaugeMetricFamily("gpumesh_gpu_power_watts", "GPU power draw", labels=gpu_labels)
+        gpus_total = vram_total = vram_used = 0
+        for node in mesh.nodes.values():
+            by_status[node.status] = by_status.get(node.status, 0) + 1
+            up.add_metric([node.name], 1.0 if node.online else 0.0)
+            if not node.online:
+                continue
+            for g in node.gpus:
+                labels = [node.name, str(g.index), g.name]
+                gpus_total += 1
+                vram_total += g.memory_total_mb
+                vram_used += g.memory_used_mb
+                mem_total.add_metric(labels, g.memory_total_mb * 2**20)
+                mem_used.add_metric(labels, g.memory_used_mb * 2**20)
+                util.add_metric(labels, g.utilization_pct)
+                if g.temperature_c is not None:
+                    temp.add_metric(labels, g.temperature_c)
+                if g.power_w is not None:
+                    power.add_metric(labels, g.power_w)
+        for status, n in by_status.items():
+            nodes.add_metric([status], n)
+        yield nodes
+        yield up
+        yield GaugeMetricFamily("gpumesh_gpus_total", "GPUs on online nodes", value=gpus_total)
+        yield GaugeMetricFamily(
+            "gpumesh_vram_total_bytes", "VRAM on online nodes", value=vram_total * 2**20
+        )
+        yield GaugeMetricFamily(
+            "gpumesh_vram_used_bytes", "VRAM in use on online nodes", value=vram_used * 2**20
+        )
+        yield from (mem_total, mem_used, util, temp, power)
+        depth = GaugeMetricFamily(
+            "gpumesh_queue_depth", "Queued tasks by priority band", labels=["band"]
+        )
+        for band in BANDS:
+            depth.add_metric([band], mesh.queued_by_band[band])
+        yield depth
+        tasks = GaugeMetricFamily("gpumesh_tasks", "Unfinished tasks by state", labels=["state"])
+        for state in ("queued", "assigned", "running"):
+            tasks.add_metric([state], sum(n for s, n in mesh.state_counts.items() if s == state))
+        yield tasks
+        yield GaugeMetricFamily(
+            "gpumesh_ws_connections", "Open node WebSockets", value=self.ws_connections()
+        )

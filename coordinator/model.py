@@ -1,0 +1,155 @@
+"""The coordinator's records: a task and its lifecycle states, a node and what it holds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Protocol
+
+import msgspec
+
+from shared.protocol import GpuInfo, Msg
+from shared.tasks import Requirements, TaskSubmit
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # transient: its node went away; next comes queued or failed
+
+
+ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
+UNFINISHED = frozenset({TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.LOST})
+FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+_spec_decoder = msgspec.json.Decoder(TaskSubmit)
+_req_decoder = msgspec.json.Decoder(Requirements)
+
+
+@dataclass(slots=True, eq=False)
+class Task:
+    """One task. `spec_raw` stays encoded until it is needed (assignment, display)."""
+
+    id: str
+    seq: int  # submission order: a requeued task keeps it, so it runs before newer work
+    task_type: str
+    priority: int
+    executor: str
+    req_raw: bytes  # canonical msgspec encoding: equal requirements, equal bytes
+    spec_raw: bytes
+    params_raw: bytes
+    max_attempts: int
+    tenant: str
+    submitted_at: float
+    state: TaskState = TaskState.QUEUED
+    attempt: int = 0
+    node: str | None = None
+    gpu_indices: tuple[int, ...] = ()
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str = ""
+    _spec: TaskSubmit | None = None
+
+    @property
+    def spec(self) -> TaskSubmit:
+        if self._spec is None:
+            self._spec = _spec_decoder.decode(self.spec_raw)
+        return self._spec
+
+    @property
+    def class_key(self) -> tuple[str, bytes]:
+        return (self.executor, self.req_raw)
+
+    @property
+    def uses_gpus(self) -> bool:
+        return bool(self.gpu_indices)
+
+    def log_context(self, **more: Any) -> dict[str, Any]:
+        return {"task": self.id, "attempt": self.attempt, "node": self.node, **more}
+
+
+def decode_requirements(raw: bytes) -> Requirements:
+    return _req_decoder.decode(raw)
+
+
+class Link(Protocol):
+    """Where the Mesh sends a node's messages. Sending never blocks; the transport drains."""
+
+    def send(self, msg: Msg) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    status: str = "online"  # online | disconnected | lost
+    link: Link | None = None
+    epoch: int = 0  # bumped on every (re)connect, so old timers know they are stale
+    hostname: str = ""
+    role: str = "compute"
+    version: str = ""
+    protocol: int = 1
+    seed_form: bool = False
+    executors: frozenset[str] = frozenset()
+    labels: dict[str, str] = field(default_factory=dict)
+    slots: int = 1
+    cpu_count: int = 0
+    memory_mb: int = 0
+    gpus: list[GpuInfo] = field(default_factory=list)
+    gpu_tasks: dict[int, set[str]] = field(default_factory=dict)  # GPU index -> task ids
+    cpu_tasks: set[str] = field(default_factory=set)  # tasks holding a CPU slot
+    tasks: set[str] = field(default_factory=set)  # every task currently placed here
+    cpu_pct: float = 0.0
+    memory_used_mb: int = 0
+    load1: float = 0.0
+    last_seen: float = field(default_factory=time.monotonic)
+    connected_at: float = field(default_factory=time.time)
+    completed: int = 0
+    failed: int = 0
+    history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=120))
+    grace: asyncio.TimerHandle | None = None
+
+    @property
+    def online(self) -> bool:
+        return self.status == "online"
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.cpu_tasks)
+
+    def free_gpu_count(self) -> int:
+        return sum(1 for g in self.gpus if not self.gpu_tasks.get(g.index))
+
+    @property
+    def load(self) -> float:
+        """Share of this node's capacity in use, 0..1: what "idle first" compares."""
+        capacity = self.slots + len(self.gpus)
+        return len(self.tasks) / capacity if capacity else 1.0
+
+    def hold(self, task: Task) -> None:
+        self.tasks.add(task.id)
+        if task.gpu_indices:
+            for i in task.gpu_indices:
+                self.gpu_tasks.setdefault(i, set()).add(task.id)
+        else:
+            self.cpu_tasks.add(task.id)
+
+    def release(self, task: Task) -> None:
+        self.tasks.discard(task.id)
+        self.cpu_tasks.discard(task.id)
+        for i in task.gpu_indices:
+            holders = self.gpu_tasks.get(i)
+            if holders is not None:
+                holders.discard(task.id)
+                if not holders:
+                    del self.gpu_tasks[i]

@@ -1,0 +1,48 @@
+"""The coordinator's settings: one frozen value, read from flags and env in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from shared.config import env_float, env_int, env_list, env_str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8001
+    data_dir: Path = Path("./mesh-data")
+    name: str = "gpumesh"
+    token: str = ""  # when set, `register` must carry it
+    heartbeat_interval_s: float = 5.0
+    node_timeout_s: float = 15.0  # silence after which a node is lost
+    reconnect_grace_s: float = 10.0  # a closed socket's tasks wait this long for the node
+    restart_grace_s: float = 30.0  # after a coordinator restart, running tasks wait this long
+    register_timeout_s: float = 10.0
+    cors_origins: tuple[str, ...] = ("*",)
+    sqlite_synchronous: str = "NORMAL"  # WAL + NORMAL survives kill -9; FULL survives power loss
+    finished_cache: int = 10_000
+    log_bytes_per_task: int = 256 * 1024
+    max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
+        d = cls()
+        base = cls(
+            host=env_str(env, "MESH_HOST", d.host),
+            port=env_int(env, "MESH_PORT", d.port),
+            data_dir=Path(env_str(env, "MESH_DATA_DIR", str(d.data_dir))),
+            name=env_str(env, "NODE_NAME", d.name),
+            token=env_str(env, "MESH_TOKEN", ""),
+            heartbeat_interval_s=env_float(env, "MESH_HEARTBEAT_S", d.heartbeat_interval_s),
+            node_timeout_s=env_float(env, "MESH_NODE_TIMEOUT_S", d.node_timeout_s),
+            reconnect_grace_s=env_float(env, "MESH_RECONNECT_GRACE_S", d.reconnect_grace_s),
+            restart_grace_s=env_float(env, "MESH_RESTART_GRACE_S", d.restart_grace_s),
+            cors_origins=env_list(env, "MESH_CORS_ORIGINS", d.cors_origins),
+            sqlite_synchronous=env_str(env, "MESH_SQLITE_SYNC", d.sqlite_synchronous).upper(),
+        )
+        fields = {k: v for k, v in overrides.items() if v is not None}
+        return replace(base, **fields)  # type: ignore[arg-type]
+

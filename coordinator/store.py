@@ -1,0 +1,300 @@
+"""Durable task state in SQLite (WAL), off the event loop, with group commit.
+
+One writer thread owns one connection and applies writes in the order they were made.
+`write()` returns a future that resolves once the write is committed; every write made
+while a commit is in flight goes into the next transaction together (group commit), so
+throughput holds under load while each caller still waits for its own durability.
+Reads use a second connection on a second thread; WAL lets them run beside the writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from coordinator.model import FINISHED, Task, TaskState
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    task_type TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    executor TEXT NOT NULL,
+    requirements BLOB NOT NULL,
+    spec BLOB NOT NULL,
+    params BLOB NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    tenant TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    node TEXT,
+    gpu_indices TEXT NOT NULL,
+    submitted_at REAL NOT NULL,
+    assigned_at REAL,
+    started_at REAL,
+    finished_at REAL,
+    result BLOB,
+    error TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tasks_open ON tasks(seq)
+    WHERE state IN ('queued', 'assigned', 'running', 'lost');
+CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at DESC)
+    WHERE finished_at IS NOT NULL;
+"""
+
+_COLUMNS = (
+    "id, seq, task_type, priority, executor, requirements, spec, params, max_attempts, tenant, "
+    "state, attempt, node, gpu_indices, submitted_at, assigned_at, started_at, finished_at, "
+    "result, error"
+)
+_INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+_UPDATE = (
+    "UPDATE tasks SET state=?, attempt=?, node=?, gpu_indices=?, assigned_at=?, started_at=?, "
+    "finished_at=?, result=?, error=? WHERE id=? AND state=? AND attempt=?"
+)
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    task: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A guarded write: it applies only if the row is still in the state we read it in."""
+
+    values: tuple[Any, ...]
+    task_id: str
+    prev_state: str
+    prev_attempt: int
+
+
+Write = Insert | Update
+
+
+def insert_of(t: Task) -> Insert:
+    return Insert(
+        (
+            t.id, t.seq, t.task_type, t.priority, t.executor, t.req_raw, t.spec_raw,
+            t.params_raw, t.max_attempts, t.tenant, t.state.value, t.attempt, t.node,
+            _indices(t.gpu_indices), t.submitted_at, t.assigned_at, t.started_at,
+            t.finished_at, _result(t.result), t.error,
+        )
+    )
+
+
+def update_of(t: Task, prev_state: TaskState, prev_attempt: int) -> Update:
+    values = (
+        t.state.value, t.attempt, t.node, _indices(t.gpu_indices), t.assigned_at,
+        t.started_at, t.finished_at, _result(t.result), t.error,
+    )
+    return Update(values, t.id, prev_state.value, prev_attempt)
+
+
+def _indices(indices: tuple[int, ...]) -> str:
+    return ",".join(map(str, indices))
+
+
+def _result(result: dict[str, Any] | None) -> bytes | None:
+    return None if result is None else orjson.dumps(result)
+
+
+def task_from_row(row: sqlite3.Row | tuple[Any, ...]) -> Task:
+    (tid, seq, task_type, priority, executor, req, spec, params, max_attempts, tenant, state,
+     attempt, node, gpus, submitted, assigned, started, finished, result, error) = row
+    return Task(
+        id=tid, seq=seq, task_type=task_type, priority=priority, executor=executor,
+        req_raw=bytes(req), spec_raw=bytes(spec), params_raw=bytes(params),
+        max_attempts=max_attempts, tenant=tenant, submitted_at=submitted,
+        state=TaskState(state), attempt=attempt, node=node,
+        gpu_indices=tuple(int(i) for i in gpus.split(",")) if gpus else (),
+        assigned_at=assigned, started_at=started, finished_at=finished,
+        result=orjson.loads(result) if result is not None else None, error=error,
+    )
+
+
+class Store:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "NORMAL",
+        on_commit: Callable[[float, int], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self._on_commit = on_commit
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._pending: list[tuple[Write, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._open_writer)
+        await loop.run_in_executor(self._reader, self._open_reader)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        return conn
+
+    def _open_writer(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wconn = self._connect()
+        self._wconn.executescript(SCHEMA)
+
+    def _open_reader(self) -> None:
+        self._rconn = self._connect()
+        self._rconn.execute("PRAGMA query_only=ON")
+
+    async def close(self) -> None:
+        """Commit what is pending, then close both connections."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, _close, self._wconn)
+        await loop.run_in_executor(self._reader, _close, self._rconn)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    # --- writes ------------------------------------------------------------------------
+
+    def write(self, op: Write) -> asyncio.Future[None]:
+        """Queue a write; the future resolves once it is committed. Never blocks."""
+        if self._closed:
+            raise StoreError("store is closed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, fut))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="store-flush")
+        return fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                ops = [op for op, _ in batch]
+                started = time.perf_counter()
+                try:
+                    await loop.run_in_executor(self._writer, self._commit, ops)
+                except (sqlite3.Error, StoreError) as exc:
+                    log.exception("store commit of %d writes failed", len(ops))
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(StoreError(f"store write failed: {exc}"))
+                    continue
+                if self._on_commit is not None:
+                    self._on_commit(time.perf_counter() - started, len(ops))
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._flusher = None
+
+    def _commit(self, ops: list[Write]) -> None:
+        conn = self._wconn
+        assert conn is not None, "store not open"
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                if isinstance(op, Insert):
+                    conn.execute(_INSERT, op.task)
+                    continue
+                cur = conn.execute(_UPDATE, (*op.values, op.task_id, op.prev_state,
+                                             op.prev_attempt))
+                if cur.rowcount != 1:
+                    # The Mesh is the only writer, so this is a bug, not a race: say so loudly.
+                    log.error(
+                        "guarded update of task %s from %s/%d matched %d rows",
+                        op.task_id, op.prev_state, op.prev_attempt, cur.rowcount,
+                        extra={"task": op.task_id},
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # --- reads -------------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        conn = self._rconn
+        assert conn is not None, "store not open"
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
+
+    async def load_unfinished(self) -> list[Task]:
+        def q(conn: sqlite3.Connection) -> list[Task]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE state IN "
+                "('queued', 'assigned', 'running', 'lost') ORDER BY seq"
+            )
+            return [task_from_row(r) for r in rows]
+
+        tasks: list[Task] = await self._read(q)
+        return tasks
+
+    async def counts(self) -> tuple[dict[str, int], int]:
+        """Finished tasks by state, and the highest seq handed out so far."""
+
+        def q(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+            finished = {s.value for s in FINISHED}
+            counts = {
+                state: n
+                for state, n in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")
+                if state in finished
+            }
+            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()
+            return counts, int(top)
+
+        result: tuple[dict[str, int], int] = await self._read(q)
+        return result
+
+    async def get(self, task_id: str) -> Task | None:
+        def q(conn: sqlite3.Connection) -> Task | None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE id=?", (task_id,)).fetchone()
+            return None if row is None else task_from_row(row)
+
+        task: Task | None = await self._read(q)
+        return task
+
+    async def finished(self, limit: int, offset: int) -> list[Task]:
+        def q(conn: sqlite3.Connection) -> list[Task]:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
+                "ORDER BY finished_at DESC LIMIT ? OFFSET ?",
+                (limit, offset),
+            )
+            return [task_from_row(r) for r in rows]
+
+        tasks: list[Task] = await self._read(q)
+        return tasks
+
+
+def _close(conn: sqlite3.Connection | None) -> None:
+    if conn is not None:
+        conn.close()

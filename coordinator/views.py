@@ -1,0 +1,126 @@
+"""JSON shapes of tasks, nodes and the mesh: the seed's contract plus added fields."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from coordinator.model import Node, Task, TaskState
+
+if TYPE_CHECKING:
+    from coordinator.mesh import Mesh
+
+GB = 1024  # MiB per GiB: GPU memory is reported in MiB by every vendor tool
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def task_view(t: Task, reason: str = "") -> dict[str, Any]:
+    spec = t.spec
+    view: dict[str, Any] = {
+        "task_id": t.id,
+        "task_type": t.task_type,
+        "status": t.state.value,
+        "priority": t.priority,
+        "node": t.node,
+        "attempt": t.attempt,
+        "max_attempts": t.max_attempts,
+        "executor": t.executor,
+        "gpu_indices": list(t.gpu_indices),
+        "requirements": msgspec.to_builtins(spec.requirements),
+        "submitted_at": iso(t.submitted_at),
+        "assigned_at": iso(t.assigned_at),
+        "started_at": iso(t.started_at),
+        "finished_at": iso(t.finished_at),
+        "result": t.result,
+        "error": t.error or None,
+    }
+    if spec.name:
+        view["name"] = spec.name
+    if spec.tenant:
+        view["tenant"] = spec.tenant
+    if t.state is TaskState.QUEUED:
+        view["reason"] = reason
+    return view
+
+
+def _gpu_type(node: Node) -> str:
+    names = Counter(g.name for g in node.gpus)
+    return names.most_common(1)[0][0] if names else "none"
+
+
+def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
+    """The seed's node fields (`gpu_memory` is GB per GPU, the largest) and more."""
+    biggest = max((g.memory_total_mb for g in node.gpus), default=0)
+    view: dict[str, Any] = {
+        "gpu_count": len(node.gpus),
+        "gpu_type": _gpu_type(node),
+        "gpu_memory": round(biggest / GB, 1),
+        "total_gpu_memory": round(sum(g.memory_total_mb for g in node.gpus) / GB, 1),
+        "status": node.status,
+        "active_tasks": len(node.tasks),
+        "completed_tasks": node.completed,
+        "failed_tasks": node.failed,
+        "free_gpus": node.free_gpu_count(),
+        "slots": node.slots,
+        "free_slots": node.free_slots,
+        "executors": sorted(node.executors),
+        "labels": node.labels,
+    }
+    if detail:
+        view.update(
+            name=node.name,
+            hostname=node.hostname,
+            role=node.role,
+            version=node.version,
+            protocol=node.protocol,
+            seed_form=node.seed_form,
+            cpu_count=node.cpu_count,
+            memory_mb=node.memory_mb,
+            cpu_pct=node.cpu_pct,
+            memory_used_mb=node.memory_used_mb,
+            load1=node.load1,
+            connected_at=iso(node.connected_at),
+            tasks=sorted(node.tasks),
+            gpus=[
+                {**msgspec.to_builtins(g), "busy": g.index in node.gpu_tasks} for g in node.gpus
+            ],
+        )
+    return view
+
+
+def mesh_status(mesh: Mesh) -> dict[str, Any]:
+    gpus = [g for n in mesh.nodes.values() if n.online for g in n.gpus]
+    counts = mesh.state_counts
+    return {
+        "coordinator": mesh.settings.name,
+        "status": "ok",
+        "uptime_s": round(_now() - mesh.started_at, 1),
+        "total_nodes": len(mesh.nodes),
+        "online_nodes": sum(1 for n in mesh.nodes.values() if n.online),
+        "total_gpus": len(gpus),
+        "free_gpus": sum(n.free_gpu_count() for n in mesh.nodes.values() if n.online),
+        "total_vram": round(sum(g.memory_total_mb for g in gpus) / GB, 1),
+        "used_vram": round(sum(g.memory_used_mb for g in gpus) / GB, 1),
+        "active_tasks": counts[TaskState.ASSIGNED] + counts[TaskState.RUNNING],
+        "queued_tasks": counts[TaskState.QUEUED],
+        "completed_tasks": mesh.finished_counts["completed"],
+        "failed_tasks": mesh.finished_counts["failed"],
+        "cancelled_tasks": mesh.finished_counts["cancelled"],
+        "queue_by_priority": {b: mesh.queued_by_band[b] for b in ("critical", "high",
+                                                                    "normal", "low")},
+        "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
+    }
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
