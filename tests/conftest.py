@@ -1,0 +1,266 @@
+"""Real parts for tests: a uvicorn server on a port-0 socket, client and coordinator processes.
+
+Nothing here replaces our own code. The coordinator runs in the test's event loop (so
+tests can read its Mesh and check invariants after each test) or as a subprocess (so it
+can be killed with SIGKILL); compute clients always run as real `python -m gpu_client`
+processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.mesh import Mesh
+from coordinator.settings import Settings
+from shared.protocol import MAX_FRAME_BYTES
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAST = Settings(
+    host="127.0.0.1",
+    port=0,
+    heartbeat_interval_s=0.5,
+    node_timeout_s=3.0,
+    reconnect_grace_s=1.5,
+    restart_grace_s=3.0,
+    register_timeout_s=2.0,
+)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[Any] | Any], timeout: float = 20.0, what: str = "condition"
+) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class LiveCoordinator:
+    settings: Settings
+    server: uvicorn.Server
+    port: int
+    http: httpx.AsyncClient
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def mesh(self) -> Mesh:
+        mesh: Mesh = self.server.config.loaded_app.app.state.mesh  # type: ignore[attr-defined]
+        return mesh
+
+    async def submit(self, **body: Any) -> str:
+        r = await self.http.post("/tasks/submit", json=body)
+        assert r.status_code == 200, r.text
+        task_id: str = r.json()["task_id"]
+        return task_id
+
+    async def task(self, task_id: str, wait: float = 0) -> dict[str, Any]:
+        params = {"wait": str(wait)} if wait else {}
+        r = await self.http.get(f"/tasks/{task_id}", params=params, timeout=wait + 10)
+        assert r.status_code == 200, r.text
+        doc: dict[str, Any] = r.json()
+        return doc
+
+    async def wait_finished(self, task_id: str, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            doc = await self.task(task_id, wait=min(5.0, timeout))
+            if doc["status"] in ("completed", "failed", "cancelled"):
+                return doc
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} still {doc['status']} after {timeout}s")
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.set_inheritable(True)
+    return sock
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return replace(FAST, data_dir=tmp_path / "mesh-data")
+
+
+@pytest.fixture
+async def coordinator(settings: Settings) -> AsyncIterator[LiveCoordinator]:
+    async with run_coordinator(settings) as live:
+        yield live
+
+
+class run_coordinator:
+    """`async with run_coordinator(settings) as live:` a real uvicorn in this loop."""
+
+    def __init__(self, settings: Settings, check: bool = True) -> None:
+        self.settings, self.check = settings, check
+
+    async def __aenter__(self) -> LiveCoordinator:
+        sock = bound_socket()
+        config = uvicorn.Config(
+            create_app(self.settings), ws="websockets-sansio", ws_max_size=MAX_FRAME_BYTES,
+            log_level="warning", lifespan="on", timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
+        await wait_until(lambda: self.server.started or self.task.done(), 10, "server start")
+        if self.task.done():
+            self.task.result()
+        port = sock.getsockname()[1]
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        self.live = LiveCoordinator(self.settings, self.server, port, http)
+        return self.live
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            if self.check and exc[0] is None:
+                self.live.mesh.check_invariants()
+        finally:
+            await self.live.http.aclose()
+            self.server.should_exit = True
+            await self.task
+
+
+@dataclass
+class Proc:
+    """A real subprocess with its output in a file (read it when a test fails)."""
+
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> Proc:
+        out = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,
+        )
+        out.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def kill9(self) -> None:
+        assert self.popen is not None
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(10)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "NODE_", "GPU_"))}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+@pytest.fixture
+def spawn_client(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Start `python -m gpu_client` processes; all are stopped (and their groups killed)."""
+    procs: list[Proc] = []
+
+    def spawn(name: str, coordinator_url: str, **env: str) -> Proc:
+        proc_env = _base_env(
+            NODE_NAME=name,
+            MESH_COORDINATOR_URL=coordinator_url,
+            GPU_ENABLED=env.pop("GPU_ENABLED", "false"),
+            MESH_WORK_DIR=str(tmp_path / f"work-{name}"),
+            MESH_RECONNECT_MAX_S="1",
+            **env,
+        )
+        proc = Proc(
+            [sys.executable, "-m", "gpu_client"], proc_env, tmp_path / f"client-{name}.log"
+        )
+        procs.append(proc.start())
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.stop()
+        _kill_group(proc)
+
+
+def _kill_group(proc: Proc) -> None:
+    if proc.popen is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture
+def spawn_coordinator(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Start `python -m coordinator` processes (to kill -9 them); `.extra['port']`."""
+    procs: list[Proc] = []
+
+    def spawn(port: int, data_dir: Path, **env: str) -> Proc:
+        proc_env = _base_env(
+            MESH_HEARTBEAT_S="0.5", MESH_NODE_TIMEOUT_S="3", MESH_RECONNECT_GRACE_S="1.5",
+            MESH_RESTART_GRACE_S="5", **env,
+        )
+        argv = [
+            sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(port),
+            "--data-dir", str(data_dir), "--log-level", "warning",
+        ]
+        proc = Proc(argv, proc_env, tmp_path / f"coordinator-{port}.log", extra={"port": port})
+        procs.append(proc.start())
+        return proc
+
+    yield spawn
+    for proc in procs:
+        proc.stop()
