@@ -66,9 +66,22 @@ _FAKE_ITEM = re.compile(
 
 # Compute capability of NVIDIA-like fake names, so min-CC placement can be demonstrated.
 _FAKE_CC = {
-    "B200": "10.0", "H200": "9.0", "H100": "9.0", "GH200": "9.0", "L40S": "8.9", "L40": "8.9",
-    "L4": "8.9", "RTX4090": "8.9", "RTX4080": "8.9", "A100": "8.0", "A40": "8.6", "A10": "8.6",
-    "RTX3090": "8.6", "A6000": "8.6", "T4": "7.5", "V100": "7.0",
+    "B200": "10.0",
+    "H200": "9.0",
+    "H100": "9.0",
+    "GH200": "9.0",
+    "L40S": "8.9",
+    "L40": "8.9",
+    "L4": "8.9",
+    "RTX4090": "8.9",
+    "RTX4080": "8.9",
+    "A100": "8.0",
+    "A40": "8.6",
+    "A10": "8.6",
+    "RTX3090": "8.6",
+    "A6000": "8.6",
+    "T4": "7.5",
+    "V100": "7.0",
 }
 
 
@@ -105,8 +118,12 @@ class FakeGpus:
             for _ in range(count):
                 mine.append(
                     GpuInfo(
-                        index=len(mine), name=name, vendor=vendor, memory_total_mb=gb * 1024,
-                        uuid=f"FAKE-{name}-{made}", compute_capability=cc,
+                        index=len(mine),
+                        name=name,
+                        vendor=vendor,
+                        memory_total_mb=gb * 1024,
+                        uuid=f"FAKE-{name}-{made}",
+                        compute_capability=cc,
                     )
                 )
                 made += 1
@@ -134,8 +151,11 @@ class DetectedGpus:
                 gpus = detector.read()
             except Exception:  # noqa: BLE001 - vendor libraries can raise anything
                 self._report_once(
-                    f"raised:{detector.vendor}", logging.ERROR,
-                    "%s detector failed; counting no %s GPUs", detector.vendor, detector.vendor,
+                    f"raised:{detector.vendor}",
+                    logging.ERROR,
+                    "%s detector failed; counting no %s GPUs",
+                    detector.vendor,
+                    detector.vendor,
                     exc_info=True,
                 )
                 gpus = []
@@ -146,9 +166,12 @@ class DetectedGpus:
         if gpu.memory_total_mb > 0:
             return True
         self._report_once(
-            f"nomem:{gpu.vendor}:{gpu.index}:{gpu.uuid}", logging.INFO,
+            f"nomem:{gpu.vendor}:{gpu.index}:{gpu.uuid}",
+            logging.INFO,
             "%s GPU %d (%s) reports no memory; not schedulable, ignored",
-            gpu.vendor, gpu.index, gpu.name,
+            gpu.vendor,
+            gpu.index,
+            gpu.name,
         )
         return False
 

@@ -19,8 +19,16 @@ from shared.protocol import GpuInfo
 log = logging.getLogger(__name__)
 
 ROCM_SMI_ARGV = (
-    "rocm-smi", "--showproductname", "--showmeminfo", "vram", "--showuse", "--showtemp",
-    "--showpower", "--showmaxpower", "--showuniqueid", "--json",
+    "rocm-smi",
+    "--showproductname",
+    "--showmeminfo",
+    "vram",
+    "--showuse",
+    "--showtemp",
+    "--showpower",
+    "--showmaxpower",
+    "--showuniqueid",
+    "--json",
 )
 
 _CARD_KEY = re.compile(r"^card(\d+)$")
@@ -168,12 +176,16 @@ class AmdSmiDetector:
             activity = self._get("amdsmi_get_gpu_activity", h) or {}
             power = self._get("amdsmi_get_power_info", h) or {}
             temp = self._get(
-                "amdsmi_get_temp_metric", h, smi.AmdSmiTemperatureType.EDGE,
+                "amdsmi_get_temp_metric",
+                h,
+                smi.AmdSmiTemperatureType.EDGE,
                 smi.AmdSmiTemperatureMetric.CURRENT,
             )
             if to_float(temp) is None:  # MI300 reports no edge sensor: use the hotspot
                 temp = self._get(
-                    "amdsmi_get_temp_metric", h, smi.AmdSmiTemperatureType.HOTSPOT,
+                    "amdsmi_get_temp_metric",
+                    h,
+                    smi.AmdSmiTemperatureType.HOTSPOT,
                     smi.AmdSmiTemperatureMetric.CURRENT,
                 )
             draw = to_float(power.get("current_socket_power"))
@@ -187,7 +199,8 @@ class AmdSmiDetector:
                     memory_used_mb=int(to_float(vram.get("vram_used")) or 0),
                     utilization_pct=to_float(activity.get("gfx_activity")) or 0.0,
                     temperature_c=to_float(temp),
-                    power_w=draw if draw is not None
+                    power_w=draw
+                    if draw is not None
                     else to_float(power.get("average_socket_power")),
                     power_limit_w=to_float(power.get("power_limit")),
                 )
@@ -218,8 +231,8 @@ class AmdDetector:
         if self._chosen is None:
             module = self._amdsmi if self._amdsmi is not None else load_amdsmi()
             lib = AmdSmiDetector(module) if module is not None else None
-            self._chosen = lib if lib is not None and lib.is_available() else RocmSmiDetector(
-                self._run
+            self._chosen = (
+                lib if lib is not None and lib.is_available() else RocmSmiDetector(self._run)
             )
         return self._chosen
 

@@ -39,8 +39,9 @@ def parse_xpu_discovery(text: str) -> list[dict[str, Any]]:
     kinds = {str(d.get("device_function_type", "physical")).lower() for d in devices}
     if "physical" in kinds:
         devices = [
-            d for d in devices if str(d.get("device_function_type", "physical")).lower()
-            == "physical"
+            d
+            for d in devices
+            if str(d.get("device_function_type", "physical")).lower() == "physical"
         ]
     return devices
 
@@ -97,9 +98,9 @@ class XpuSmiDetector:
             found: list[tuple[int, str, str, int]] = []
             for d in parse_xpu_discovery(self._run(("xpu-smi", "discovery", "-j"))):
                 dev_id = int(d.get("device_id", len(found)))
-                detail = json.loads(json_start(self._run(
-                    ("xpu-smi", "discovery", "-d", str(dev_id), "-j")
-                )))
+                detail = json.loads(
+                    json_start(self._run(("xpu-smi", "discovery", "-d", str(dev_id), "-j")))
+                )
                 total = bytes_to_mib(detail.get("memory_physical_size_byte"))
                 name = str(d.get("device_name") or detail.get("device_name") or "Intel GPU")
                 found.append((dev_id, name, str(d.get("uuid", "")), total))
@@ -121,8 +122,9 @@ class XpuSmiDetector:
         try:
             stats = parse_xpu_stats(self._run(("xpu-smi", "stats", "-d", str(dev_id), "-j")))
         except (CliError, ValueError, AttributeError, TypeError) as exc:
-            self._once(logging.WARNING, f"stats:{dev_id}", "Intel: no stats for %d: %s",
-                       dev_id, exc)
+            self._once(
+                logging.WARNING, f"stats:{dev_id}", "Intel: no stats for %d: %s", dev_id, exc
+            )
             stats = {}
         return GpuInfo(
             index=dev_id,

@@ -60,8 +60,11 @@ class NvmlDetector:
                 parts = [self._mig_instance(whole, mig) for mig in migs or ()]
             except nvml.NVMLError as exc:  # GPU lost, reset required, ...: skip this card
                 self._once(
-                    logging.WARNING, f"card:{index}:{exc}", "NVIDIA GPU %d unreadable: %s",
-                    index, exc,
+                    logging.WARNING,
+                    f"card:{index}:{exc}",
+                    "NVIDIA GPU %d unreadable: %s",
+                    index,
+                    exc,
                 )
                 continue
             if migs is None:
@@ -69,13 +72,15 @@ class NvmlDetector:
                 continue
             if not parts:
                 self._once(
-                    logging.INFO, f"mig-empty:{index}",
-                    "NVIDIA GPU %d is in MIG mode with no instances: nothing to schedule", index,
+                    logging.INFO,
+                    f"mig-empty:{index}",
+                    "NVIDIA GPU %d is in MIG mode with no instances: nothing to schedule",
+                    index,
                 )
             for part in parts:
                 gpus.append(msgspec.structs.replace(part, index=next_mig_index))
                 next_mig_index += 1
-        return gpus
+        return sorted(gpus, key=lambda g: g.index)
 
     def close(self) -> None:
         if self._state == "ready":
