@@ -87,11 +87,25 @@ def test_rocm_smi_junk_reads_no_gpus(output: str, caplog: pytest.LogCaptureFixtu
     assert caplog.text.count("no usable JSON") == 1
 
 
-def test_rocm_smi_missing_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_tools_are_asked_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    detector = RocmSmiDetector(absent)
-    assert not detector.is_available() and detector.read() == []
-    assert caplog.text.count("not installed") == 1
+    run = Recorded({})
+    detectors = [RocmSmiDetector(run), XpuSmiDetector(run), AppleDetector(run, platform="darwin")]
+    for _ in range(3):
+        assert [d.read() for d in detectors] == [[], [], []]
+    assert [c[0] for c in run.calls] == ["rocm-smi", "xpu-smi", "system_profiler"]
+    assert caplog.text.count("not installed") == 3
+
+
+def test_a_failing_tool_is_asked_again() -> None:
+    def broken(argv: Sequence[str]) -> str:
+        calls.append(argv)
+        raise CliError(argv, "exit status 1: rsmi_init failed")
+
+    calls: list[Sequence[str]] = []
+    detector = RocmSmiDetector(broken)
+    assert detector.read() == [] and detector.read() == []
+    assert len(calls) == 2
 
 
 MI210 = {

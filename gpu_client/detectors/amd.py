@@ -116,14 +116,18 @@ class RocmSmiDetector:
     def __init__(self, run: RunCli = run_cli) -> None:
         self._run = run
         self._once = LogOnce(log)
+        self._missing = False  # the CLI is not installed: stop asking
 
     def is_available(self) -> bool:
         return bool(self.read())
 
     def read(self) -> list[GpuInfo]:
+        if self._missing:
+            return []
         try:
             return parse_rocm_smi(self._run(ROCM_SMI_ARGV))
         except CliError as exc:
+            self._missing = exc.missing
             self._once(logging.INFO, f"cli:{exc.reason}", "AMD: %s; no AMD GPUs from rocm-smi", exc)
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             self._once(logging.WARNING, "json", "AMD: rocm-smi printed no usable JSON: %s", exc)

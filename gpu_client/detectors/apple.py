@@ -65,16 +65,18 @@ class AppleDetector:
     ) -> None:
         self._run, self._memory, self._platform = run, memory, platform
         self._once = LogOnce(log)
+        self._missing = False  # the CLI is not installed: stop asking
 
     def is_available(self) -> bool:
         return self._platform == "darwin" and bool(self.read())
 
     def read(self) -> list[GpuInfo]:
-        if self._platform != "darwin":
+        if self._platform != "darwin" or self._missing:
             return []
         try:
             return parse_system_profiler(self._run(SYSTEM_PROFILER_ARGV), self._memory())
         except CliError as exc:
+            self._missing = exc.missing
             self._once(logging.INFO, f"cli:{exc.reason}", "Apple: %s; no GPUs", exc)
         except (ValueError, AttributeError, TypeError) as exc:  # JSON of an unexpected shape
             self._once(logging.WARNING, "json", "Apple: system_profiler unparsable: %s", exc)

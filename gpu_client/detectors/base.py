@@ -30,12 +30,20 @@ class GpuDetector(Protocol):
     def read(self) -> list[GpuInfo]: ...
 
 
+NOT_INSTALLED = "not installed"
+
+
 class CliError(Exception):
     """A vendor CLI that is missing, timed out, or failed; `reason` says which."""
 
     def __init__(self, argv: Sequence[str], reason: str) -> None:
         super().__init__(f"{' '.join(argv)}: {reason}")
         self.argv, self.reason = tuple(argv), reason
+
+    @property
+    def missing(self) -> bool:
+        """The tool is not installed: detectors stop asking (a heartbeat is every few s)."""
+        return self.reason == NOT_INSTALLED
 
 
 RunCli = Callable[[Sequence[str]], str]  # argv -> stdout, or raises CliError
@@ -48,7 +56,7 @@ def run_cli(argv: Sequence[str]) -> str:
             list(argv), capture_output=True, text=True, timeout=CLI_TIMEOUT_S, check=False
         )
     except FileNotFoundError:
-        raise CliError(argv, "not installed") from None
+        raise CliError(argv, NOT_INSTALLED) from None
     except subprocess.TimeoutExpired:
         raise CliError(argv, f"timed out after {CLI_TIMEOUT_S:g}s") from None
     except OSError as exc:  # permission denied, exec format error

@@ -89,6 +89,7 @@ class XpuSmiDetector:
         self._run = run
         self._devices: list[tuple[int, str, str, int]] | None = None  # id, name, uuid, MiB
         self._once = LogOnce(log)
+        self._missing = False  # the CLI is not installed: stop asking
 
     def is_available(self) -> bool:
         return bool(self._discover())
@@ -108,9 +109,12 @@ class XpuSmiDetector:
         return self._devices
 
     def read(self) -> list[GpuInfo]:
+        if self._missing:
+            return []
         try:
             devices = self._discover()
         except CliError as exc:
+            self._missing = exc.missing
             self._once(logging.INFO, f"cli:{exc.reason}", "Intel: %s; no GPUs from xpu-smi", exc)
             return []
         except (ValueError, AttributeError, TypeError) as exc:  # JSON of an unexpected shape
