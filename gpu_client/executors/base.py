@@ -35,6 +35,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from gpu_client.detect import visible_devices_env
 from shared.protocol import Assign, GpuInfo
 
 OnStarted = Callable[[], None]
@@ -94,15 +95,13 @@ GPU_VISIBILITY_VARS = (
 def gpu_env(assign: Assign, gpus: Sequence[GpuInfo] = ()) -> dict[str, str]:
     """The environment that confines a task to its assigned GPUs, plus the MESH_* task vars.
 
-    With no GPUs assigned, `CUDA_VISIBLE_DEVICES=""` so a CPU task never grabs a GPU. For a
-    MIG instance (a GPU in `gpus` with a `parent_index`) CUDA needs its UUID, not an index.
+    `gpus` is what the node's GpuSource reads: when every assigned index is among them,
+    `visible_devices_env` names each by its runtime id (NVIDIA UUIDs, MIG instances, the
+    vendor's own index on mixed nodes). Otherwise the indices go into the variable of
+    `assign.gpu_vendor`. With no GPUs assigned, `CUDA_VISIBLE_DEVICES=""`, so a CPU task
+    never grabs a GPU. AMD gets ROCR_VISIBLE_DEVICES only: HIP numbers the devices ROCr
+    leaves visible from 0, so the same indices in HIP_VISIBLE_DEVICES would hide them.
     """
-    by_index = {g.index: g for g in gpus}
-    cuda_ids = []
-    for i in assign.gpu_indices:
-        g = by_index.get(i)
-        is_mig = g is not None and g.parent_index is not None and bool(g.uuid)
-        cuda_ids.append(g.uuid if is_mig and g is not None else str(i))
     indices = ",".join(str(i) for i in assign.gpu_indices)
     env = {
         "MESH_TASK_ID": assign.task_id,
@@ -112,14 +111,18 @@ def gpu_env(assign: Assign, gpus: Sequence[GpuInfo] = ()) -> dict[str, str]:
     if not assign.gpu_indices:
         env["CUDA_VISIBLE_DEVICES"] = ""
         return env
+    by_index = {g.index: g for g in gpus}
+    assigned = [by_index[i] for i in assign.gpu_indices if i in by_index]
+    if len(assigned) == len(assign.gpu_indices):
+        env.update(visible_devices_env(assigned))
+        return env
     vendor = assign.gpu_vendor.lower()
     if vendor == "amd":
         env["ROCR_VISIBLE_DEVICES"] = indices
-        env["HIP_VISIBLE_DEVICES"] = indices
     elif vendor == "intel":
         env["ZE_AFFINITY_MASK"] = indices
     elif vendor != "apple":  # nvidia, fake, or unnamed
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(cuda_ids)
+        env["CUDA_VISIBLE_DEVICES"] = indices
     return env
 
 

@@ -1,0 +1,60 @@
+"""`python -m gpu_client` / `gpumesh-client`: join the mesh and run what it assigns.
+
+Exit status: 0 after SIGTERM or SIGINT (running process tasks are left to the next client),
+2 for bad settings or when the coordinator refuses this node for good (bad token, protocol).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+from gpu_client.agent import EXIT_FATAL, Agent
+from gpu_client.detect import GpuSource, make_source
+from gpu_client.executors import load_executors
+from gpu_client.settings import ClientSettings
+from shared.config import ConfigError, env_str
+
+log = logging.getLogger("gpu_client")
+
+
+async def serve(settings: ClientSettings, source: GpuSource) -> int:
+    """Run one agent until a signal or a fatal refusal; returns the exit status."""
+    executors = await load_executors(settings, source)
+    agent = Agent(settings, source, executors)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.stop)
+    log.info(
+        "node %s connecting to %s; executors: %s", settings.node_name, settings.ws_url,
+        ", ".join(executors), extra={"node": settings.node_name},
+    )
+    try:
+        return await agent.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def main(env: Mapping[str, str] | None = None) -> None:
+    env = os.environ if env is None else env
+    logging.basicConfig(
+        level=env_str(env, "MESH_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        settings = ClientSettings.from_env(env)
+        source = make_source(env)
+    except (ConfigError, ValueError) as exc:  # ConfigError is a ValueError; so are fake-GPU specs
+        print(f"gpumesh-client: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_FATAL) from None
+    raise SystemExit(asyncio.run(serve(settings, source)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,406 @@
+"""The connection loop: register, heartbeat, run what is assigned, report results until acked.
+
+One `Agent` per client process. It keeps the attempts it holds in `_runs` (running, or
+finished with a result the coordinator has not acked) and nothing else: executors (the process
+table, Docker) are the truth about what runs. Handlers of coordinator messages are
+synchronous, so each checks and changes `_runs` with no `await` in between; all sends go
+through one outbox per session, so they leave in the order they were made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gpu_client.detect import GpuSource
+from gpu_client.executors.base import Executor, OnOutput, RunOutcome
+from gpu_client.hoststats import host_stats
+from gpu_client.logstream import LogStream
+from gpu_client.settings import ClientSettings
+from shared import __version__
+from shared.protocol import (
+    FATAL_CLOSE_CODES,
+    MAX_FRAME_BYTES,
+    Ack,
+    Assign,
+    BadMessage,
+    Cancel,
+    Drain,
+    Error,
+    Heartbeat,
+    Msg,
+    Register,
+    Registered,
+    ServerMsg,
+    TaskAccepted,
+    TaskOutcome,
+    TaskRef,
+    TaskResult,
+    TaskStarted,
+    decode_server,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+REGISTER_TIMEOUT_S = 10.0
+EXIT_FATAL = 2
+Key = tuple[str, int]
+
+
+class FatalClose(Exception):
+    """The coordinator refused this node for good (bad token, protocol unsupported)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"coordinator closed the connection with {code}: {reason or 'no reason'}")
+        self.code, self.reason = code, reason
+
+
+def reconnect_delays(max_s: float) -> Generator[float, None, None]:
+    """Jittered, capped exponential backoff: 0..0.5 s, then 0.5 s x 1.6^n up to max_s."""
+    yield random.uniform(0.0, 0.5)
+    n = 0
+    while True:
+        base = min(max_s, 0.5 * 1.6**n)
+        yield random.uniform(base / 2, base)
+        n += 1
+
+
+def classify_error(exc: Exception) -> Exception | None:
+    """For `connect`: None retries; an exception is fatal. Only 401/403 and bad URLs are."""
+    if isinstance(exc, InvalidStatus):
+        return exc if exc.response.status_code in (401, 403) else None
+    if isinstance(exc, InvalidHandshake | OSError | TimeoutError | ConnectionClosed):
+        return None
+    return exc
+
+
+@dataclass(eq=False)
+class Run:
+    """One attempt this node holds. `result` set: finished, pending until acked."""
+
+    task_id: str
+    attempt: int
+    executor: Executor | None
+    stream: LogStream
+    task: asyncio.Task[None] | None = None
+    result: TaskResult | None = None
+
+    @property
+    def key(self) -> Key:
+        return (self.task_id, self.attempt)
+
+    def ref(self) -> TaskRef:
+        state = "finished" if self.result is not None else "running"
+        return TaskRef(task_id=self.task_id, attempt=self.attempt, state=state)
+
+
+class Agent:
+    def __init__(
+        self, settings: ClientSettings, source: GpuSource, executors: Mapping[str, Executor]
+    ) -> None:
+        self._settings = settings
+        self._source = source
+        self._executors = dict(executors)
+        self._runs: dict[Key, Run] = {}
+        self._outbox: asyncio.Queue[Msg] | None = None  # set while registered
+        self._ws: ClientConnection | None = None
+        self._draining = False
+        self._heartbeat_s = 5.0
+        self._stop = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
+        self.registrations = 0  # sessions that got `registered`; tests wait on it
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask `run()` to close the socket with 1000 and return 0 (signal handlers call it)."""
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Serve until `stop()` (returns 0) or a fatal refusal by the coordinator (returns 2)."""
+        await self._adopt()
+        loop_task = asyncio.create_task(self._connect_loop())
+        stop_task = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        stop_task.cancel()
+        code = 0
+        if loop_task.done():
+            code = self._exit_code(loop_task)
+        else:
+            if self._ws is not None:
+                await self._ws.close(1000, "client shutting down")
+            loop_task.cancel()
+            await asyncio.gather(loop_task, return_exceptions=True)
+        await self._detach()
+        return code
+
+    def _exit_code(self, loop_task: asyncio.Task[None]) -> int:
+        exc = loop_task.exception()
+        if isinstance(exc, FatalClose | InvalidStatus):
+            log.error("stopping: the coordinator refused node %s: %s", self._settings.node_name,
+                      exc, extra={"node": self._settings.node_name})
+            return EXIT_FATAL
+        log.error("stopping: connection loop failed", exc_info=exc)
+        return 1
+
+    async def _detach(self) -> None:
+        """Stop watching running attempts; processes and containers keep running."""
+        tasks = [r.task for r in self._runs.values() if r.task is not None and not r.task.done()]
+        tasks += list(self._background)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            log.info("left %d task(s) for the next client to adopt", len(tasks))
+
+    async def _adopt(self) -> None:
+        for executor in self._executors.values():
+            for found in await executor.adopt():
+                run = self._new_run(found.task_id, found.attempt, executor)
+                run.task = self._spawn(self._complete(run, found.follow, run.stream.feed))
+
+    # --- connection -------------------------------------------------------------------
+
+    async def _connect_loop(self) -> None:
+        s = self._settings
+        connector = connect(
+            s.ws_url, reconnect_delays=lambda: reconnect_delays(s.reconnect_max_s),
+            process_exception=classify_error, max_size=MAX_FRAME_BYTES, open_timeout=10,
+            close_timeout=5,
+        )
+        backoff = reconnect_delays(s.reconnect_max_s)
+        async with aclosing(aiter(connector)) as connections:
+            async for ws in connections:
+                self._ws = ws
+                before = self.registrations
+                try:
+                    await self._session(ws)
+                except ConnectionClosed as exc:
+                    if exc.rcvd is not None and exc.rcvd.code in FATAL_CLOSE_CODES:
+                        raise FatalClose(exc.rcvd.code, exc.rcvd.reason) from exc
+                    log.info("connection closed (%s); reconnecting", exc)
+                except Exception:
+                    log.exception("session failed; reconnecting")
+                finally:
+                    self._ws = None
+                    self._outbox = None
+                    await ws.close()
+                if self.registrations > before:
+                    backoff = reconnect_delays(s.reconnect_max_s)
+                await asyncio.sleep(next(backoff))
+
+    async def _session(self, ws: ClientConnection) -> None:
+        await ws.send(encode(await self._register_message()))
+        registered = await self._wait_registered(ws)
+        if registered is None:
+            log.warning("no `registered` within %.0fs; reconnecting", REGISTER_TIMEOUT_S)
+            return
+        self.registrations += 1
+        self._heartbeat_s = registered.heartbeat_interval_s
+        self._draining = False
+        outbox: asyncio.Queue[Msg] = asyncio.Queue()
+        self._outbox = outbox
+        log.info("registered with %s as %s", self._settings.coordinator_url, registered.node_id,
+                 extra={"node": registered.node_id})
+        self._apply_registered(registered)
+        writer = asyncio.create_task(self._write(ws, outbox))
+        beat = asyncio.create_task(self._heartbeats())
+        try:
+            while True:
+                self._handle(decode_server(await ws.recv()))
+        finally:
+            writer.cancel()
+            beat.cancel()
+            await asyncio.gather(writer, beat, return_exceptions=True)
+
+    async def _wait_registered(self, ws: ClientConnection) -> Registered | None:
+        try:
+            async with asyncio.timeout(REGISTER_TIMEOUT_S):
+                while True:
+                    msg = decode_server(await ws.recv())
+                    if isinstance(msg, Registered):
+                        return msg
+                    if isinstance(msg, Error):
+                        self._on_error(msg)
+                    else:
+                        log.warning("ignoring %s before `registered`", type(msg).__name__)
+        except TimeoutError:
+            return None
+
+    async def _register_message(self) -> Register:
+        s = self._settings
+        gpus = await asyncio.to_thread(self._source.read)
+        host = await asyncio.to_thread(host_stats)
+        return Register(
+            token=s.token, hostname=socket.gethostname(), role=s.role, version=__version__,
+            gpus=gpus, cpu_count=host.cpu_count, memory_mb=host.memory_total_mb,
+            executors=list(self._executors), slots=s.slots, labels=dict(s.labels),
+            running=self._refs(),
+        )
+
+    async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[Msg]) -> None:
+        try:
+            while True:
+                await ws.send(encode(await outbox.get()))
+        except ConnectionClosed:
+            return  # the reader sees the close too
+        except Exception:
+            log.exception("sending failed; closing the connection")
+            await ws.close(1011, "client failed to send")
+
+    async def _heartbeats(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            try:
+                gpus = await asyncio.to_thread(self._source.read)
+                host = await asyncio.to_thread(host_stats)
+            except Exception:
+                log.exception("telemetry failed; this heartbeat is skipped")
+                continue
+            self._send(Heartbeat(gpus=gpus, cpu_pct=host.cpu_pct, load1=round(host.load1, 2),
+                                 memory_used_mb=host.memory_used_mb, running=self._refs()))
+
+    def _send(self, msg: Msg) -> None:
+        """Queue `msg` if registered; otherwise drop it (results are re-sent on register)."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(msg)
+
+    def _refs(self) -> list[TaskRef]:
+        return [run.ref() for run in self._runs.values()]
+
+    # --- coordinator messages (synchronous: no await between check and change) --------
+
+    def _handle(self, msg: ServerMsg | BadMessage) -> None:
+        match msg:
+            case Assign():
+                self._on_assign(msg)
+            case Cancel():
+                self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}")
+            case Ack():
+                self._on_ack(msg)
+            case Drain():
+                log.info("draining: %s; new assignments will be refused", msg.reason or "-")
+                self._draining = True
+            case Error():
+                self._on_error(msg)
+            case BadMessage():
+                log.warning("undecodable frame from the coordinator: %s", msg.reason)
+            case Registered():
+                log.warning("ignoring a second `registered`")
+
+    def _apply_registered(self, reg: Registered) -> None:
+        for ref in reg.stop:
+            self._on_cancel(ref.task_id, ref.attempt, "fenced off at register")
+        for run in list(self._runs.values()):
+            if run.result is not None:
+                self._send(run.result)  # `keep`ers, and any the coordinator did not list
+
+    def _on_assign(self, a: Assign) -> None:
+        key = (a.task_id, a.attempt)
+        extra = {"task": a.task_id, "attempt": a.attempt, "node": self._settings.node_name}
+        if key in self._runs:
+            log.debug("duplicate assign of %s.%d ignored", *key, extra=extra)
+            return
+        executor = self._executors.get(a.executor)
+        run = self._new_run(a.task_id, a.attempt, executor)
+        self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt))
+        if self._draining:
+            self._finish(run, RunOutcome(exit_code=None, error="node draining"))
+        elif executor is None:
+            why = f"executor {a.executor} not offered by node {self._settings.node_name}"
+            self._finish(run, RunOutcome(exit_code=None, error=why))
+        else:
+            log.info("running task %s.%d with %s", *key, a.executor, extra=extra)
+            work = partial(executor.run, a, lambda: self._on_started(run))
+            run.task = self._spawn(self._complete(run, work, run.stream.feed))
+
+    def _on_cancel(self, task_id: str, attempt: int, cause: str) -> None:
+        extra = {"task": task_id, "attempt": attempt, "cause": cause}
+        run = self._runs.pop((task_id, attempt), None)
+        if run is None:
+            log.debug("%s for unknown attempt %s.%d ignored", cause, task_id, attempt, extra=extra)
+            return
+        log.info("stopping task %s.%d (%s)", task_id, attempt, cause, extra=extra)
+        self._spawn(self._stop_run(run))
+
+    def _on_ack(self, ack: Ack) -> None:
+        run = self._runs.get((ack.task_id, ack.attempt))
+        if run is None or run.result is None:
+            log.debug("ack for %s.%d that holds no result ignored", ack.task_id, ack.attempt)
+            return
+        del self._runs[run.key]
+        self._spawn(self._release(run))
+
+    def _on_error(self, err: Error) -> None:
+        log.warning("coordinator error %s: %s (task %s, attempt %s)", err.code, err.reason,
+                    err.task_id, err.attempt, extra={"task": err.task_id, "attempt": err.attempt})
+
+    # --- runs -------------------------------------------------------------------------
+
+    def _new_run(self, task_id: str, attempt: int, executor: Executor | None) -> Run:
+        run = Run(task_id, attempt, executor, LogStream(task_id, attempt, self._send))
+        self._runs[run.key] = run
+        return run
+
+    def _on_started(self, run: Run) -> None:
+        if self._runs.get(run.key) is run:
+            self._send(TaskStarted(task_id=run.task_id, attempt=run.attempt))
+
+    async def _complete(
+        self, run: Run, work: Callable[[OnOutput], Awaitable[RunOutcome]], on_output: OnOutput
+    ) -> None:
+        try:
+            outcome = await work(on_output)
+        except Exception as exc:
+            log.exception("executor failed on task %s.%d", *run.key,
+                          extra={"task": run.task_id, "attempt": run.attempt})
+            outcome = RunOutcome(exit_code=None, error=f"executor error: {exc!r}")
+        self._finish(run, outcome)
+
+    def _finish(self, run: Run, outcome: RunOutcome) -> None:
+        run.stream.close()
+        if self._runs.get(run.key) is not run:  # cancelled or fenced while it ran
+            return
+        run.result = TaskResult(
+            task_id=run.task_id, attempt=run.attempt,
+            status="completed" if outcome.ok else "failed", error=outcome.error,
+            result=TaskOutcome(exit_code=outcome.exit_code, output=outcome.output,
+                               duration_s=outcome.duration_s, data=outcome.data),
+        )
+        log.info("task %s.%d %s%s", run.task_id, run.attempt, run.result.status,
+                 f": {outcome.error}" if outcome.error else "",
+                 extra={"task": run.task_id, "attempt": run.attempt})
+        self._send(run.result)
+
+    async def _stop_run(self, run: Run) -> None:
+        if run.executor is not None and run.task is not None and not run.task.done():
+            await run.executor.cancel(run.task_id, run.attempt)
+            await asyncio.gather(run.task, return_exceptions=True)
+        await self._release(run)
+
+    async def _release(self, run: Run) -> None:
+        if run.executor is not None:
+            await run.executor.release(run.task_id, run.attempt)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
