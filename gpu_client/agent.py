@@ -15,7 +15,7 @@ import random
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -95,6 +95,7 @@ class Run:
     stream: LogStream
     task: asyncio.Task[None] | None = None
     result: TaskResult | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the executor said so
 
     @property
     def key(self) -> Key:
@@ -138,6 +139,7 @@ class Agent:
         if loop_task.done():
             code = self._exit_code(loop_task)
         else:
+            log.info("stopping: closing the connection; process tasks keep running")
             if self._ws is not None:
                 await self._ws.close(1000, "client shutting down")
             loop_task.cancel()
@@ -156,18 +158,20 @@ class Agent:
 
     async def _detach(self) -> None:
         """Stop watching running attempts; processes and containers keep running."""
-        tasks = [r.task for r in self._runs.values() if r.task is not None and not r.task.done()]
-        tasks += list(self._background)
+        running = [r for r in self._runs.values() if r.task is not None and not r.task.done()]
+        tasks = list(self._background)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if tasks:
-            log.info("left %d task(s) for the next client to adopt", len(tasks))
+        if running:
+            log.info("stopped watching %d running task(s): %s", len(running),
+                     ", ".join(f"{r.task_id}.{r.attempt}" for r in running))
 
     async def _adopt(self) -> None:
         for executor in self._executors.values():
             for found in await executor.adopt():
                 run = self._new_run(found.task_id, found.attempt, executor)
+                run.started.set()
                 run.task = self._spawn(self._complete(run, found.follow, run.stream.feed))
 
     # --- connection -------------------------------------------------------------------
@@ -354,6 +358,7 @@ class Agent:
         return run
 
     def _on_started(self, run: Run) -> None:
+        run.started.set()
         if self._runs.get(run.key) is run:
             self._send(TaskStarted(task_id=run.task_id, attempt=run.attempt))
 
@@ -384,9 +389,15 @@ class Agent:
         self._send(run.result)
 
     async def _stop_run(self, run: Run) -> None:
-        if run.executor is not None and run.task is not None and not run.task.done():
-            await run.executor.cancel(run.task_id, run.attempt)
-            await asyncio.gather(run.task, return_exceptions=True)
+        task = run.task
+        if run.executor is not None and task is not None and not task.done():
+            # An executor can only stop work it has started: wait for that, or for the end.
+            started = asyncio.create_task(run.started.wait())
+            await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+            started.cancel()
+            if not task.done():
+                await run.executor.cancel(run.task_id, run.attempt)
+            await asyncio.gather(task, return_exceptions=True)
         await self._release(run)
 
     async def _release(self, run: Run) -> None:

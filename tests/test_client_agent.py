@@ -212,6 +212,25 @@ async def test_cancel_stops_the_run_and_sends_no_result(
         assert not any(isinstance(m, TaskResult) and m.task_id == "t1" for m in peer.seen)
 
 
+async def test_cancel_right_after_assign_stops_the_process(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    async with running_agent(coordinator, tmp_path):
+        peer = await coordinator.peer()
+        await peer.register()
+        await peer.send(test_assign(task_type="custom", executor="process", script="sleep 300"))
+        await peer.send(Cancel(task_id="t1", attempt=1))  # before the process has started
+        while (await peer.expect(Heartbeat)).running:
+            pass
+        work = tmp_path / "work"
+        for _ in range(100):  # released: the attempt's dir goes once the group is gone
+            if not any(work.iterdir()):
+                break
+            await asyncio.sleep(0.05)
+        assert not any(work.iterdir())
+        assert not any(isinstance(m, TaskResult) for m in peer.seen)
+
+
 async def test_result_is_resent_after_reconnect(coordinator: Coordinator, tmp_path: Path) -> None:
     async with running_agent(coordinator, tmp_path):
         peer = await coordinator.peer()

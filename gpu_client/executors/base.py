@@ -9,7 +9,8 @@ Contract, for an executor named `name` (the word in `Assign.executor` and `Regis
 - `await available()`: can this node run such tasks now (is the Docker engine up, ...)?
   Called once at start; an executor that is not available is not offered.
 - `await run(assign, on_started, on_output) -> RunOutcome`: run one attempt to its end. Call
-  `on_started()` once the work really runs (the container or process exists). Pass output text
+  `on_started()` once the work really runs (the container or process exists) and `cancel()`
+  can reach it; the agent holds a cancel that arrives earlier until then. Pass output text
   to `on_output(text)` as it appears; the agent batches and rate-limits it. A task that fails
   (nonzero exit, timeout, command not found, image missing) is a `RunOutcome` with `error`
   set, never an exception. If the coroutine is *cancelled* (the client is shutting down), it

@@ -37,12 +37,12 @@ class BuiltinExecutor:
         if assign.task_type != "test":
             why = f"builtin has no task type {assign.task_type!r}"
             return RunOutcome(exit_code=None, error=why)
-        on_started()
         sleep_s = assign.params.get("sleep_s")
         if isinstance(sleep_s, int | float) and not isinstance(sleep_s, bool) and sleep_s > 0:
             key = (assign.task_id, assign.attempt)
             nap = asyncio.create_task(asyncio.sleep(float(sleep_s)))
-            self._running[key] = nap
+            self._running[key] = nap  # cancel() can reach it from now on
+            on_started()
             try:
                 await asyncio.wait([nap])  # a cancel() cancels `nap`, not this coroutine
             finally:
@@ -50,6 +50,8 @@ class BuiltinExecutor:
                 nap.cancel()
             if nap.cancelled():
                 return RunOutcome(exit_code=None, error="cancelled", duration_s=_since(began))
+        else:
+            on_started()
         gpus = await asyncio.to_thread(self._source.read)
         message = f"test task ok on node {self._node_name}"
         data = {

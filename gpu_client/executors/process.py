@@ -129,6 +129,7 @@ class ProcessExecutor:
         meta.update(pid=pid, pgid=launcher.pid, create_time=started)
         await asyncio.to_thread(_write_json, d / "meta.json", meta)
         att = _Attempt(assign.task_id, assign.attempt, d, pid, launcher.pid)
+        self._attempts[(att.task_id, att.attempt)] = att  # cancel() can reach it from now on
         log.info(
             "task %s.%d started as pid %d", att.task_id, att.attempt, pid,
             extra={"task": att.task_id, "attempt": att.attempt},
