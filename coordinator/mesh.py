@@ -22,7 +22,7 @@ import msgspec
 from coordinator.logs import TaskLogs
 from coordinator.metrics import MeshMetrics
 from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
-from coordinator.placement import NoFit, place
+from coordinator.placement import NoFit, PlacementIndex, place
 from coordinator.queue import ClassKey, TaskQueue
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError, insert_of, update_of
@@ -80,7 +80,9 @@ class Mesh:
         self.tasks: dict[str, Task] = {}  # every unfinished task
         self.finished: OrderedDict[str, Task] = OrderedDict()  # the most recent finished
         self.nodes: dict[str, Node] = {}
+        self.index = PlacementIndex()  # placement's view of the nodes: update after changes
         self.queue = TaskQueue(self._is_queued)
+        self.gpu_seconds: Counter[str] = Counter()  # by tenant, for the fairness index
         self.state_counts: Counter[TaskState] = Counter()  # unfinished tasks by state
         self.queued_by_band: Counter[str] = Counter()
         self.finished_counts: Counter[str] = Counter()  # all-time, from the store on start
@@ -125,6 +127,7 @@ class Mesh:
     def _placeholder(self, name: str, now: float) -> Node:
         node = Node(name=name, status="disconnected", connected_at=now)
         self.nodes[name] = node
+        self.index.update(node)
         return node
 
     async def stop(self) -> None:
@@ -164,6 +167,7 @@ class Mesh:
         t.node, t.gpu_indices, t.assigned_at = node.name, gpus, time.time()
         t.started_at = None
         node.hold(t)
+        self.index.update(node)
         self.metrics.task_waited(t.task_type, t.assigned_at - t.submitted_at)
 
     def _assigned_running(self, t: Task, to: TaskState) -> None:
@@ -174,8 +178,14 @@ class Mesh:
         t.finished_at = time.time()
         t.result, t.error = result, error
         node = self.nodes.get(t.node) if t.node else None
+        if t.gpu_indices and t.assigned_at is not None:
+            held = t.finished_at - (t.started_at or t.assigned_at)
+            self.gpu_seconds[t.tenant or "default"] += held * len(t.gpu_indices)
+        if t.energy_j and result is not None and result.get("energy_j") is None:
+            t.result = {**result, "energy_j": round(t.energy_j, 3)}
         if node is not None and t.id in node.tasks:
             node.release(t)
+            self.index.update(node)
             if to is DONE:
                 node.completed += 1
             elif to is FAIL:
@@ -197,6 +207,7 @@ class Mesh:
         node = self.nodes.get(t.node) if t.node else None
         if node is not None:
             node.release(t)
+            self.index.update(node)
 
     def _lost_queued(self, t: Task, to: TaskState) -> None:
         t.node, t.gpu_indices, t.assigned_at, t.started_at = None, (), None, None
@@ -226,8 +237,15 @@ class Mesh:
     def _enqueue(self, t: Task, counted: bool = False) -> None:
         if not counted:
             self.queued_by_band[priority_band(t.priority)] += 1
-        self.queue.push(t.class_key, t.priority, t.seq, t.id)
+        self.queue.push(t.class_key, self._rank(t), t.seq, t.id)
         self._wake.set()
+
+    def _rank(self, t: Task) -> float:
+        """Queue order, lower first. With aging, priority is worth `aging_s` seconds of
+        waiting per level, so old low-priority work is never starved by a stream of new
+        high-priority work; without it, strict priority."""
+        aging = self.settings.aging_s
+        return t.submitted_at - t.priority * aging if aging > 0 else -t.priority
 
     def _is_queued(self, task_id: str) -> bool:
         t = self.tasks.get(task_id)
@@ -326,7 +344,7 @@ class Mesh:
         placed: list[tuple[Task, asyncio.Future[None]]] = []
         blocked: set[ClassKey] = set()
         while True:
-            best: tuple[ClassKey, tuple[int, int, str]] | None = None
+            best: tuple[ClassKey, tuple[float, int, str]] | None = None
             for key, entry in self.queue.heads():
                 if key not in blocked and (best is None or entry < best[1]):
                     best = (key, entry)
@@ -334,7 +352,9 @@ class Mesh:
                 return placed
             key, (_, _, task_id) = best
             t = self.tasks[task_id]
-            decision = place(t.spec.requirements, t.executor, self.nodes.values(), t.priority)
+            decision = place(
+                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing
+            )
             if isinstance(decision, NoFit):
                 blocked.add(key)
                 self.queue.reasons[key] = decision.reason
@@ -381,6 +401,7 @@ class Mesh:
     def node_gone(self, node: Node, cause: str) -> None:
         node.status = "lost"
         node.link = None
+        self.index.update(node)
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
@@ -426,6 +447,7 @@ class Mesh:
         _apply_register(node, msg)
         node.status, node.link, node.epoch = "online", link, node.epoch + 1
         node.last_seen, node.connected_at = time.monotonic(), time.time()
+        node.power_at = node.last_seen
         keep, stop = [], []
         for ref in msg.running:
             t = self.tasks.get(ref.task_id)
@@ -439,6 +461,7 @@ class Mesh:
         kept = {ref.task_id for ref in keep}
         for task_id in sorted(node.tasks - kept, key=lambda i: self.tasks[i].seq):
             self._requeue_or_fail(self.tasks[task_id], f"node {name} re-registered without it")
+        self.index.update(node)
         log.info(
             "node %s registered: %d GPUs, executors %s, kept %d, stopped %d",
             name, len(node.gpus), sorted(node.executors), len(keep), len(stop),
@@ -457,6 +480,7 @@ class Mesh:
         node.link = None
         if node.status == "online":
             node.status = "disconnected"
+            self.index.update(node)
             log.info("node %s disconnected (%s)", name, why, extra={"node": name})
             self._start_grace(node, self.settings.reconnect_grace_s, "disconnected")
 
@@ -465,7 +489,9 @@ class Mesh:
         node = self.nodes[name]
         node.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
+            self._account_energy(node, msg.gpus)
             _apply_heartbeat(node, msg)
+            self.index.update(node)
         elif isinstance(msg, TaskResult):
             self._on_result(node, link, msg)
         elif isinstance(msg, TaskStarted | TaskAccepted | TaskLog):
@@ -478,6 +504,23 @@ class Mesh:
                 self.logs.open(t.id).append(msg.data)
         elif isinstance(msg, Register):
             link.send(Error(reason="already registered on this connection", code="bad_message"))
+
+    def _account_energy(self, node: Node, gpus: list[GpuInfo]) -> None:
+        """Integrate power over time per node, and per task for the GPUs it holds."""
+        now = time.monotonic()
+        dt = min(now - node.power_at, 3 * self.settings.heartbeat_interval_s)
+        node.power_at = now
+        if dt <= 0:
+            return
+        for g in gpus:
+            if g.power_w is None:
+                continue
+            joules = g.power_w * dt
+            node.energy_j += joules
+            holders = node.gpu_tasks.get(g.index)
+            if holders:
+                for task_id in holders:
+                    self.tasks[task_id].energy_j += joules / len(holders)
 
     def _fenced(
         self, node: Node, link: Link, task_id: str, attempt: int, kind: str
@@ -563,7 +606,14 @@ def _apply_heartbeat(node: Node, msg: Heartbeat) -> None:
     if msg.gpus:
         node.gpus = msg.gpus
     node.cpu_pct, node.memory_used_mb, node.load1 = msg.cpu_pct, msg.memory_used_mb, msg.load1
-    node.history.append((time.time(), msg.cpu_pct, sum(g.memory_used_mb for g in msg.gpus)))
+    gpus = msg.gpus
+    node.history.append({
+        "t": round(time.time(), 3),
+        "cpu_pct": msg.cpu_pct,
+        "gpu_util_pct": round(sum(g.utilization_pct for g in gpus) / len(gpus), 1) if gpus else 0,
+        "gpu_memory_used_mb": sum(g.memory_used_mb for g in gpus),
+        "power_w": round(sum(g.power_w or 0 for g in gpus), 1),
+    })
 
 
 def _kind(msg: ClientMsg) -> str:

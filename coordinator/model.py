@@ -57,6 +57,7 @@ class Task:
     finished_at: float | None = None
     result: dict[str, Any] | None = None
     error: str = ""
+    energy_j: float = 0.0  # integrated from the power of its GPUs while it held them
     _spec: TaskSubmit | None = None
 
     @property
@@ -107,6 +108,7 @@ class Node:
     memory_mb: int = 0
     gpus: list[GpuInfo] = field(default_factory=list)
     gpu_tasks: dict[int, set[str]] = field(default_factory=dict)  # GPU index -> task ids
+    gpu_shared_mb: dict[int, int] = field(default_factory=dict)  # held by shared tasks only
     cpu_tasks: set[str] = field(default_factory=set)  # tasks holding a CPU slot
     tasks: set[str] = field(default_factory=set)  # every task currently placed here
     cpu_pct: float = 0.0
@@ -116,7 +118,9 @@ class Node:
     connected_at: float = field(default_factory=time.time)
     completed: int = 0
     failed: int = 0
-    history: deque[tuple[float, float, int]] = field(default_factory=lambda: deque(maxlen=120))
+    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=120))
+    energy_j: float = 0.0
+    power_at: float = 0.0  # monotonic time of the last power sample
     grace: asyncio.TimerHandle | None = None
 
     @property
@@ -138,18 +142,29 @@ class Node:
 
     def hold(self, task: Task) -> None:
         self.tasks.add(task.id)
-        if task.gpu_indices:
-            for i in task.gpu_indices:
-                self.gpu_tasks.setdefault(i, set()).add(task.id)
-        else:
+        if not task.gpu_indices:
             self.cpu_tasks.add(task.id)
+            return
+        req = task.spec.requirements
+        for i in task.gpu_indices:
+            holders = self.gpu_tasks.setdefault(i, set())
+            if req.shared and (not holders or i in self.gpu_shared_mb):
+                self.gpu_shared_mb[i] = self.gpu_shared_mb.get(i, 0) + int(req.memory_gb * 1024)
+            else:
+                self.gpu_shared_mb.pop(i, None)  # an exclusive holder: nobody may join
+            holders.add(task.id)
 
     def release(self, task: Task) -> None:
         self.tasks.discard(task.id)
         self.cpu_tasks.discard(task.id)
+        req = task.spec.requirements if task.gpu_indices else None
         for i in task.gpu_indices:
             holders = self.gpu_tasks.get(i)
-            if holders is not None:
-                holders.discard(task.id)
-                if not holders:
-                    del self.gpu_tasks[i]
+            if holders is None:
+                continue
+            holders.discard(task.id)
+            if not holders:
+                del self.gpu_tasks[i]
+                self.gpu_shared_mb.pop(i, None)
+            elif req is not None and req.shared and i in self.gpu_shared_mb:
+                self.gpu_shared_mb[i] -= int(req.memory_gb * 1024)

@@ -1,14 +1,30 @@
-"""Where a task goes: pure functions from (requirements, node snapshots) to a decision.
+"""Where a task goes: pure functions from (requirements, node views) to a decision.
 
-No I/O, no clock, nothing imported from the mesh, the store or the transport: `place()`
-reads node views and returns a `Placement` (node, GPU indices) or a `NoFit` that counts
-the nodes it filtered out by reason, so "why is my task still queued?" has an answer.
+No I/O, no clock, nothing imported from the mesh, the store or the transport. `place()`
+returns a `Placement` (node, GPU indices) or a `NoFit` that counts the nodes it filtered
+out by reason, so "why is my task still queued?" has an answer.
+
+Two paths give the same kind of answer:
+- `_scan` looks at every node: feasibility filters, then a score. It is exact, and it is
+  the only path that can explain a NoFit.
+- `PlacementIndex` keeps online nodes in buckets by (hourly cost, GPU model, free GPUs of
+  that model), updated by the Mesh when a node's allocation or telemetry changes. A
+  decision walks buckets best-first and stops at the first node that fits, so it touches
+  a handful of nodes instead of every GPU of every node. When the walk finds nothing
+  (a request only a mixed-model node can serve, a shared GPU, or nothing at all), the
+  scan decides.
+
+Scoring (DESIGN.md): owned nodes before nodes with an hourly cost (label
+`cost_per_hour`); then by balancing mode: `speed` (the most powerful free GPUs; critical
+tasks always use it), `efficiency` (performance per watt), `balanced` (most free GPUs
+left, then least load; low-priority work goes to the least-loaded node), `endurance`
+(the coolest GPUs).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +33,47 @@ from shared.tasks import Requirements
 
 CRITICAL = 8
 LOW = 2
+MODES = ("speed", "efficiency", "balanced", "endurance")
+
+# Dense FP16/BF16 tensor TFLOPS and board power (W) by name fragment, longest first: a
+# stand-in for "how powerful" and "how efficient" that needs no benchmark on the node.
+_KNOWN: tuple[tuple[str, float, float], ...] = tuple(
+    sorted(
+        [
+            ("B200", 2250, 1000), ("GH200", 989, 900), ("H200", 989, 700),
+            ("H100", 989, 700), ("MI300X", 1307, 750), ("MI250", 362, 560),
+            ("MI210", 181, 300), ("L40S", 362, 350), ("L40", 181, 300), ("L4", 121, 72),
+            ("A100", 312, 400), ("A40", 150, 300), ("A10", 125, 150), ("RTX6000", 182, 300),
+            ("RTX5090", 210, 575), ("RTX4090", 165, 450), ("RTX4080", 97, 320),
+            ("RTX3090", 71, 350), ("RX7900", 123, 355), ("V100", 125, 300), ("T4", 65, 70),
+            ("MAX1550", 832, 600), ("MAX1100", 352, 300), ("ARC", 39, 225),
+            ("M3MAX", 28, 90), ("M4MAX", 34, 90), ("M2ULTRA", 27, 150),
+        ],
+        key=lambda k: -len(k[0]),
+    )
+)
+
+
+def _norm(name: str) -> str:
+    return name.upper().replace(" ", "").replace("-", "").replace("_", "")
+
+
+def gpu_tflops(g: GpuInfo) -> float:
+    n = _norm(g.name)
+    for frag, tflops, _ in _KNOWN:
+        if frag in n:
+            return tflops
+    return g.memory_total_mb / 1024 * 2  # unknown: bigger memory, bigger card
+
+
+def gpu_watts(g: GpuInfo) -> float:
+    if g.power_limit_w:
+        return g.power_limit_w
+    n = _norm(g.name)
+    for frag, _, watts in _KNOWN:
+        if frag in n:
+            return watts
+    return 300.0
 
 
 class NodeView(Protocol):
@@ -36,6 +93,8 @@ class NodeView(Protocol):
     def gpus(self) -> Sequence[GpuInfo]: ...
     @property
     def gpu_tasks(self) -> Mapping[int, object]: ...  # index -> holders; absent when free
+    @property
+    def gpu_shared_mb(self) -> Mapping[int, int]: ...  # held only by shared tasks: MB taken
     @property
     def load(self) -> float: ...
 
@@ -61,9 +120,12 @@ class NoFit:
         return f"no node fits ({self.evaluated} {noun}: " + "; ".join(parts) + ")"
 
 
+# --- feasibility ---------------------------------------------------------------------------
+
+
 def gpu_matches(req: Requirements, gpu: GpuInfo) -> bool:
     """Type, vendor and compute capability: what a GPU is, not whether it is free."""
-    if req.gpu_type and req.gpu_type.lower() not in gpu.name.lower():
+    if req.gpu_type and _norm(req.gpu_type) not in _norm(gpu.name):
         return False
     if req.vendor and req.vendor.lower() != gpu.vendor.lower():
         return False
@@ -83,6 +145,35 @@ def free_mb(gpu: GpuInfo) -> int:
     return max(0, gpu.memory_total_mb - gpu.memory_used_mb)
 
 
+def node_cost(node: NodeView) -> float:
+    try:
+        return max(0.0, float(node.labels.get("cost_per_hour", 0) or 0))
+    except ValueError:
+        return 0.0
+
+
+def _labels_ok(req: Requirements, node: NodeView) -> bool:
+    labels = node.labels
+    return all(labels.get(k) == v for k, v in req.labels.items()) and all(
+        labels.get(k) == v for k, v in req.node_selector.items()
+    )
+
+
+def _usable_gpus(req: Requirements, node: NodeView) -> list[GpuInfo]:
+    need_mb = req.memory_gb * 1024
+    busy, shared = node.gpu_tasks, node.gpu_shared_mb
+    usable = []
+    for g in node.gpus:
+        if g.index not in busy:
+            if free_mb(g) >= need_mb and gpu_matches(req, g):
+                usable.append(g)
+        elif req.shared and g.index in shared:
+            room = g.memory_total_mb - max(g.memory_used_mb, shared[g.index])
+            if room >= need_mb and gpu_matches(req, g):
+                usable.append(g)
+    return usable
+
+
 def _gpu_need(req: Requirements) -> str:
     need = f"{req.gpu_count} free GPU{'s' if req.gpu_count > 1 else ''}"
     if req.memory_gb:
@@ -91,70 +182,236 @@ def _gpu_need(req: Requirements) -> str:
         need += f" of type {req.gpu_type}"
     if req.vendor:
         need += f" from {req.vendor}"
+    if req.min_compute_capability:
+        need += f" of compute capability >= {req.min_compute_capability}"
     return need
 
 
-def _usable_gpus(req: Requirements, node: NodeView) -> list[GpuInfo]:
-    need_mb = req.memory_gb * 1024
-    busy = node.gpu_tasks
-    return [
-        g
-        for g in node.gpus
-        if g.index not in busy and free_mb(g) >= need_mb and gpu_matches(req, g)
-    ]
+# --- scoring -------------------------------------------------------------------------------
 
 
-def place(
-    req: Requirements, executor: str, nodes: Iterable[NodeView], priority: int = 5
+def effective_mode(req: Requirements, priority: int, mesh_mode: str) -> str:
+    if req.balancing:
+        return req.balancing
+    if priority >= CRITICAL:
+        return "speed"
+    return mesh_mode
+
+
+def _temp(g: GpuInfo) -> float:
+    return g.temperature_c if g.temperature_c is not None else 50.0
+
+
+_CHOOSE: dict[str, Callable[[GpuInfo], tuple[float, ...]]] = {
+    "speed": lambda g: (-gpu_tflops(g), -free_mb(g), g.index),
+    "efficiency": lambda g: (-gpu_tflops(g) / gpu_watts(g), -free_mb(g), g.index),
+    "balanced": lambda g: (-free_mb(g), g.index),
+    "endurance": lambda g: (_temp(g), -free_mb(g), g.index),
+}
+
+
+def choose_gpus(
+    req: Requirements, node: NodeView, usable: list[GpuInfo], mode: str, priority: int
+) -> tuple[float, tuple[int, ...]]:
+    """The GPUs this node would give, and how good that is (higher is better)."""
+    chosen = sorted(usable, key=_CHOOSE[mode])[: req.gpu_count]
+    indices = tuple(sorted(g.index for g in chosen))
+    if mode == "speed":
+        return min(gpu_tflops(g) for g in chosen) - node.load, indices
+    if mode == "efficiency":
+        return min(gpu_tflops(g) / gpu_watts(g) for g in chosen) - node.load, indices
+    if mode == "endurance":
+        return -max(_temp(g) for g in chosen) - node.load, indices
+    if priority <= LOW:
+        return -node.load, indices
+    return len(usable) - req.gpu_count - node.load, indices
+
+
+def _evaluate(
+    req: Requirements, executor: str, node: NodeView, priority: int, mode: str,
+    filtered: Counter[str] | None,
+) -> tuple[float, tuple[int, ...]] | None:
+    def drop(why: str) -> None:
+        if filtered is not None:
+            filtered[why] += 1
+
+    if not node.online:
+        return drop("are offline")
+    if executor not in node.executors:
+        return drop(f"do not offer the {executor} executor")
+    if not _labels_ok(req, node):
+        return drop("lack the required labels")
+    if req.gpu_count == 0:
+        if node.free_slots <= 0:
+            return drop("have no free slot")
+        return -node.load, ()
+    usable = _usable_gpus(req, node)
+    if len(usable) < req.gpu_count:
+        return drop(f"have fewer than {_gpu_need(req)}")
+    return choose_gpus(req, node, usable, mode, priority)
+
+
+def _scan(
+    req: Requirements, executor: str, nodes: Iterable[NodeView], priority: int, mode: str
 ) -> Placement | NoFit:
     filtered: Counter[str] = Counter()
-    best: tuple[float, str, tuple[int, ...]] | None = None
+    best: tuple[float, float, str, tuple[int, ...]] | None = None  # (cost, -score, name, gpus)
     evaluated = 0
     for node in nodes:
         evaluated += 1
-        if not node.online:
-            filtered["are offline"] += 1
+        fit = _evaluate(req, executor, node, priority, mode, filtered)
+        if fit is None:
             continue
-        if executor not in node.executors:
-            filtered[f"do not offer the {executor} executor"] += 1
-            continue
-        if any(node.labels.get(k) != v for k, v in req.labels.items()):
-            filtered["lack the required labels"] += 1
-            continue
-        if req.gpu_count == 0:
-            if node.free_slots <= 0:
-                filtered["have no free slot"] += 1
-                continue
-            score, indices = -node.load, ()
-        else:
-            usable = _usable_gpus(req, node)
-            if len(usable) < req.gpu_count:
-                filtered[f"have fewer than {_gpu_need(req)}"] += 1
-                continue
-            score, indices = _score_gpus(req, node, usable, priority)
-        # Highest score wins; equal scores go to the alphabetically first node.
-        if best is None or score > best[0] or (score == best[0] and node.name < best[1]):
-            best = (score, node.name, indices)
+        key = (node_cost(node), -fit[0], node.name, fit[1])
+        if best is None or key < best:
+            best = key
     if best is None:
         return NoFit(evaluated, dict(filtered))
-    return Placement(best[1], best[2], best[0])
+    return Placement(best[2], best[3], -best[1])
 
 
-def _score_gpus(
-    req: Requirements, node: NodeView, usable: list[GpuInfo], priority: int
-) -> tuple[float, tuple[int, ...]]:
-    if priority >= CRITICAL:
-        # Critical work takes the most powerful GPUs: the most memory stands in for power.
-        chosen = sorted(usable, key=lambda g: (-g.memory_total_mb, g.index))[: req.gpu_count]
-        return float(min(g.memory_total_mb for g in chosen)), _sorted_indices(chosen)
-    chosen = sorted(usable, key=lambda g: (-free_mb(g), g.index))[: req.gpu_count]
-    if priority <= LOW:
-        return -node.load, _sorted_indices(chosen)
-    # Normal work is balanced: the node with the most free GPUs left, then the least loaded.
-    spare = len(usable) - req.gpu_count
-    return spare - node.load, _sorted_indices(chosen)
+def place(
+    req: Requirements,
+    executor: str,
+    nodes: Iterable[NodeView] | PlacementIndex,
+    priority: int = 5,
+    mode: str = "balanced",
+) -> Placement | NoFit:
+    mode = effective_mode(req, priority, mode)
+    if isinstance(nodes, PlacementIndex):
+        found = nodes.fast(req, executor, priority, mode)
+        if found is not None:
+            return found
+        return _scan(req, executor, nodes.nodes.values(), priority, mode)
+    return _scan(req, executor, nodes, priority, mode)
 
 
-def _sorted_indices(gpus: list[GpuInfo]) -> tuple[int, ...]:
-    return tuple(sorted(g.index for g in gpus))
+# --- the index -----------------------------------------------------------------------------
 
+Model = tuple[str, str, int, str]  # vendor, name, total MB, compute capability
+GpuKey = tuple[float, Model]  # (hourly cost, model)
+
+
+def _model(g: GpuInfo) -> Model:
+    return (g.vendor, g.name, g.memory_total_mb, g.compute_capability)
+
+
+class PlacementIndex:
+    """Online nodes bucketed by (cost, GPU model) -> free GPUs of that model, and by
+    (cost, free CPU slots). `update(node)` after any change to the node; O(GPU models)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, NodeView] = {}
+        self._gpu: dict[GpuKey, dict[int, dict[str, None]]] = {}
+        self._cpu: dict[tuple[float, int], dict[str, None]] = {}
+        self._member: dict[str, tuple[list[tuple[GpuKey, int]], tuple[float, int] | None]] = {}
+        self._models: dict[GpuKey, GpuInfo] = {}
+        self._matching: dict[tuple[str, str, str, float], list[GpuKey]] = {}
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def update(self, node: NodeView) -> None:
+        self.nodes[node.name] = node
+        self._unlink(node.name)
+        if not node.online:
+            return
+        cost = node_cost(node)
+        free: Counter[GpuKey] = Counter()
+        busy = node.gpu_tasks
+        for g in node.gpus:
+            key = (cost, _model(g))
+            if key not in self._models:
+                self._models[key] = g
+                self._matching.clear()
+            if g.index not in busy:
+                free[key] += 1
+        gpu_links = []
+        for key, k in free.items():
+            self._gpu.setdefault(key, {}).setdefault(k, {})[node.name] = None
+            gpu_links.append((key, k))
+        cpu_link = None
+        if node.free_slots > 0:
+            cpu_link = (cost, node.free_slots)
+            self._cpu.setdefault(cpu_link, {})[node.name] = None
+        self._member[node.name] = (gpu_links, cpu_link)
+
+    def remove(self, name: str) -> None:
+        self._unlink(name)
+        self.nodes.pop(name, None)
+
+    def _unlink(self, name: str) -> None:
+        links = self._member.pop(name, None)
+        if links is None:
+            return
+        gpu_links, cpu_link = links
+        for key, k in gpu_links:
+            bucket = self._gpu[key][k]
+            del bucket[name]
+            if not bucket:
+                del self._gpu[key][k]
+        if cpu_link is not None:
+            bucket = self._cpu[cpu_link]
+            del bucket[name]
+            if not bucket:
+                del self._cpu[cpu_link]
+
+    def _keys_for(self, req: Requirements) -> list[GpuKey]:
+        sig = (req.gpu_type, req.vendor, req.min_compute_capability, req.memory_gb)
+        keys = self._matching.get(sig)
+        if keys is None:
+            need = req.memory_gb * 1024
+            keys = [
+                k for k, g in self._models.items()
+                if g.memory_total_mb >= need and gpu_matches(req, g)
+            ]
+            self._matching[sig] = keys
+        return keys
+
+    def fast(
+        self, req: Requirements, executor: str, priority: int, mode: str
+    ) -> Placement | None:
+        if req.shared:
+            return None  # shared GPUs sit outside the free buckets: let the scan decide
+        if req.gpu_count == 0:
+            return self._fast_cpu(req, executor)
+        keys = self._keys_for(req)
+        if mode in ("speed", "efficiency"):
+            rank = _CHOOSE[mode]
+            keys = sorted(keys, key=lambda k: (k[0], rank(self._models[k])))
+            order = ((key, k) for key in keys for k in sorted(self._gpu.get(key, ()),
+                                                               reverse=True))
+        else:
+            order = self._by_free_count(keys)
+        pick: list[tuple[float, str, tuple[int, ...]]] = []
+        for key, k in order:
+            if k < req.gpu_count:
+                continue  # a node that needs GPUs of two models to fit is left to the scan
+            for name in self._gpu[key][k]:
+                fit = _evaluate(req, executor, self.nodes[name], priority, mode, None)
+                if fit is None:
+                    continue
+                if mode != "endurance":
+                    return Placement(name, fit[1], fit[0])
+                pick.append((-fit[0], name, fit[1]))
+                if len(pick) >= 8:
+                    break
+            if len(pick) >= 8:
+                break
+        if pick:
+            score, name, gpus = min(pick)
+            return Placement(name, gpus, -score)
+        return None
+
+    def _by_free_count(self, keys: list[GpuKey]) -> Iterable[tuple[GpuKey, int]]:
+        """(model, free count) pairs: cheapest tier first, then most free GPUs first."""
+        pairs = [(key, k) for key in keys for k in self._gpu.get(key, ())]
+        return sorted(pairs, key=lambda p: (p[0][0], -p[1]))
+
+    def _fast_cpu(self, req: Requirements, executor: str) -> Placement | None:
+        for cost, slots in sorted(self._cpu, key=lambda c: (c[0], -c[1])):
+            for name in self._cpu[(cost, slots)]:
+                node = self.nodes[name]
+                if executor in node.executors and _labels_ok(req, node):
+                    return Placement(name, (), -node.load)
+        return None

@@ -2,8 +2,9 @@
 
 Tasks with equal placement needs (executor + requirements) share a class. Dispatch looks
 only at the head of each class, so a million queued tasks that cannot fit cost one
-placement attempt per pass, not a million. Within a class: higher priority first, then
-older submission first (a requeued task keeps its place ahead of newer work).
+placement attempt per pass, not a million. Order is by rank (lower first; the Mesh
+derives it from priority and submission time, see `Mesh._rank`), then by submission
+sequence, so a requeued task keeps its place ahead of newer work.
 
 Removal is lazy: a cancelled task's entry stays until it reaches the head, where
 `live(task_id)` says it is no longer waiting and it is dropped.
@@ -15,7 +16,7 @@ import heapq
 from collections.abc import Callable, Iterator
 
 ClassKey = tuple[str, bytes]
-Entry = tuple[int, int, str]  # (-priority, seq, task_id)
+Entry = tuple[float, int, str]  # (rank, seq, task_id)
 
 
 class TaskQueue:
@@ -24,8 +25,8 @@ class TaskQueue:
         self._classes: dict[ClassKey, list[Entry]] = {}
         self.reasons: dict[ClassKey, str] = {}  # why the head of a class did not place
 
-    def push(self, key: ClassKey, priority: int, seq: int, task_id: str) -> None:
-        heapq.heappush(self._classes.setdefault(key, []), (-priority, seq, task_id))
+    def push(self, key: ClassKey, rank: float, seq: int, task_id: str) -> None:
+        heapq.heappush(self._classes.setdefault(key, []), (rank, seq, task_id))
 
     def head(self, key: ClassKey) -> Entry | None:
         heap = self._classes.get(key)

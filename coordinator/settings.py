@@ -6,7 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from shared.config import env_float, env_int, env_list, env_str
+from coordinator.placement import MODES
+from shared.config import ConfigError, env_float, env_int, env_list, env_str
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,8 @@ class Settings:
     finished_cache: int = 10_000
     log_bytes_per_task: int = 256 * 1024
     max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
+    balancing: str = "balanced"  # speed | efficiency | balanced | endurance
+    aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -42,7 +45,11 @@ class Settings:
             restart_grace_s=env_float(env, "MESH_RESTART_GRACE_S", d.restart_grace_s),
             cors_origins=env_list(env, "MESH_CORS_ORIGINS", d.cors_origins),
             sqlite_synchronous=env_str(env, "MESH_SQLITE_SYNC", d.sqlite_synchronous).upper(),
+            balancing=env_str(env, "MESH_BALANCING", d.balancing),
+            aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
         )
+        if base.balancing not in MODES:
+            raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
         fields = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **fields)  # type: ignore[arg-type]
 

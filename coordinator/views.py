@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +74,7 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
         "free_slots": node.free_slots,
         "executors": sorted(node.executors),
         "labels": node.labels,
+        "energy_j": round(node.energy_j, 1),
     }
     if detail:
         view.update(
@@ -92,6 +94,7 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
             gpus=[
                 {**msgspec.to_builtins(g), "busy": g.index in node.gpu_tasks} for g in node.gpus
             ],
+            history=list(node.history),
         )
     return view
 
@@ -116,7 +119,22 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
         "cancelled_tasks": mesh.finished_counts["cancelled"],
         "queue_by_priority": {b: mesh.queued_by_band[b] for b in ("critical", "high",
                                                                     "normal", "low")},
+        "balancing": mesh.settings.balancing,
+        "energy_j": round(sum(n.energy_j for n in mesh.nodes.values()), 1),
+        "fairness": fairness(mesh.gpu_seconds),
         "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
+    }
+
+
+def fairness(gpu_seconds: Mapping[str, float]) -> dict[str, Any]:
+    """Jain's index over GPU-seconds per tenant: 1.0 is perfectly even, 1/n is one
+    tenant taking everything. None until some tenant has used a GPU."""
+    shares = [v for v in gpu_seconds.values() if v > 0]
+    total = sum(shares)
+    jain = total * total / (len(shares) * sum(v * v for v in shares)) if shares else None
+    return {
+        "jain_index": round(jain, 4) if jain is not None else None,
+        "gpu_seconds_by_tenant": {k: round(v, 3) for k, v in sorted(gpu_seconds.items())},
     }
 
 

@@ -25,6 +25,8 @@ class Requirements(msgspec.Struct, kw_only=True, omit_defaults=True):
     vendor: str = ""  # nvidia | amd | intel | apple
     min_compute_capability: str = ""  # "8.0"
     labels: dict[str, str] = {}  # the node must carry every one of these labels
+    node_selector: dict[str, str] = {}  # the same, under the name Kubernetes users know
+    balancing: Literal["", "speed", "efficiency", "balanced", "endurance"] = ""  # "" = mesh's
     executor: Literal["", "builtin", "process", "docker"] = ""  # "" chooses from the task
     shared: bool = False  # may share a GPU with other shared tasks when the memory fits
 
