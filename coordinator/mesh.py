@@ -311,7 +311,8 @@ class Mesh:
     def queued_reason(self, t: Task) -> str:
         if t.state is not Q:
             return ""
-        return self.queue.reasons.get(t.class_key, "waiting for a free slot")
+        nofit = self.queue.reasons.get(t.class_key)
+        return nofit.reason if nofit is not None else "waiting for a free slot"
 
     # --- dispatch ----------------------------------------------------------------------
 
@@ -357,7 +358,7 @@ class Mesh:
             )
             if isinstance(decision, NoFit):
                 blocked.add(key)
-                self.queue.reasons[key] = decision.reason
+                self.queue.reasons[key] = decision  # its reason is worked out when read
                 continue
             self.queue.reasons.pop(key, None)
             self.queue.pop(key)

@@ -23,9 +23,10 @@ left, then least load; low-priority work goes to the least-loaded node), `endura
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from shared.protocol import GpuInfo
@@ -54,26 +55,30 @@ _KNOWN: tuple[tuple[str, float, float], ...] = tuple(
 )
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm(name: str) -> str:
     return name.upper().replace(" ", "").replace("-", "").replace("_", "")
 
 
-def gpu_tflops(g: GpuInfo) -> float:
-    n = _norm(g.name)
-    for frag, tflops, _ in _KNOWN:
+@functools.lru_cache(maxsize=1024)
+def _known(name: str) -> tuple[float, float] | None:
+    n = _norm(name)
+    for frag, tflops, watts in _KNOWN:
         if frag in n:
-            return tflops
-    return g.memory_total_mb / 1024 * 2  # unknown: bigger memory, bigger card
+            return tflops, watts
+    return None
+
+
+def gpu_tflops(g: GpuInfo) -> float:
+    known = _known(g.name)
+    return known[0] if known else g.memory_total_mb / 1024 * 2  # unknown: more memory, bigger
 
 
 def gpu_watts(g: GpuInfo) -> float:
     if g.power_limit_w:
         return g.power_limit_w
-    n = _norm(g.name)
-    for frag, _, watts in _KNOWN:
-        if frag in n:
-            return watts
-    return 300.0
+    known = _known(g.name)
+    return known[1] if known else 300.0
 
 
 class NodeView(Protocol):
@@ -106,10 +111,41 @@ class Placement:
     score: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
 class NoFit:
-    evaluated: int
-    filtered: Mapping[str, int] = field(default_factory=dict)
+    """Nothing fits: how many nodes were looked at and how many fell to each filter.
+
+    The index can know that nothing fits without counting why; it then hands over
+    `explain`, a scan run only when someone reads the counts (a queued task's reason).
+    """
+
+    __slots__ = ("_evaluated", "_filtered", "_explain")
+
+    def __init__(
+        self,
+        evaluated: int = 0,
+        filtered: Mapping[str, int] | None = None,
+        explain: Callable[[], NoFit | Placement] | None = None,
+    ) -> None:
+        self._evaluated, self._filtered, self._explain = evaluated, filtered or {}, explain
+
+    def _resolve(self) -> None:
+        if self._explain is not None:
+            explained, self._explain = self._explain(), None
+            if isinstance(explained, NoFit):
+                self._evaluated, self._filtered = explained.evaluated, explained.filtered
+
+    @property
+    def evaluated(self) -> int:
+        self._resolve()
+        return self._evaluated
+
+    @property
+    def filtered(self) -> Mapping[str, int]:
+        self._resolve()
+        return self._filtered
+
+    def __repr__(self) -> str:
+        return f"NoFit({self.reason!r})"
 
     @property
     def reason(self) -> str:
@@ -231,24 +267,26 @@ def _evaluate(
     req: Requirements, executor: str, node: NodeView, priority: int, mode: str,
     filtered: Counter[str] | None,
 ) -> tuple[float, tuple[int, ...]] | None:
-    def drop(why: str) -> None:
-        if filtered is not None:
-            filtered[why] += 1
-
     if not node.online:
-        return drop("are offline")
-    if executor not in node.executors:
-        return drop(f"do not offer the {executor} executor")
-    if not _labels_ok(req, node):
-        return drop("lack the required labels")
-    if req.gpu_count == 0:
-        if node.free_slots <= 0:
-            return drop("have no free slot")
-        return -node.load, ()
-    usable = _usable_gpus(req, node)
-    if len(usable) < req.gpu_count:
-        return drop(f"have fewer than {_gpu_need(req)}")
-    return choose_gpus(req, node, usable, mode, priority)
+        why = "are offline"
+    elif executor not in node.executors:
+        why = f"do not offer the {executor} executor"
+    elif (req.labels or req.node_selector) and not _labels_ok(req, node):
+        why = "lack the required labels"
+    elif req.gpu_count == 0:
+        if node.free_slots > 0:
+            return -node.load, ()
+        why = "have no free slot"
+    else:
+        usable = _usable_gpus(req, node)
+        if len(usable) >= req.gpu_count:
+            return choose_gpus(req, node, usable, mode, priority)
+        if filtered is None:
+            return None
+        why = f"have fewer than {_gpu_need(req)}"
+    if filtered is not None:
+        filtered[why] += 1
+    return None
 
 
 def _scan(
@@ -282,7 +320,10 @@ def place(
         found = nodes.fast(req, executor, priority, mode)
         if found is not None:
             return found
-        return _scan(req, executor, nodes.nodes.values(), priority, mode)
+        everyone = nodes.nodes.values()
+        if nodes.walk_is_complete(req):  # nothing fits: count why only if someone asks
+            return NoFit(explain=lambda: _scan(req, executor, list(everyone), priority, mode))
+        return _scan(req, executor, everyone, priority, mode)
     return _scan(req, executor, nodes, priority, mode)
 
 
@@ -307,6 +348,7 @@ class PlacementIndex:
         self._member: dict[str, tuple[list[tuple[GpuKey, int]], tuple[float, int] | None]] = {}
         self._models: dict[GpuKey, GpuInfo] = {}
         self._matching: dict[tuple[str, str, str, float], list[GpuKey]] = {}
+        self._mixed: set[str] = set()  # online nodes with free GPUs of more than one model
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -326,6 +368,8 @@ class PlacementIndex:
                 self._matching.clear()
             if g.index not in busy:
                 free[key] += 1
+        if len(free) > 1:
+            self._mixed.add(node.name)
         gpu_links = []
         for key, k in free.items():
             self._gpu.setdefault(key, {}).setdefault(k, {})[node.name] = None
@@ -340,7 +384,13 @@ class PlacementIndex:
         self._unlink(name)
         self.nodes.pop(name, None)
 
+    def walk_is_complete(self, req: Requirements) -> bool:
+        """Whether `fast` finding nothing proves that nothing fits: true unless a shared
+        GPU or a node whose free GPUs span several models could still serve `req`."""
+        return not req.shared and (req.gpu_count <= 1 or not self._mixed)
+
     def _unlink(self, name: str) -> None:
+        self._mixed.discard(name)
         links = self._member.pop(name, None)
         if links is None:
             return

@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 ClassKey = tuple[str, bytes]
+
+
+class Reason(Protocol):
+    @property
+    def reason(self) -> str: ...
+
+
 Entry = tuple[float, int, str]  # (rank, seq, task_id)
 
 
@@ -23,7 +31,7 @@ class TaskQueue:
     def __init__(self, live: Callable[[str], bool]) -> None:
         self._live = live
         self._classes: dict[ClassKey, list[Entry]] = {}
-        self.reasons: dict[ClassKey, str] = {}  # why the head of a class did not place
+        self.reasons: dict[ClassKey, Reason] = {}  # why the head of a class did not place
 
     def push(self, key: ClassKey, rank: float, seq: int, task_id: str) -> None:
         heapq.heappush(self._classes.setdefault(key, []), (rank, seq, task_id))
