@@ -124,6 +124,10 @@ class FakeGpus:
                         memory_total_mb=gb * 1024,
                         uuid=f"FAKE-{name}-{made}",
                         compute_capability=cc,
+                        # Idle readings, so dashboards and energy accounting have data.
+                        temperature_c=35.0,
+                        power_w=25.0,
+                        power_limit_w=300.0,
                     )
                 )
                 made += 1

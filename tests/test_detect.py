@@ -224,6 +224,9 @@ def test_detect_script_prints_json() -> None:
             "vendor": "fake",
             "uuid": "FAKE-L4-0",
             "memory_total_mb": 24576,
+            "temperature_c": 35.0,
+            "power_w": 25.0,
+            "power_limit_w": 300.0,
             "compute_capability": "8.9",
         }
     ]
