@@ -133,6 +133,7 @@ def test_compose_config_carries_the_deployment_contract() -> None:
         "MESH_COORDINATOR_URL: ws://lead.lan:8001",
         "coordinator-data:/data",  # the coordinator's data dir is a named volume
         "restart: unless-stopped",
+        "MESH_TEMPLATES: /etc/gpumesh/templates.toml",  # the editable task-type templates
     ):
         assert needle in out, f"{needle!r} not in docker-compose config"
     # the seed's second command, on a GPU machine without the coordinator's profile
@@ -265,6 +266,23 @@ def test_stack_runs_a_task_and_the_client_rejoins_after_a_coordinator_restart(
     assert "ran as gpumesh" in json.dumps(script["result"])
 
     coordinator = container("gpu-coordinator")
+    # The coordinator (non-root) reads the task-type templates mounted from profiles/.
+    read = subprocess.run(
+        [
+            "docker",
+            "exec",
+            coordinator,
+            "python",
+            "-c",
+            "import os; from coordinator.templates import load_templates, templates_path; "
+            "p = templates_path(os.environ); print(p, *sorted(load_templates(p)))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert read.returncode == 0, read.stdout + read.stderr
+    assert read.stdout.split()[:2] == ["/etc/gpumesh/templates.toml", "embeddings"], read.stdout
     wait_for(
         lambda: inspect(coordinator)["State"]["Health"]["Status"] == "healthy",
         60,
