@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.tasks import TASK_TYPES
+
 if TYPE_CHECKING:
     from coordinator.mesh import Mesh
 
@@ -61,6 +63,14 @@ class MeshMetrics:
             "gpumesh_store_batch_size", "Writes per store commit",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000), registry=r,
         )
+        # Start labelled counters at 0: rate() and increase() ignore a series' first sample,
+        # so a counter born at 1 would hide the first failure from the failure-rate alert.
+        for task_type in TASK_TYPES:
+            self.submitted.labels(task_type)
+            for status in ("completed", "failed", "cancelled"):
+                self.finished.labels(task_type, status)
+        for kind in ("register", "task_accepted", "task_started", "task_log", "task_result"):
+            self.stale_messages.labels(kind)
 
     # Called by the Mesh (and the store) -------------------------------------------------
 

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -209,7 +209,7 @@ def _base_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def spawn_client(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+async def spawn_client(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]]:
     """Start `python -m gpu_client` processes; all are stopped (and their groups killed)."""
     procs: list[Proc] = []
 
@@ -229,8 +229,9 @@ def spawn_client(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         return proc
 
     yield spawn
+    # Off the loop: a client closing its socket needs the in-process coordinator to answer.
+    await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in procs))
     for proc in procs:
-        proc.stop()
         _kill_group(proc)
 
 
@@ -244,7 +245,7 @@ def _kill_group(proc: Proc) -> None:
 
 
 @pytest.fixture
-def spawn_coordinator(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+async def spawn_coordinator(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]]:
     """Start `python -m coordinator` processes (to kill -9 them); `.extra['port']`."""
     procs: list[Proc] = []
 
@@ -262,5 +263,4 @@ def spawn_coordinator(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         return proc
 
     yield spawn
-    for proc in procs:
-        proc.stop()
+    await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in procs))
