@@ -1,0 +1,621 @@
+"""The `docker` executor: a task's `image` run as a container, with exactly its GPUs.
+
+Containers carry labels (`gpumesh.managed=1`, `gpumesh.task_id`, `gpumesh.attempt`,
+`gpumesh.node`, plus `gpumesh.timeout_s` and `gpumesh.created_at`): the engine, not the client,
+remembers what runs. After a client restart `adopt()` lists this node's containers and the
+agent reports them in `register`; the coordinator answers keep (follow it to its end) or stop
+(fenced: stop and remove it). A container stays after it exits, so its exit code and output
+survive a client crash, and is removed by `release()` once the result is acked or fenced off.
+
+`command` replaces the image's entrypoint (as Kubernetes' `command` does): the argv runs as
+written whatever ENTRYPOINT the image has. `script` runs as `/bin/sh -c script`. With
+neither, the image's own entrypoint and CMD run. Containers run with `init` (docker-init as
+PID 1), so SIGTERM reaches the task and zombies are reaped.
+
+Every Docker SDK call leaves the event loop. Short ones (create, start, stop, inspect, list,
+remove, ping) go through `asyncio.to_thread`; the long ones (`wait` until the container ends,
+the followed log stream, a pull) each get a daemon thread of their own: they would otherwise
+hold the default pool's few workers for a task's whole life, and the loop's shutdown would
+wait for containers to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, TypeVar
+
+import docker
+from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from docker.types import DeviceRequest
+from requests.exceptions import RequestException
+
+from gpu_client.detect import GpuSource
+from gpu_client.detectors.layout import VENDOR_BLOCK, runtime_id
+from gpu_client.executors.base import (
+    Adopted,
+    OnOutput,
+    OnStarted,
+    RunOutcome,
+    describe_exit,
+    gpu_env,
+)
+from gpu_client.settings import ClientSettings
+from shared.protocol import Assign, GpuInfo
+
+log = logging.getLogger(__name__)
+
+LABEL_MANAGED = "gpumesh.managed"
+LABEL_TASK = "gpumesh.task_id"
+LABEL_ATTEMPT = "gpumesh.attempt"
+LABEL_NODE = "gpumesh.node"
+LABEL_TIMEOUT = "gpumesh.timeout_s"
+LABEL_CREATED = "gpumesh.created_at"
+
+API_TIMEOUT_S = 60.0  # short SDK calls; `stop` adds its grace to it
+POOL_SIZE = 64  # each running container holds two connections (wait, logs)
+PUMP_DRAIN_S = 5.0  # after exit, how long the log stream may take to deliver its end
+LOG_TAIL_LINES = 10_000  # read for the result's output tail, then cut to bytes
+PUMP_BUFFER_MAX = 1 << 20  # output not yet handed to the loop; more is dropped, with a marker
+DOCKER_ERRORS = (DockerException, RequestException)
+DEFAULT_UNIX_SOCKET = "unix:///var/run/docker.sock"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+_NVIDIA_IDS = ("GPU-", "MIG-")
+
+T = TypeVar("T")
+Key = tuple[str, int]
+
+
+def container_name(node: str, task_id: str, attempt: int) -> str:
+    return _UNSAFE_NAME.sub("_", f"gpumesh-{node}-{task_id}-{attempt}")
+
+
+def container_spec(
+    assign: Assign, node: str, gpus: Sequence[GpuInfo], *, created_at: float | None = None
+) -> dict[str, Any]:
+    """The keyword arguments handed to `DockerClient.containers.create` for one attempt.
+
+    Pure: `gpus` is what the node's GpuSource reads. NVIDIA GPUs go in one device request
+    naming the allocated devices as the detector names them (UUIDs, MIG instances); AMD GPUs
+    get /dev/kfd and /dev/dri with ROCR_VISIBLE_DEVICES; Intel GPUs /dev/dri with
+    ZE_AFFINITY_MASK; simulated (`fake`) GPUs only the environment.
+    """
+    env = dict(assign.env)
+    env.update(gpu_env(assign, gpus))
+    env["MESH_NODE"] = node
+    labels = {
+        LABEL_MANAGED: "1",
+        LABEL_TASK: assign.task_id,
+        LABEL_ATTEMPT: str(assign.attempt),
+        LABEL_NODE: node,
+        LABEL_CREATED: f"{time.time() if created_at is None else created_at:.3f}",
+    }
+    if assign.timeout_s is not None:
+        labels[LABEL_TIMEOUT] = f"{assign.timeout_s:g}"
+    spec: dict[str, Any] = {
+        "image": assign.image,
+        "name": container_name(node, assign.task_id, assign.attempt),
+        "labels": labels,
+        "init": True,
+    }
+    if assign.command:
+        spec["entrypoint"] = list(assign.command)
+    elif assign.script:
+        spec["entrypoint"] = ["/bin/sh", "-c", assign.script]
+    if assign.volumes:
+        spec["volumes"] = list(assign.volumes)
+    if assign.shm_size:
+        spec["shm_size"] = assign.shm_size
+    if assign.cpus:
+        spec["nano_cpus"] = round(assign.cpus * 1e9)
+    if assign.mem_limit:
+        spec["mem_limit"] = assign.mem_limit
+    spec.update(_gpu_access(assign, gpus, env))
+    spec["environment"] = env
+    return spec
+
+
+def _gpu_access(assign: Assign, gpus: Sequence[GpuInfo], env: dict[str, str]) -> dict[str, Any]:
+    """Device requests and device nodes for the assigned GPUs; may fix up `env`."""
+    by_index = {g.index: g for g in gpus}
+    nvidia: list[str] = []
+    devices: list[str] = []
+    for i in assign.gpu_indices:
+        gpu = by_index.get(i)
+        vendor = (gpu.vendor if gpu is not None else assign.gpu_vendor).lower()
+        if vendor == "nvidia":
+            nvidia.append(runtime_id(gpu) if gpu is not None else str(i % VENDOR_BLOCK))
+        elif vendor == "amd":
+            devices += ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"]
+        elif vendor == "intel":
+            devices.append("/dev/dri:/dev/dri:rwm")
+    access: dict[str, Any] = {}
+    if nvidia:
+        access["device_requests"] = [
+            DeviceRequest(driver="nvidia", device_ids=nvidia, capabilities=[["gpu"]])
+        ]
+        if not all(d.startswith(_NVIDIA_IDS) for d in nvidia):
+            # The container sees only its devices, numbered from 0: host indices would hide them.
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(n) for n in range(len(nvidia)))
+    if devices:
+        access["devices"] = list(dict.fromkeys(devices))
+    return access
+
+
+@dataclass
+class _Watch:
+    """One attempt whose container this client follows; `cancel()` finds it here."""
+
+    task_id: str
+    attempt: int
+    container_id: str
+    created_at: float
+    timeout_s: float | None
+    cancelled: bool = False
+
+
+class DockerExecutor:
+    name = "docker"
+
+    def __init__(
+        self,
+        node_name: str,
+        source: GpuSource,
+        *,
+        output_tail_bytes: int = 16 * 1024,
+        kill_grace_s: float = 5.0,
+        pull_timeout_s: float = 600.0,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        self._node = node_name
+        self._source = source
+        self._tail_bytes = output_tail_bytes
+        self._grace = kill_grace_s
+        self._pull_timeout = pull_timeout_s
+        self._environment = None if environment is None else dict(environment)
+        self._client: docker.DockerClient | None = None
+        self._stream: docker.DockerClient | None = None  # no read timeout: wait, logs, pull
+        self._available: bool | None = None
+        self._watches: dict[Key, _Watch] = {}
+
+    # --- the Executor protocol ---------------------------------------------------------
+
+    async def available(self) -> bool:
+        if self._available is None:
+            try:
+                await asyncio.to_thread(self._connect)
+                self._available = True
+            except DOCKER_ERRORS as exc:
+                log.warning("docker executor off: the engine does not answer: %s", exc)
+                self._available = False
+        return self._available
+
+    async def run(self, assign: Assign, on_started: OnStarted, on_output: OnOutput) -> RunOutcome:
+        if not assign.image:
+            return RunOutcome(exit_code=None, error="a docker task needs an `image`")
+        try:
+            await asyncio.to_thread(self._connect)
+        except DOCKER_ERRORS as exc:
+            return RunOutcome(exit_code=None, error=self._unreachable(exc))
+        why = await self._ensure_image(assign.image)
+        if why:
+            return RunOutcome(exit_code=None, error=why)
+        gpus = await asyncio.to_thread(self._source.read)
+        created_at = time.time()
+        spec = container_spec(assign, self._node, gpus, created_at=created_at)
+        try:
+            cid = await asyncio.to_thread(self._create_and_start, spec)
+        except DOCKER_ERRORS + (ValueError,) as exc:
+            return RunOutcome(
+                exit_code=None, error=f"could not start a container of {assign.image}: "
+                f"{_explain(exc)}", duration_s=round(time.time() - created_at, 3),
+            )
+        watch = _Watch(assign.task_id, assign.attempt, cid, created_at, assign.timeout_s)
+        self._watches[(watch.task_id, watch.attempt)] = watch  # cancel() reaches it from now on
+        log.info("task %s.%d started as container %s", watch.task_id, watch.attempt, cid[:12],
+                 extra={"task": watch.task_id, "attempt": watch.attempt, "node": self._node})
+        on_started()
+        return await self._follow(watch, on_output, tail="all")
+
+    async def cancel(self, task_id: str, attempt: int) -> None:
+        watch = self._watches.get((task_id, attempt))
+        if watch is not None:
+            watch.cancelled = True
+            ids = [watch.container_id]
+        elif self._client is None:
+            return  # never connected: nothing of ours can run
+        else:
+            try:
+                ids = [c.id for c in await asyncio.to_thread(self._list, task_id, attempt)]
+            except DOCKER_ERRORS as exc:
+                log.warning("cannot find the container of %s.%d to stop: %s", task_id, attempt,
+                            exc, extra={"task": task_id, "attempt": attempt})
+                return
+        for cid in ids:
+            await self._stop(cid)
+
+    async def adopt(self) -> list[Adopted]:
+        if not await self.available():
+            return []
+        try:
+            found = await asyncio.to_thread(self._list)
+        except DOCKER_ERRORS as exc:
+            log.warning("cannot list this node's containers to adopt them: %s", exc)
+            return []
+        adopted = []
+        for container in found:
+            entry = await self._adopt_one(container)
+            if entry is not None:
+                adopted.append(entry)
+        return adopted
+
+    async def release(self, task_id: str, attempt: int) -> None:
+        self._watches.pop((task_id, attempt), None)
+        try:
+            await asyncio.to_thread(self._remove_all, task_id, attempt)
+        except DOCKER_ERRORS as exc:
+            log.warning("could not remove the container of %s.%d: %s", task_id, attempt, exc,
+                        extra={"task": task_id, "attempt": attempt})
+
+    def close(self) -> None:
+        """Blocking. Close the SDK's connections (tests; a client process just exits)."""
+        for client in (self._client, self._stream):
+            if client is not None:
+                client.close()
+        self._client = self._stream = None
+
+    # --- following a container to its end ---------------------------------------------
+
+    async def _follow(self, watch: _Watch, on_output: OnOutput, *, tail: str | int) -> RunOutcome:
+        """Stream its output, enforce its timeout, wait for its exit; then read its outcome."""
+        key = (watch.task_id, watch.attempt)
+        stream = self._stream
+        assert stream is not None
+        pump = _LogPump(asyncio.get_running_loop(), on_output)
+        pump.start(stream, watch.container_id, tail)
+        waiter = _in_thread(stream.api.wait, watch.container_id, timeout=None)
+        error = ""
+        try:
+            left = None
+            if watch.timeout_s is not None:
+                left = max(0.0, watch.timeout_s - (time.time() - watch.created_at))
+            done, _ = await asyncio.wait({waiter}, timeout=left)
+            if not done:
+                error = f"timed out after {watch.timeout_s:g}s"
+                log.info("task %s.%d %s: stopping its container", *key, error,
+                         extra={"task": watch.task_id, "attempt": watch.attempt})
+                await self._stop(watch.container_id)
+            try:
+                await waiter
+            except DOCKER_ERRORS as exc:
+                return RunOutcome(
+                    exit_code=None, error=self._unreachable(exc, "while the task ran"),
+                    output=pump.text_tail(self._tail_bytes), duration_s=_since(watch.created_at),
+                )
+        except asyncio.CancelledError:
+            pump.detach()  # the client is stopping: the container runs on, to be re-adopted
+            raise
+        finally:
+            if self._watches.get(key) is watch:
+                del self._watches[key]
+        await asyncio.to_thread(pump.join, PUMP_DRAIN_S)
+        if watch.cancelled:
+            error = "cancelled"
+        return await asyncio.to_thread(self._outcome, watch.container_id, watch.created_at, error)
+
+    async def _adopt_one(self, container: Any) -> Adopted | None:
+        labels = container.labels
+        try:
+            task_id, attempt = labels[LABEL_TASK], int(labels[LABEL_ATTEMPT])
+            created_at = float(labels.get(LABEL_CREATED, time.time()))
+            timeout_s = float(labels[LABEL_TIMEOUT]) if LABEL_TIMEOUT in labels else None
+        except (KeyError, ValueError) as exc:
+            log.warning("ignoring container %s with unreadable labels: %r", container.id[:12], exc)
+            return None
+        extra = {"task": task_id, "attempt": attempt, "node": self._node}
+        if container.status == "created":  # the client died between create and start
+            log.info("removing container %s of %s.%d: never started", container.id[:12],
+                     task_id, attempt, extra=extra)
+            await self.release(task_id, attempt)
+            return None
+        running = container.status in ("running", "restarting", "paused")
+        watch = _Watch(task_id, attempt, container.id, created_at, timeout_s)
+        if running:
+            self._watches[(task_id, attempt)] = watch
+        log.info("adopted task %s.%d in container %s (%s)", task_id, attempt,
+                 container.id[:12], container.status, extra=extra)
+
+        async def follow(on_output: OnOutput) -> RunOutcome:
+            if running:
+                return await self._follow(watch, on_output, tail=0)
+            return await asyncio.to_thread(self._outcome, container.id, created_at, "")
+
+        return Adopted(task_id=task_id, attempt=attempt, running=running, follow=follow)
+
+    async def _ensure_image(self, image: str) -> str:
+        """"" when the engine has `image` (pulling it once if not); else why it cannot run."""
+        client = self._client
+        assert client is not None
+        try:
+            await asyncio.to_thread(client.images.get, image)
+            return ""
+        except ImageNotFound:
+            pass
+        except DOCKER_ERRORS as exc:
+            return self._unreachable(exc)
+        missing = f"image {image} not found on node {self._node}"
+        log.info("%s: pulling it (at most %gs)", missing, self._pull_timeout)
+        pull = _in_thread(self._pull, image)
+        done, _ = await asyncio.wait({pull}, timeout=self._pull_timeout)
+        if not done:
+            return f"{missing}; pulling it took longer than {self._pull_timeout:g}s"
+        exc = pull.exception()
+        if exc is not None:
+            return f"{missing}; pulling it failed: {_explain(exc)}"
+        return ""
+
+    async def _stop(self, cid: str) -> None:
+        """SIGTERM the container, SIGKILL after the grace (the engine does both)."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            await asyncio.to_thread(client.api.stop, cid, timeout=max(1, round(self._grace)))
+        except NotFound:
+            pass
+        except DOCKER_ERRORS as exc:
+            log.warning("could not stop container %s: %s", cid[:12], exc)
+
+    def _unreachable(self, exc: BaseException, when: str = "") -> str:
+        where = f" {when}" if when else ""
+        return f"docker engine on node {self._node} unreachable{where}: {_explain(exc)}"
+
+    # --- blocking helpers: called through asyncio.to_thread or _in_thread -----------------
+
+    def _connect(self) -> docker.DockerClient:
+        if self._client is None:
+            env = self._environment
+            _probe_socket(os.environ if env is None else env)
+            client = docker.from_env(environment=env, timeout=API_TIMEOUT_S,
+                                     max_pool_size=POOL_SIZE)
+            try:
+                client.ping()
+                self._stream = docker.from_env(environment=env, timeout=None,
+                                               version=client.api.api_version,
+                                               max_pool_size=POOL_SIZE)
+            except DOCKER_ERRORS:
+                client.close()
+                raise
+            self._client = client
+        return self._client
+
+    def _create_and_start(self, spec: dict[str, Any]) -> str:
+        assert self._client is not None
+        container = self._client.containers.create(**spec)
+        try:
+            container.start()
+        except DOCKER_ERRORS:
+            container.remove(force=True)
+            raise
+        return str(container.id)
+
+    def _pull(self, image: str) -> None:
+        assert self._stream is not None
+        for event in self._stream.api.pull(image, stream=True, decode=True):
+            if isinstance(event, dict) and event.get("error"):
+                raise DockerException(str(event["error"]))
+        self._stream.images.get(image)  # raises ImageNotFound if the pull did not take
+
+    def _list(self, task_id: str | None = None, attempt: int | None = None) -> list[Any]:
+        assert self._client is not None
+        labels = [f"{LABEL_MANAGED}=1", f"{LABEL_NODE}={self._node}"]
+        if task_id is not None:
+            labels += [f"{LABEL_TASK}={task_id}", f"{LABEL_ATTEMPT}={attempt}"]
+        found: list[Any] = self._client.containers.list(all=True, filters={"label": labels})
+        return found
+
+    def _remove_all(self, task_id: str, attempt: int) -> None:
+        if self._client is None:
+            return
+        for container in self._list(task_id, attempt):
+            try:
+                container.remove(force=True, v=True)
+            except NotFound:
+                continue
+            log.info("removed container %s of %s.%d", container.id[:12], task_id, attempt,
+                     extra={"task": task_id, "attempt": attempt, "node": self._node})
+
+    def _outcome(self, cid: str, created_at: float, error: str) -> RunOutcome:
+        """The exit code, output tail and duration of an ended container."""
+        assert self._client is not None
+        try:
+            attrs = self._client.api.inspect_container(cid)
+            raw = self._client.api.logs(cid, stdout=True, stderr=True, tail=LOG_TAIL_LINES)
+        except NotFound:
+            return RunOutcome(exit_code=None, error=error or f"container {cid[:12]} vanished")
+        except DOCKER_ERRORS as exc:
+            return RunOutcome(exit_code=None, error=error or self._unreachable(exc))
+        state = attrs.get("State", {})
+        exit_code = state.get("ExitCode")
+        finished = _docker_time(state.get("FinishedAt", "")) or time.time()
+        if not error:
+            if state.get("OOMKilled"):
+                limit = attrs.get("HostConfig", {}).get("Memory") or 0
+                error = f"out of memory: killed at its {limit // (1 << 20)} MiB limit"
+            elif exit_code is None:
+                error = "container ended without an exit code"
+            elif exit_code != 0:
+                error = describe_exit(int(exit_code))
+        return RunOutcome(
+            exit_code=exit_code, output=_tail_text(raw, self._tail_bytes), error=error,
+            duration_s=round(max(0.0, finished - created_at), 3),
+        )
+
+
+class _LogPump:
+    """Follows a container's log stream on a thread; hands text to the loop in batches."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_output: OnOutput) -> None:
+        self._loop, self._on_output = loop, on_output
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+        self._pending_size = 0
+        self._dropped = 0
+        self._scheduled = False
+        self._detached = False
+        self._tail = ""
+        self._thread: threading.Thread | None = None
+
+    def start(self, client: docker.DockerClient, cid: str, tail: str | int) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(client, cid, tail), name=f"logs-{cid[:12]}", daemon=True
+        )
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def detach(self) -> None:
+        self._detached = True
+
+    def text_tail(self, limit: int) -> str:
+        with self._lock:
+            return self._tail[-limit:] if limit else ""
+
+    def _run(self, client: docker.DockerClient, cid: str, tail: str | int) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            stream = client.api.logs(cid, stream=True, follow=True, stdout=True, stderr=True,
+                                     tail=tail)
+        except DOCKER_ERRORS as exc:
+            log.debug("no log stream for %s: %s", cid[:12], exc)
+            return
+        try:
+            for chunk in stream:
+                if self._detached:
+                    return
+                self._push(decoder.decode(chunk))
+            self._push(decoder.decode(b"", final=True))
+        except DOCKER_ERRORS as exc:
+            log.debug("log stream of %s ended: %s", cid[:12], exc)
+        finally:
+            try:
+                stream.close()
+            except (OSError, DockerException) as exc:
+                log.debug("closing the log stream of %s: %s", cid[:12], exc)
+
+    def _push(self, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            self._tail = (self._tail + text)[-(64 * 1024):]
+            if self._pending_size + len(text) > PUMP_BUFFER_MAX:
+                self._dropped += len(text)
+            else:
+                self._pending.append(text)
+                self._pending_size += len(text)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: the client is exiting
+            self._detached = True
+
+    def _deliver(self) -> None:
+        with self._lock:
+            text = "".join(self._pending)
+            if self._dropped:
+                text += f"\n[... {self._dropped} characters dropped]\n"
+            self._pending.clear()
+            self._pending_size = self._dropped = 0
+            self._scheduled = False
+        if not self._detached:
+            self._on_output(text)
+
+
+def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
+    """Run a long blocking call on a daemon thread of its own; await the returned future.
+
+    Cancelling the future does not stop the call; its result is then dropped.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result, exc = fn(*args, **kwargs), None
+        except BaseException as caught:  # noqa: BLE001 - handed to the awaiting coroutine
+            result, exc = None, caught
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=target, name=f"docker-{fn.__name__}", daemon=True).start()
+    return future
+
+
+def _probe_socket(env: Mapping[str, str]) -> None:
+    """Fail fast, and without the socket docker-py leaks then, when a unix socket is dead."""
+    host = env.get("DOCKER_HOST") or DEFAULT_UNIX_SOCKET
+    if not host.startswith("unix://"):
+        return
+    path = host[len("unix://"):]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise DockerException(f"cannot connect to {path}: {exc.strerror or exc}") from exc
+
+
+def _explain(exc: BaseException) -> str:
+    if isinstance(exc, APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def _tail_text(raw: bytes, limit: int) -> str:
+    if limit <= 0:
+        return ""
+    data = raw[-limit:]
+    if len(raw) > limit:
+        data = data.lstrip(bytes(range(0x80, 0xC0)))  # no half character in front
+    return data.decode("utf-8", errors="replace")
+
+
+def _docker_time(text: str) -> float | None:
+    """Docker's RFC 3339 times carry nanoseconds; Python reads at most microseconds."""
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text or "")
+    if m is None or text.startswith("0001-"):
+        return None
+    frac = (m.group(2) or ".0")[:7]
+    zone = "+00:00" if m.group(3) == "Z" else m.group(3)
+    return datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
+
+
+def _since(t: float) -> float:
+    return round(max(0.0, time.time() - t), 3)
+
+
+def create(settings: ClientSettings, source: GpuSource) -> DockerExecutor:
+    return DockerExecutor(settings.node_name, source, output_tail_bytes=settings.output_tail_bytes)
