@@ -1,0 +1,97 @@
+"""Submit -> result of one `test` task over HTTP + WebSocket, one node; Dask as the baseline.
+
+gpumesh: a `python -m coordinator` process and one `python -m gpu_client` process. One
+kept-alive HTTP connection does `POST /tasks/submit` then `GET /tasks/{id}?wait=10`, task
+after task; each round trip is timed from before the POST to the end of the GET's answer.
+Dask: a `LocalCluster(n_workers=2, threads_per_worker=1, processes=True)` and
+`client.submit(noop, pure=False).result()`. Both run side by side and are measured in
+alternating blocks, so a noisy neighbour on a shared machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dask_baseline, procs
+from benchmarks.httpc import HttpConn
+from benchmarks.stats import Result, ratio, summary
+
+TASK = {"task_type": "test"}
+
+
+def ours_once(conn: HttpConn) -> int:
+    t0 = time.perf_counter_ns()
+    status, doc = conn.request("POST", "/tasks/submit", TASK)
+    assert status == 200, doc
+    status, doc = conn.request("GET", f"/tasks/{doc['task_id']}?wait=10")
+    took = time.perf_counter_ns() - t0
+    assert status == 200 and doc["status"] == "completed", doc
+    return took
+
+
+def dask_once(client: Any) -> int:
+    t0 = time.perf_counter_ns()
+    client.submit(dask_baseline.noop, pure=False).result()
+    return time.perf_counter_ns() - t0
+
+
+def _row(system: str, samples_ns: list[int]) -> dict[str, Any]:
+    s = summary([x / 1e6 for x in samples_ns])
+    return {
+        "system": system,
+        "tasks": len(samples_ns),
+        "p50_ms": round(s["p50"], 3),
+        "p90_ms": round(s["p90"], 3),
+        "p99_ms": round(s["p99"], 3),
+        "max_ms": round(s["max"], 3),
+    }
+
+
+def run(quick: bool = False) -> Result:
+    n, rounds, warm = (100, 2, 30) if quick else (150, 3, 50)
+    ours: list[int] = []
+    theirs: list[int] = []
+    cluster, client = dask_baseline._cluster()
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-rt-") as tmp:
+            with procs.mesh(Path(tmp), clients=1) as (port, _, _):
+                conn = HttpConn("127.0.0.1", port)
+                for _ in range(warm):
+                    ours_once(conn)
+                    dask_once(client)
+                for _ in range(rounds):
+                    ours += [ours_once(conn) for _ in range(n)]
+                    theirs += [dask_once(client) for _ in range(n)]
+                conn.close()
+    finally:
+        client.close()
+        cluster.close()
+    mine, base = _row("gpumesh", ours), _row("dask", theirs)
+    mine["vs_dask_p50"] = ratio(mine["p50_ms"], base["p50_ms"])
+    mine["vs_dask_p99"] = ratio(mine["p99_ms"], base["p99_ms"])
+    goals = [
+        f"{'met' if mine['p50_ms'] <= 3 else 'MISSED'}: gpumesh p50 {mine['p50_ms']} ms "
+        "(goal <= 3 ms)",
+        f"{'met' if mine['vs_dask_p50'] >= 4 else 'MISSED'}: {mine['vs_dask_p50']}x faster "
+        "than Dask at p50 (goal >= 4x)",
+    ]
+    notes = [
+        f"sequential tasks after {warm} warm-up each; {rounds} alternating blocks of {n}; "
+        f"dask {dask_baseline.version()} LocalCluster(2 worker processes, 1 thread each)",
+        "gpumesh: POST /tasks/submit + GET /tasks/{id}?wait=10 on one kept-alive connection; "
+        "the task is durable (SQLite) before the POST is answered",
+    ]
+    columns = [
+        "system",
+        "tasks",
+        "p50_ms",
+        "p90_ms",
+        "p99_ms",
+        "max_ms",
+        "vs_dask_p50",
+        "vs_dask_p99",
+    ]
+    return Result("roundtrip", [mine, base], columns, notes, goals)

@@ -1,0 +1,131 @@
+"""Durable end-to-end throughput: `test` tasks over HTTP to two nodes, until all completed.
+
+gpumesh: a coordinator process and two `python -m gpu_client` processes. Single path:
+CONCURRENCY connections each POST one task at a time (every task is durable in SQLite
+before its answer); batch path: lists of BATCH tasks, a few requests in flight. The clock
+runs from the first POST until `/mesh/status` (polled every 10 ms) counts them all
+completed. Dask: the same number of no-op tasks with `client.map` + `client.gather` on a
+LocalCluster with 2 worker processes, 1 thread each. The three are measured in turns,
+ROUNDS times, and each reports its median round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import dask_baseline, procs
+from benchmarks.httpc import AsyncHttpConn
+from benchmarks.stats import Result
+
+TASK = {"task_type": "test"}
+CONCURRENCY = 32
+BATCH = 250
+SLOTS = "8"  # per client: `test` tasks are instant; 2 (the CPU count) would cap what is in flight
+
+
+async def _completed(conn: AsyncHttpConn) -> int:
+    status, doc = await conn.request("GET", "/mesh/status")
+    assert status == 200, doc
+    return int(doc["completed_tasks"])
+
+
+async def _until_completed(conn: AsyncHttpConn, target: int, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while (done := await _completed(conn)) < target:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {target} tasks completed in {timeout:.0f} s")
+        await asyncio.sleep(0.01)
+    return time.perf_counter()
+
+
+async def ours(port: int, n: int, batch: int) -> dict[str, Any]:
+    """Submit n tasks (one per POST, or `batch` per POST) and wait until all completed."""
+    watcher = await AsyncHttpConn.open("127.0.0.1", port)
+    base = await _completed(watcher)
+    lanes = CONCURRENCY if batch == 1 else 4
+    conns = [await AsyncHttpConn.open("127.0.0.1", port) for _ in range(lanes)]
+    bodies: list[Any] = (
+        [TASK] * n if batch == 1 else [[TASK] * min(batch, n - i) for i in range(0, n, batch)]
+    )
+    acked = 0
+
+    async def lane(conn: AsyncHttpConn) -> None:
+        nonlocal acked
+        while bodies:
+            body = bodies.pop()
+            status, doc = await conn.request("POST", "/tasks/submit", body)
+            assert status == 200, doc
+            acked += len(body) if batch > 1 else 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(lane(c) for c in conns))
+    t_acked = time.perf_counter()
+    t_done = await _until_completed(watcher, base + n, 120)
+    for c in [*conns, watcher]:
+        await c.close()
+    assert acked == n
+    return {"tasks_per_s": n / (t_done - t0), "acks_per_s": n / (t_acked - t0)}
+
+
+def run(quick: bool = False) -> Result:
+    n, rounds = (2_000, 2) if quick else (2_000, 3)
+    single: list[dict[str, Any]] = []
+    batched: list[dict[str, Any]] = []
+    dask: list[float] = []
+    cluster, client = dask_baseline._cluster()
+    try:
+        client.gather(client.map(dask_baseline.noop, range(200), pure=False))  # warm-up
+        with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
+            env = {"MESH_SLOTS": SLOTS}
+            with procs.mesh(Path(tmp), clients=2, client_env=env) as (port, _, _):
+                asyncio.run(ours(port, 200, 1))  # warm-up
+                for r in range(rounds):
+                    single.append(asyncio.run(ours(port, n, 1)))
+                    batched.append(asyncio.run(ours(port, n, BATCH)))
+                    t0 = time.perf_counter()
+                    client.gather(
+                        client.map(dask_baseline.noop, range(r * n, (r + 1) * n), pure=False)
+                    )
+                    dask.append(n / (time.perf_counter() - t0))
+    finally:
+        client.close()
+        cluster.close()
+    base = statistics.median(dask)
+    rows = []
+    for system, runs in (("gpumesh single POSTs", single), ("gpumesh batch POSTs", batched)):
+        rate = statistics.median(r["tasks_per_s"] for r in runs)
+        rows.append(
+            {
+                "system": system,
+                "tasks": n,
+                "tasks_per_s": round(rate),
+                "acks_per_s": round(statistics.median(r["acks_per_s"] for r in runs)),
+                "vs_dask": round(rate / base, 2),
+                "rounds": [round(r["tasks_per_s"]) for r in runs],
+            }
+        )
+    rows.append(
+        {
+            "system": "dask map+gather",
+            "tasks": n,
+            "tasks_per_s": round(base),
+            "rounds": [round(x) for x in dask],
+        }
+    )
+    verdict = "met" if rows[0]["vs_dask"] >= 4 else "MISSED"
+    notes = [
+        f"2 client nodes, MESH_SLOTS={SLOTS} each; single: {CONCURRENCY} connections, one task "
+        f"per POST; batch: {BATCH} tasks per POST, 4 in flight; every task durable before "
+        "its answer; median of "
+        f"{rounds} rounds, systems in turn; dask {dask_baseline.version()} LocalCluster(2 "
+        "worker processes, 1 thread each)",
+        "tasks_per_s: first POST to all completed; acks_per_s: first POST to the last answer",
+    ]
+    goals = [f"{verdict}: single POSTs {rows[0]['vs_dask']}x Dask's tasks/s (goal >= 4x)"]
+    columns = ["system", "tasks", "tasks_per_s", "acks_per_s", "vs_dask", "rounds"]
+    return Result("throughput", rows, columns, notes, goals)
