@@ -313,7 +313,7 @@ class DockerExecutor:
         return await asyncio.to_thread(self._outcome, watch.container_id, watch.created_at, error)
 
     async def _adopt_one(self, container: Any) -> Adopted | None:
-        labels = container.labels
+        labels = container.attrs.get("Labels") or {}
         try:
             task_id, attempt = labels[LABEL_TASK], int(labels[LABEL_ATTEMPT])
             created_at = float(labels.get(LABEL_CREATED, time.time()))
@@ -420,7 +420,10 @@ class DockerExecutor:
         labels = [f"{LABEL_MANAGED}=1", f"{LABEL_NODE}={self._node}"]
         if task_id is not None:
             labels += [f"{LABEL_TASK}={task_id}", f"{LABEL_ATTEMPT}={attempt}"]
-        found: list[Any] = self._client.containers.list(all=True, filters={"label": labels})
+        # sparse: the list endpoint alone, so a container removed meanwhile cannot fail it
+        found: list[Any] = self._client.containers.list(
+            all=True, filters={"label": labels}, sparse=True
+        )
         return found
 
     def _remove_all(self, task_id: str, attempt: int) -> None:
