@@ -13,12 +13,8 @@ import docker
 import pytest
 
 from gpu_client.detect import FakeGpus, NoGpus
-from gpu_client.executors.docker import (
-    LABEL_NODE,
-    DockerExecutor,
-    container_name,
-    container_spec,
-)
+from gpu_client.executors.docker import DockerExecutor
+from gpu_client.executors.docker_spec import LABEL_NODE, container_name, container_spec
 from shared.protocol import Assign, GpuInfo
 from tests.conftest import wait_until
 from tests.docker_images import busybox_image, requires_docker

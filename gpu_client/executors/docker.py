@@ -16,139 +16,49 @@ Every Docker SDK call leaves the event loop. Short ones (create, start, stop, in
 remove, ping) go through `asyncio.to_thread`; the long ones (`wait` until the container ends,
 the followed log stream, a pull) each get a daemon thread of their own: they would otherwise
 hold the default pool's few workers for a task's whole life, and the loop's shutdown would
-wait for containers to end.
+wait for containers to end. The create arguments come from `docker_spec.container_spec`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import logging
 import os
 import re
 import socket
-import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
-from requests.exceptions import RequestException
 
 from gpu_client.detect import GpuSource
-from gpu_client.detectors.layout import VENDOR_BLOCK, runtime_id
-from gpu_client.executors.base import (
-    Adopted,
-    OnOutput,
-    OnStarted,
-    RunOutcome,
-    describe_exit,
-    gpu_env,
+from gpu_client.executors.base import Adopted, OnOutput, OnStarted, RunOutcome, describe_exit
+from gpu_client.executors.docker_io import DOCKER_ERRORS, LogPump, in_thread
+from gpu_client.executors.docker_spec import (
+    LABEL_ATTEMPT,
+    LABEL_CREATED,
+    LABEL_MANAGED,
+    LABEL_NODE,
+    LABEL_TASK,
+    LABEL_TIMEOUT,
+    container_spec,
 )
 from gpu_client.settings import ClientSettings
-from shared.protocol import Assign, GpuInfo
+from shared.protocol import Assign
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "gpumesh.managed"
-LABEL_TASK = "gpumesh.task_id"
-LABEL_ATTEMPT = "gpumesh.attempt"
-LABEL_NODE = "gpumesh.node"
-LABEL_TIMEOUT = "gpumesh.timeout_s"
-LABEL_CREATED = "gpumesh.created_at"
 
 API_TIMEOUT_S = 60.0  # short SDK calls; `stop` adds its grace to it
 POOL_SIZE = 64  # each running container holds two connections (wait, logs)
 PUMP_DRAIN_S = 5.0  # after exit, how long the log stream may take to deliver its end
 LOG_TAIL_LINES = 10_000  # read for the result's output tail, then cut to bytes
-PUMP_BUFFER_MAX = 1 << 20  # output not yet handed to the loop; more is dropped, with a marker
-DOCKER_ERRORS = (DockerException, RequestException)
 DEFAULT_UNIX_SOCKET = "unix:///var/run/docker.sock"
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
-_NVIDIA_IDS = ("GPU-", "MIG-")
 
-T = TypeVar("T")
 Key = tuple[str, int]
-
-
-def container_name(node: str, task_id: str, attempt: int) -> str:
-    return _UNSAFE_NAME.sub("_", f"gpumesh-{node}-{task_id}-{attempt}")
-
-
-def container_spec(
-    assign: Assign, node: str, gpus: Sequence[GpuInfo], *, created_at: float | None = None
-) -> dict[str, Any]:
-    """The keyword arguments handed to `DockerClient.containers.create` for one attempt.
-
-    Pure: `gpus` is what the node's GpuSource reads. NVIDIA GPUs go in one device request
-    naming the allocated devices as the detector names them (UUIDs, MIG instances); AMD GPUs
-    get /dev/kfd and /dev/dri with ROCR_VISIBLE_DEVICES; Intel GPUs /dev/dri with
-    ZE_AFFINITY_MASK; simulated (`fake`) GPUs only the environment.
-    """
-    env = dict(assign.env)
-    env.update(gpu_env(assign, gpus))
-    env["MESH_NODE"] = node
-    labels = {
-        LABEL_MANAGED: "1",
-        LABEL_TASK: assign.task_id,
-        LABEL_ATTEMPT: str(assign.attempt),
-        LABEL_NODE: node,
-        LABEL_CREATED: f"{time.time() if created_at is None else created_at:.3f}",
-    }
-    if assign.timeout_s is not None:
-        labels[LABEL_TIMEOUT] = f"{assign.timeout_s:g}"
-    spec: dict[str, Any] = {
-        "image": assign.image,
-        "name": container_name(node, assign.task_id, assign.attempt),
-        "labels": labels,
-        "init": True,
-    }
-    if assign.command:
-        spec["entrypoint"] = list(assign.command)
-    elif assign.script:
-        spec["entrypoint"] = ["/bin/sh", "-c", assign.script]
-    if assign.volumes:
-        spec["volumes"] = list(assign.volumes)
-    if assign.shm_size:
-        spec["shm_size"] = assign.shm_size
-    if assign.cpus:
-        spec["nano_cpus"] = round(assign.cpus * 1e9)
-    if assign.mem_limit:
-        spec["mem_limit"] = assign.mem_limit
-    spec.update(_gpu_access(assign, gpus, env))
-    spec["environment"] = env
-    return spec
-
-
-def _gpu_access(assign: Assign, gpus: Sequence[GpuInfo], env: dict[str, str]) -> dict[str, Any]:
-    """Device requests and device nodes for the assigned GPUs; may fix up `env`."""
-    by_index = {g.index: g for g in gpus}
-    nvidia: list[str] = []
-    devices: list[str] = []
-    for i in assign.gpu_indices:
-        gpu = by_index.get(i)
-        vendor = (gpu.vendor if gpu is not None else assign.gpu_vendor).lower()
-        if vendor == "nvidia":
-            nvidia.append(runtime_id(gpu) if gpu is not None else str(i % VENDOR_BLOCK))
-        elif vendor == "amd":
-            devices += ["/dev/kfd:/dev/kfd:rwm", "/dev/dri:/dev/dri:rwm"]
-        elif vendor == "intel":
-            devices.append("/dev/dri:/dev/dri:rwm")
-    access: dict[str, Any] = {}
-    if nvidia:
-        access["device_requests"] = [
-            DeviceRequest(driver="nvidia", device_ids=nvidia, capabilities=[["gpu"]])
-        ]
-        if not all(d.startswith(_NVIDIA_IDS) for d in nvidia):
-            # The container sees only its devices, numbered from 0: host indices would hide them.
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(n) for n in range(len(nvidia)))
-    if devices:
-        access["devices"] = list(dict.fromkeys(devices))
-    return access
 
 
 @dataclass
@@ -280,9 +190,9 @@ class DockerExecutor:
         key = (watch.task_id, watch.attempt)
         stream = self._stream
         assert stream is not None
-        pump = _LogPump(asyncio.get_running_loop(), on_output)
+        pump = LogPump(asyncio.get_running_loop(), on_output)
         pump.start(stream, watch.container_id, tail)
-        waiter = _in_thread(stream.api.wait, watch.container_id, timeout=None)
+        waiter = in_thread(stream.api.wait, watch.container_id, timeout=None)
         error = ""
         try:
             left = None
@@ -354,7 +264,7 @@ class DockerExecutor:
             return self._unreachable(exc)
         missing = f"image {image} not found on node {self._node}"
         log.info("%s: pulling it (at most %gs)", missing, self._pull_timeout)
-        pull = _in_thread(self._pull, image)
+        pull = in_thread(self._pull, image)
         done, _ = await asyncio.wait({pull}, timeout=self._pull_timeout)
         if not done:
             return f"{missing}; pulling it took longer than {self._pull_timeout:g}s"
@@ -462,119 +372,6 @@ class DockerExecutor:
             exit_code=exit_code, output=_tail_text(raw, self._tail_bytes), error=error,
             duration_s=round(max(0.0, finished - created_at), 3),
         )
-
-
-class _LogPump:
-    """Follows a container's log stream on a thread; hands text to the loop in batches."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_output: OnOutput) -> None:
-        self._loop, self._on_output = loop, on_output
-        self._lock = threading.Lock()
-        self._pending: list[str] = []
-        self._pending_size = 0
-        self._dropped = 0
-        self._scheduled = False
-        self._detached = False
-        self._tail = ""
-        self._thread: threading.Thread | None = None
-
-    def start(self, client: docker.DockerClient, cid: str, tail: str | int) -> None:
-        self._thread = threading.Thread(
-            target=self._run, args=(client, cid, tail), name=f"logs-{cid[:12]}", daemon=True
-        )
-        self._thread.start()
-
-    def join(self, timeout: float) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def detach(self) -> None:
-        self._detached = True
-
-    def text_tail(self, limit: int) -> str:
-        with self._lock:
-            return self._tail[-limit:] if limit else ""
-
-    def _run(self, client: docker.DockerClient, cid: str, tail: str | int) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            stream = client.api.logs(cid, stream=True, follow=True, stdout=True, stderr=True,
-                                     tail=tail)
-        except DOCKER_ERRORS as exc:
-            log.debug("no log stream for %s: %s", cid[:12], exc)
-            return
-        try:
-            for chunk in stream:
-                if self._detached:
-                    return
-                self._push(decoder.decode(chunk))
-            self._push(decoder.decode(b"", final=True))
-        except DOCKER_ERRORS as exc:
-            log.debug("log stream of %s ended: %s", cid[:12], exc)
-        finally:
-            try:
-                stream.close()
-            except (OSError, DockerException) as exc:
-                log.debug("closing the log stream of %s: %s", cid[:12], exc)
-
-    def _push(self, text: str) -> None:
-        if not text:
-            return
-        with self._lock:
-            self._tail = (self._tail + text)[-(64 * 1024):]
-            if self._pending_size + len(text) > PUMP_BUFFER_MAX:
-                self._dropped += len(text)
-            else:
-                self._pending.append(text)
-                self._pending_size += len(text)
-            if self._scheduled:
-                return
-            self._scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop is closed: the client is exiting
-            self._detached = True
-
-    def _deliver(self) -> None:
-        with self._lock:
-            text = "".join(self._pending)
-            if self._dropped:
-                text += f"\n[... {self._dropped} characters dropped]\n"
-            self._pending.clear()
-            self._pending_size = self._dropped = 0
-            self._scheduled = False
-        if not self._detached:
-            self._on_output(text)
-
-
-def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-    """Run a long blocking call on a daemon thread of its own; await the returned future.
-
-    Cancelling the future does not stop the call; its result is then dropped.
-    """
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: Any, exc: BaseException | None) -> None:
-        if future.done():
-            return
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-
-    def target() -> None:
-        try:
-            result, exc = fn(*args, **kwargs), None
-        except BaseException as caught:  # noqa: BLE001 - handed to the awaiting coroutine
-            result, exc = None, caught
-        try:
-            loop.call_soon_threadsafe(settle, result, exc)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
-
-    threading.Thread(target=target, name=f"docker-{fn.__name__}", daemon=True).start()
-    return future
 
 
 def _probe_socket(env: Mapping[str, str]) -> None:
