@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
 from coordinator.store import StoreError
+from coordinator.templates import TemplateError, apply_template
 from coordinator.views import mesh_status, node_view, task_view
 from shared import __version__
 from shared.tasks import TASK_TYPES, split_submission
@@ -125,8 +126,9 @@ async def submit(request: Request) -> JSON:
         if not isinstance(item, dict):
             return error(422, "invalid task", f"item {i}: expected an object")
         try:
-            specs.append(split_submission(item))
-        except msgspec.ValidationError as exc:
+            spec, params = split_submission(item)
+            specs.append(apply_template(spec, params, request.app.state.templates))
+        except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
             return error(422, "invalid task", f"{where}{exc}")
     try:
@@ -191,8 +193,9 @@ async def logs(request: Request) -> Response:
     t = await mesh.lookup(task_id)
     if t is None:
         return error(404, "unknown task", f"no task {task_id}")
-    buf = mesh.logs.get(task_id)
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
+    unfinished = task_id in mesh.tasks
+    buf = mesh.logs.open(task_id) if follow and unfinished else mesh.logs.get(task_id)
     if not follow or buf is None or buf.closed:
         text = buf.text() if buf is not None else (t.result or {}).get("output", "")
         return Response(text, media_type="text/plain; charset=utf-8")

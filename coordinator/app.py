@@ -19,6 +19,7 @@ from coordinator.mesh import Mesh
 from coordinator.metrics import MeshMetrics
 from coordinator.settings import Settings
 from coordinator.store import Store
+from coordinator.templates import load_templates
 from coordinator.ws import Connections, node_socket
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(settings: Settings) -> Starlette:
+    templates = load_templates(settings.templates)  # a bad file stops the start, with why
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics = MeshMetrics()
@@ -48,6 +51,7 @@ def create_app(settings: Settings) -> Starlette:
         metrics.watch(mesh, lambda: connections.open)
         app.state.mesh = mesh
         app.state.connections = connections
+        app.state.templates = templates
         await mesh.start()
         log.info("coordinator %s ready; data in %s", settings.name, settings.data_dir)
         try:

@@ -29,6 +29,7 @@ class Settings:
     max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
+    templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -47,6 +48,7 @@ class Settings:
             sqlite_synchronous=env_str(env, "MESH_SQLITE_SYNC", d.sqlite_synchronous).upper(),
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
+            templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
         )
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))

@@ -43,6 +43,8 @@ def task_view(t: Task, reason: str = "") -> dict[str, Any]:
         "result": t.result,
         "error": t.error or None,
     }
+    if spec.image:
+        view["image"] = spec.image
     if spec.name:
         view["name"] = spec.name
     if spec.tenant:

@@ -142,3 +142,16 @@ async def test_metrics_exposes_the_mesh(coordinator: LiveCoordinator) -> None:
     text = (await coordinator.http.get("/metrics")).text
     assert 'gpumesh_queue_depth{band="critical"} 1.0' in text
     assert 'gpumesh_tasks_submitted_total{task_type="test"} 1.0' in text
+
+
+async def test_template_types_are_filled_from_the_submission(
+    coordinator: LiveCoordinator,
+) -> None:
+    task_id = await coordinator.submit(task_type="llm_inference", prompt="Hello")
+    doc = await coordinator.task(task_id)
+    assert doc["executor"] == "docker" and doc["image"].startswith("vllm/")
+    assert doc["requirements"] == {"gpu_count": 1, "memory_gb": 16}  # the template's
+    t = coordinator.mesh.tasks[task_id]
+    assert t.spec.env["PROMPT"] == "Hello" and t.spec.env["MODEL"]
+    r = await coordinator.http.post("/tasks/submit", json={"task_type": "llm_inference"})
+    assert r.status_code == 422 and "prompt" in r.json()["reason"]
