@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -50,6 +51,19 @@ DONE, FAIL, CANC, LOST = (
     TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST,
 )
 _enc = msgspec.json.Encoder()
+
+
+def new_task_id() -> str:
+    """A UUIDv7 (RFC 9562) in 32 hex digits: 74 random bits under a millisecond clock.
+
+    Unique and opaque like uuid4, but later ids sort later, so the store's primary-key
+    index grows at its end: with uuid4 every insert lands on a random page, and the
+    submit rate at 1M queued fell to half of the rate at 1k.
+    """
+    ms, rand = time.time_ns() // 1_000_000, secrets.randbits(74)
+    version, variant = 0x7 << 76, 0b10 << 62
+    value = ms << 80 | version | (rand >> 62) << 64 | variant | (rand & (1 << 62) - 1)
+    return uuid.UUID(int=value).hex
 
 
 class InvalidTransition(RuntimeError):
@@ -256,7 +270,7 @@ class Mesh:
     def _new_task(self, spec: TaskSubmit, params: dict[str, Any]) -> Task:
         self._seq += 1
         t = Task(
-            id=uuid.uuid4().hex, seq=self._seq, task_type=spec.task_type,
+            id=new_task_id(), seq=self._seq, task_type=spec.task_type,
             priority=spec.priority, executor=executor_for(spec),
             req_raw=_enc.encode(spec.requirements), spec_raw=_enc.encode(spec),
             params_raw=_enc.encode(params), max_attempts=spec.max_attempts,
