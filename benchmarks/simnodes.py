@@ -2,9 +2,9 @@
 
 `python -m benchmarks.simnodes --url ws://127.0.0.1:8001 --nodes 1000`
 
-Each node speaks the real protocol through the same `websockets` client the compute
-client uses (same defaults: permessage-deflate, 20 s pings): `register` with 8 GPUs, then
-a `heartbeat` every `heartbeat_interval_s` the coordinator asks for (5 s by default),
+Each node speaks the real protocol through the `websockets` client that the compute
+client uses, configured as it is (no compression, 20 s pings): `register` with 8 GPUs,
+then a `heartbeat` every `heartbeat_interval_s` the coordinator asks for (5 s by default),
 the first one at a random point of the interval so they spread out. An `assign` is
 answered as the real client answers a `test` task: `task_accepted`, `task_started`, then
 a `task_result`. Progress goes to stdout as JSON lines: `{"event": "ready", ...}` once
@@ -247,9 +247,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight")
     p.add_argument(
         "--compression",
-        default="deflate",
+        default="none",
         choices=("deflate", "none"),
-        help="permessage-deflate, as gpu_client negotiates it (default), or none",
+        help="none, as gpu_client connects (default), or permessage-deflate to compare",
     )
     args = p.parse_args()
     raise_fd_limit()
