@@ -58,6 +58,20 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+def wait_for(
+    check: Callable[[], Any], timeout: float, what: str, interval: float = 0.1
+) -> Any:
+    """The blocking twin of `wait_until`, for tests that drive things from outside a loop."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
 @dataclass
 class LiveCoordinator:
     settings: Settings

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,6 +21,8 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
+
+from tests.conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "profiles/grafana/dashboards/gpumesh.json"
@@ -155,25 +156,6 @@ def test_dashboard_is_wired_to_the_provisioned_datasource() -> None:
 
 
 # --- against a live mesh and a real Prometheus -------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
 
 
 class TelemetryNode:

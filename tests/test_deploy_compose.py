@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = os.environ.get("GPUMESH_LOCAL_BASE", "gpumesh-base:bookworm")
@@ -72,25 +73,6 @@ def compose(
             f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
         )
     return done
-
-
-def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll `check` until truthy; fail naming `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.25)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def inspect(container: str) -> dict[str, Any]:
