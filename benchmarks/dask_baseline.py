@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -31,6 +32,11 @@ def _cluster() -> Any:
         silence_logs=logging.ERROR,
     )
     return cluster, Client(cluster)
+
+
+def pids(client: Any) -> list[int]:
+    """Dask's processes: this one (client, scheduler, nannies) and the two workers."""
+    return [os.getpid(), *client.run(os.getpid).values()]
 
 
 def roundtrip(n: int, warm: int) -> list[int]:

@@ -136,6 +136,25 @@ def start_client(name: str, port: int, log_dir: Path, **env: str) -> Proc:
     return spawn(f"client-{name}", [sys.executable, "-m", "gpu_client"], proc_env, log_dir)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) used by a set of processes between two readings."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.procs = [psutil.Process(pid) for pid in pids]
+        self.total = 0.0
+        self._mark = 0.0
+
+    def _now(self) -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in self.procs)
+
+    def __enter__(self) -> CpuMeter:
+        self._mark = self._now()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.total += self._now() - self._mark
+
+
 def wait_for(check: Any, timeout: float, what: str, procs: tuple[Proc, ...] = ()) -> Any:
     """Call `check` every 10 ms until it returns something truthy; fail at the deadline."""
     deadline = time.monotonic() + timeout

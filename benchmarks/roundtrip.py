@@ -56,20 +56,26 @@ def run(quick: bool = False) -> Result:
     theirs: list[int] = []
     cluster, client = dask_baseline._cluster()
     try:
+        dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
         with tempfile.TemporaryDirectory(prefix="bench-rt-") as tmp:
-            with procs.mesh(Path(tmp), clients=1) as (port, _, _):
+            with procs.mesh(Path(tmp), clients=1) as (port, coord, nodes):
+                our_cpu = procs.CpuMeter([coord.pid, *(p.pid for p in nodes)])
                 conn = HttpConn("127.0.0.1", port)
                 for _ in range(warm):
                     ours_once(conn)
                     dask_once(client)
                 for _ in range(rounds):
-                    ours += [ours_once(conn) for _ in range(n)]
-                    theirs += [dask_once(client) for _ in range(n)]
+                    with our_cpu:
+                        ours += [ours_once(conn) for _ in range(n)]
+                    with dask_cpu:
+                        theirs += [dask_once(client) for _ in range(n)]
                 conn.close()
     finally:
         client.close()
         cluster.close()
     mine, base = _row("gpumesh", ours), _row("dask", theirs)
+    mine["cpu_ms_per_task"] = round(1000 * our_cpu.total / len(ours), 2)
+    base["cpu_ms_per_task"] = round(1000 * dask_cpu.total / len(theirs), 2)
     mine["vs_dask_p50"] = ratio(mine["p50_ms"], base["p50_ms"])
     mine["vs_dask_p99"] = ratio(mine["p99_ms"], base["p99_ms"])
     goals = [
@@ -83,6 +89,8 @@ def run(quick: bool = False) -> Result:
         f"dask {dask_baseline.version()} LocalCluster(2 worker processes, 1 thread each)",
         "gpumesh: POST /tasks/submit + GET /tasks/{id}?wait=10 on one kept-alive connection; "
         "the task is durable (SQLite) before the POST is answered",
+        "cpu_ms_per_task: CPU of the system's processes per task (gpumesh: coordinator + "
+        "client; dask: workers + the process holding client, scheduler and nannies)",
     ]
     columns = [
         "system",
@@ -93,5 +101,6 @@ def run(quick: bool = False) -> Result:
         "max_ms",
         "vs_dask_p50",
         "vs_dask_p99",
+        "cpu_ms_per_task",
     ]
     return Result("roundtrip", [mine, base], columns, notes, goals)

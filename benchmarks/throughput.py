@@ -80,24 +80,35 @@ def run(quick: bool = False) -> Result:
     cluster, client = dask_baseline._cluster()
     try:
         client.gather(client.map(dask_baseline.noop, range(200), pure=False))  # warm-up
+        dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
         with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
             env = {"MESH_SLOTS": SLOTS}
-            with procs.mesh(Path(tmp), clients=2, client_env=env) as (port, _, _):
+            with procs.mesh(Path(tmp), clients=2, client_env=env) as (port, coord, nodes):
+                pids = [coord.pid, *(p.pid for p in nodes)]
+                single_cpu, batch_cpu = procs.CpuMeter(pids), procs.CpuMeter(pids)
                 asyncio.run(ours(port, 200, 1))  # warm-up
                 for r in range(rounds):
-                    single.append(asyncio.run(ours(port, n, 1)))
-                    batched.append(asyncio.run(ours(port, n, BATCH)))
+                    with single_cpu:
+                        single.append(asyncio.run(ours(port, n, 1)))
+                    with batch_cpu:
+                        batched.append(asyncio.run(ours(port, n, BATCH)))
                     t0 = time.perf_counter()
-                    client.gather(
-                        client.map(dask_baseline.noop, range(r * n, (r + 1) * n), pure=False)
-                    )
+                    with dask_cpu:
+                        client.gather(
+                            client.map(dask_baseline.noop, range(r * n, (r + 1) * n), pure=False)
+                        )
                     dask.append(n / (time.perf_counter() - t0))
     finally:
         client.close()
         cluster.close()
     base = statistics.median(dask)
     rows = []
-    for system, runs in (("gpumesh single POSTs", single), ("gpumesh batch POSTs", batched)):
+    cpu = {"single": single_cpu.total, "batch": batch_cpu.total, "dask": dask_cpu.total}
+    per_task = {k: round(1000 * v / (n * rounds), 2) for k, v in cpu.items()}
+    for system, runs, key in (
+        ("gpumesh single POSTs", single, "single"),
+        ("gpumesh batch POSTs", batched, "batch"),
+    ):
         rate = statistics.median(r["tasks_per_s"] for r in runs)
         rows.append(
             {
@@ -106,6 +117,7 @@ def run(quick: bool = False) -> Result:
                 "tasks_per_s": round(rate),
                 "acks_per_s": round(statistics.median(r["acks_per_s"] for r in runs)),
                 "vs_dask": round(rate / base, 2),
+                "cpu_ms_per_task": per_task[key],
                 "rounds": [round(r["tasks_per_s"]) for r in runs],
             }
         )
@@ -114,6 +126,7 @@ def run(quick: bool = False) -> Result:
             "system": "dask map+gather",
             "tasks": n,
             "tasks_per_s": round(base),
+            "cpu_ms_per_task": per_task["dask"],
             "rounds": [round(x) for x in dask],
         }
     )
@@ -125,7 +138,17 @@ def run(quick: bool = False) -> Result:
         f"{rounds} rounds, systems in turn; dask {dask_baseline.version()} LocalCluster(2 "
         "worker processes, 1 thread each)",
         "tasks_per_s: first POST to all completed; acks_per_s: first POST to the last answer",
+        "cpu_ms_per_task: CPU of the system's processes per task (gpumesh: coordinator + "
+        "clients; dask: workers + the process holding client, scheduler and nannies)",
     ]
     goals = [f"{verdict}: single POSTs {rows[0]['vs_dask']}x Dask's tasks/s (goal >= 4x)"]
-    columns = ["system", "tasks", "tasks_per_s", "acks_per_s", "vs_dask", "rounds"]
+    columns = [
+        "system",
+        "tasks",
+        "tasks_per_s",
+        "acks_per_s",
+        "vs_dask",
+        "cpu_ms_per_task",
+        "rounds",
+    ]
     return Result("throughput", rows, columns, notes, goals)
