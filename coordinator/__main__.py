@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -38,8 +39,13 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
+    # A long-lived server holds one object graph per task and node: collect the young
+    # generation less often and leave the old ones alone unless they grow a lot. With the
+    # defaults, full collections at 10,000 nodes or 1M queued tasks paused the loop for
+    # over a second (docs/benchmarks.md).
+    gc.set_threshold(50_000, 20, 100)
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -34,7 +35,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, what, reason)
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     templates = load_templates(settings.templates)  # a bad file stops the start, with why
 
     @contextlib.asynccontextmanager
@@ -53,6 +54,9 @@ def create_app(settings: Settings) -> Starlette:
         app.state.connections = connections
         app.state.templates = templates
         await mesh.start()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()  # what was loaded at start lives long: keep it out of every collection
         log.info("coordinator %s ready; data in %s", settings.name, settings.data_dir)
         try:
             yield

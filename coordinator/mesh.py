@@ -173,7 +173,16 @@ class Mesh:
         log.info(
             "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
         )
-        return self.store.write(update_of(t, prev, prev_attempt))
+        write = self.store.write(update_of(t, prev, prev_attempt))
+        if to in FINISHED and t.id in self._done:
+            # Long-polls hear of the end only once it is durable, like every other reply.
+            write.add_done_callback(lambda _: self._finished_durably(t.id))
+        return write
+
+    def _finished_durably(self, task_id: str) -> None:
+        done = self._done.pop(task_id, None)
+        if done is not None:
+            done.set()
 
     def _queued_assigned(self, t: Task, to: TaskState, *, node: Node,
                          gpus: tuple[int, ...]) -> None:
@@ -210,9 +219,6 @@ class Mesh:
             self.finished.popitem(last=False)
         self.finished_counts[to.value] += 1
         self.logs.finish(t.id)
-        done = self._done.pop(t.id, None)
-        if done is not None:
-            done.set()
         run_s = t.finished_at - t.started_at if t.started_at else None
         self.metrics.task_finished(t.task_type, to.value, run_s)
         self._wake.set()
@@ -505,8 +511,10 @@ class Mesh:
         node.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
             self._account_energy(node, msg.gpus)
+            reshaped = _gpus_reshaped(node.gpus, msg.gpus)
             _apply_heartbeat(node, msg)
-            self.index.update(node)
+            if reshaped:  # the index buckets by model and allocation, not by readings
+                self.index.update(node)
         elif isinstance(msg, TaskResult):
             self._on_result(node, link, msg)
         elif isinstance(msg, TaskStarted | TaskAccepted | TaskLog):
@@ -622,13 +630,25 @@ def _apply_heartbeat(node: Node, msg: Heartbeat) -> None:
         node.gpus = msg.gpus
     node.cpu_pct, node.memory_used_mb, node.load1 = msg.cpu_pct, msg.memory_used_mb, msg.load1
     gpus = msg.gpus
-    node.history.append({
-        "t": round(time.time(), 3),
-        "cpu_pct": msg.cpu_pct,
-        "gpu_util_pct": round(sum(g.utilization_pct for g in gpus) / len(gpus), 1) if gpus else 0,
-        "gpu_memory_used_mb": sum(g.memory_used_mb for g in gpus),
-        "power_w": round(sum(g.power_w or 0 for g in gpus), 1),
-    })
+    node.history.append((  # a tuple, not a dict: 10,000 nodes x 120 samples add up
+        time.time(),
+        msg.cpu_pct,
+        sum(g.utilization_pct for g in gpus) / len(gpus) if gpus else 0.0,
+        sum(g.memory_used_mb for g in gpus),
+        sum(g.power_w or 0 for g in gpus),
+    ))
+
+
+def _gpus_reshaped(old: list[GpuInfo], new: list[GpuInfo]) -> bool:
+    if not new:
+        return False  # a heartbeat without GPU readings leaves the last ones standing
+    if len(old) != len(new):
+        return True
+    return any(
+        a.index != b.index or a.name != b.name or a.memory_total_mb != b.memory_total_mb
+        or a.vendor != b.vendor
+        for a, b in zip(old, new, strict=True)
+    )
 
 
 def _kind(msg: ClientMsg) -> str:

@@ -118,7 +118,10 @@ class Node:
     connected_at: float = field(default_factory=time.time)
     completed: int = 0
     failed: int = 0
-    history: deque[dict[str, float]] = field(default_factory=lambda: deque(maxlen=120))
+    # (time, cpu %, mean GPU utilisation %, GPU memory used MB, GPU power W) per heartbeat
+    history: deque[tuple[float, float, float, int, float]] = field(
+        default_factory=lambda: deque(maxlen=120)
+    )
     energy_j: float = 0.0
     power_at: float = 0.0  # monotonic time of the last power sample
     grace: asyncio.TimerHandle | None = None

@@ -96,7 +96,11 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
             gpus=[
                 {**msgspec.to_builtins(g), "busy": g.index in node.gpu_tasks} for g in node.gpus
             ],
-            history=list(node.history),
+            history=[
+                {"t": round(t, 3), "cpu_pct": cpu, "gpu_util_pct": round(util, 1),
+                 "gpu_memory_used_mb": mem, "power_w": round(power, 1)}
+                for t, cpu, util, mem, power in node.history
+            ],
         )
     return view
 
