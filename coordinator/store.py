@@ -196,6 +196,10 @@ class Store:
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
+        # One turn of the loop before the first batch: what the writer's caller sets off
+        # in the same turn (a submission wakes the dispatcher, which assigns the task)
+        # joins this commit instead of waiting for the next one.
+        await asyncio.sleep(0)
         try:
             while self._pending:
                 batch, self._pending = self._pending, []

@@ -196,6 +196,11 @@ def default_detectors() -> list[GpuDetector]:
     return [NvmlDetector(), AmdDetector(), IntelDetector(), AppleDetector()]
 
 
+def reads_instantly(source: GpuSource) -> bool:
+    """True for sources that read from memory, so `read()` may run on the event loop."""
+    return isinstance(source, NoGpus | FakeGpus)
+
+
 def make_source(env: Mapping[str, str]) -> GpuSource:
     """The GPU source this node should use, from GPU_ENABLED and MESH_FAKE_GPUS.
 

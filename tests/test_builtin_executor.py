@@ -21,7 +21,8 @@ async def test_result_shape() -> None:
     outcome = await ex.run(make_assign(x=1), lambda: started.append(True), out.append)
     assert outcome.ok and outcome.exit_code == 0
     assert outcome.output == "test task ok on node node-a"
-    assert started == [True] and "test task ok" in "".join(out)
+    # An instant test task neither reports a start nor streams: its result says it all.
+    assert started == [] and out == []
     assert outcome.data["node"] == "node-a"
     assert outcome.data["hostname"] == socket.gethostname()
     assert [g["name"] for g in outcome.data["gpus"]] == ["A100", "A100"]
