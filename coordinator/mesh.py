@@ -105,38 +105,52 @@ class Mesh:
         self._seq = 0
         self._wake = asyncio.Event()
         self._done: dict[str, asyncio.Event] = {}
+        self.loaded = asyncio.Event()  # every stored task is back in memory
         self._loops: list[asyncio.Task[None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Reload unfinished work from the store, then start dispatching."""
+        """Reload work from the store and start dispatching.
+
+        Placed tasks (and their nodes) are back before the first request; queued tasks
+        stream in behind, best first, so the first dispatch after a restart does not
+        wait for a large backlog to load (`loaded` is set when it has)."""
         counts, self._seq = await self.store.counts()
         self.finished_counts.update(counts)
-        loaded = await self.store.load_unfinished()
+        active = await self.store.load_active()
         now = time.time()
-        for t in loaded:
+        for t in active:
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
-            if t.state in (Q, LOST):
-                if t.state is LOST:
-                    self._requeue_or_fail(t, "lost before the coordinator restarted")
-                else:
-                    self._enqueue(t)
+            if t.state is LOST:
+                self._requeue_or_fail(t, "lost before the coordinator restarted")
             elif t.node is not None:
                 node = self.nodes.get(t.node) or self._placeholder(t.node, now)
                 node.hold(t)
+                self.index.update(node)
         for node in self.nodes.values():
             self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
-        log.info(
-            "mesh started: %d unfinished tasks reloaded (%d queued), %d nodes awaited",
-            len(loaded), self.state_counts[Q], len(self.nodes),
-        )
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._liveness_loop(), name="liveness"),
+            asyncio.create_task(self._load_queued(len(active)), name="load-queued"),
         ]
         self._wake.set()
+
+    async def _load_queued(self, active: int) -> None:
+        queued = 0
+        async for t in self.store.iter_queued(self.settings.aging_s):
+            if t.id not in self.tasks:
+                self.tasks[t.id] = t
+                self.state_counts[Q] += 1
+                self._enqueue(t)
+                queued += 1
+        self.loaded.set()
+        log.info(
+            "mesh started: %d placed and %d queued tasks reloaded, %d nodes awaited",
+            active, queued, len(self.nodes),
+        )
 
     def _placeholder(self, name: str, now: float) -> Node:
         node = Node(name=name, status="disconnected", connected_at=now)
@@ -302,6 +316,8 @@ class Mesh:
         return tasks
 
     async def cancel(self, task_id: str, reason: str = "cancelled by user") -> Task:
+        if task_id not in self.tasks and not self.loaded.is_set():
+            await self.loaded.wait()  # it may be a queued task still loading
         t = self.tasks.get(task_id)
         if t is None:
             known = self.finished.get(task_id) or await self.store.get(task_id)
@@ -320,6 +336,11 @@ class Mesh:
         return t if t is not None else await self.store.get(task_id)
 
     async def wait_finished(self, task_id: str, wait_s: float) -> None:
+        if task_id not in self.tasks and not self.loaded.is_set():
+            try:
+                await asyncio.wait_for(self.loaded.wait(), wait_s)
+            except TimeoutError:
+                return
         if task_id not in self.tasks:
             return
         event = self._done.setdefault(task_id, asyncio.Event())

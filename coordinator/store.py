@@ -13,7 +13,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_open ON tasks(seq)
     WHERE state IN ('queued', 'assigned', 'running', 'lost');
+CREATE INDEX IF NOT EXISTS tasks_active ON tasks(seq)
+    WHERE state IN ('assigned', 'running', 'lost');
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at DESC)
     WHERE finished_at IS NOT NULL;
 """
@@ -252,31 +254,59 @@ class Store:
         return await asyncio.get_running_loop().run_in_executor(self._reader, fn, conn)
 
     async def load_unfinished(self) -> list[Task]:
+        return [*await self.load_active(), *[t async for t in self.iter_queued(aging_s=0)]]
+
+    async def load_active(self) -> list[Task]:
+        """Tasks that were placed on a node (assigned, running, or lost mid-requeue)."""
+
         def q(conn: sqlite3.Connection) -> list[Task]:
             rows = conn.execute(
                 f"SELECT {_COLUMNS} FROM tasks WHERE state IN "
-                "('queued', 'assigned', 'running', 'lost') ORDER BY seq"
+                "('assigned', 'running', 'lost') ORDER BY seq"
             )
             return [task_from_row(r) for r in rows]
 
         tasks: list[Task] = await self._read(q)
         return tasks
 
+    async def iter_queued(self, aging_s: float, chunk: int = 5000) -> AsyncIterator[Task]:
+        """Queued tasks best first (the Mesh's queue order), decoded off the loop in chunks."""
+        order = "submitted_at - priority * ?, seq" if aging_s > 0 else "-priority, seq, ?"
+        sql = f"SELECT {_COLUMNS} FROM tasks WHERE state = 'queued' ORDER BY {order}"
+        cursors: list[sqlite3.Cursor] = []
+
+        def fetch(conn: sqlite3.Connection) -> list[Task]:
+            if not cursors:
+                cursors.append(conn.execute(sql, (aging_s,)))
+            return [task_from_row(r) for r in cursors[0].fetchmany(chunk)]
+
+        while batch := await self._read(fetch):
+            for t in batch:
+                yield t
+
+    async def top_seq(self) -> int:
+        """The highest seq handed out: the newest row's (inserts come in seq order)."""
+
+        def q(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT seq FROM tasks ORDER BY rowid DESC LIMIT 1").fetchone()
+            return int(row[0]) if row else 0
+
+        top: int = await self._read(q)
+        return top
+
     async def counts(self) -> tuple[dict[str, int], int]:
         """Finished tasks by state, and the highest seq handed out so far."""
 
-        def q(conn: sqlite3.Connection) -> tuple[dict[str, int], int]:
+        def q(conn: sqlite3.Connection) -> dict[str, int]:
             finished = {s.value for s in FINISHED}
-            counts = {
+            return {
                 state: n
                 for state, n in conn.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")
                 if state in finished
             }
-            (top,) = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM tasks").fetchone()
-            return counts, int(top)
 
-        result: tuple[dict[str, int], int] = await self._read(q)
-        return result
+        counts: dict[str, int] = await self._read(q)
+        return counts, await self.top_seq()
 
     async def get(self, task_id: str) -> Task | None:
         def q(conn: sqlite3.Connection) -> Task | None:

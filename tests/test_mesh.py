@@ -232,6 +232,7 @@ async def test_priority_order_and_restart_reload(tmp_path: Path, mesh: Mesh) -> 
     await settle(mesh)
     mesh2 = Mesh(mesh.store, replace(mesh.settings, restart_grace_s=30))
     await mesh2.start()
+    await asyncio.wait_for(mesh2.loaded.wait(), 5)  # queued tasks stream in after start
     try:
         assert mesh2.tasks[crit].state is S.ASSIGNED and mesh2.nodes["a"].status == "disconnected"
         assert {mesh2.tasks[low].state, mesh2.tasks[norm].state} == {S.QUEUED}
