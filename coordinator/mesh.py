@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
-import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
+from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
 from coordinator.metrics import MeshMetrics
-from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
+from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState, new_task_id
+from coordinator.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
 from coordinator.placement import NoFit, PlacementIndex, place
 from coordinator.queue import ClassKey, TaskQueue
 from coordinator.settings import Settings
@@ -33,7 +33,6 @@ from shared.protocol import (
     Cancel,
     ClientMsg,
     Error,
-    GpuInfo,
     Heartbeat,
     Register,
     Registered,
@@ -51,19 +50,6 @@ DONE, FAIL, CANC, LOST = (
     TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST,
 )
 _enc = msgspec.json.Encoder()
-
-
-def new_task_id() -> str:
-    """A UUIDv7 (RFC 9562) in 32 hex digits: 74 random bits under a millisecond clock.
-
-    Unique and opaque like uuid4, but later ids sort later, so the store's primary-key
-    index grows at its end: with uuid4 every insert lands on a random page, and the
-    submit rate at 1M queued fell to half of the rate at 1k.
-    """
-    ms, rand = time.time_ns() // 1_000_000, secrets.randbits(74)
-    version, variant = 0x7 << 76, 0b10 << 62
-    value = ms << 80 | version | (rand >> 62) << 64 | variant | (rand & (1 << 62) - 1)
-    return uuid.UUID(int=value).hex
 
 
 class InvalidTransition(RuntimeError):
@@ -486,7 +472,7 @@ class Mesh:
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
-        _apply_register(node, msg)
+        apply_register(node, msg)
         node.status, node.link, node.epoch = "online", link, node.epoch + 1
         node.last_seen, node.connected_at = time.monotonic(), time.time()
         node.power_at = node.last_seen
@@ -531,9 +517,9 @@ class Mesh:
         node = self.nodes[name]
         node.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
-            self._account_energy(node, msg.gpus)
-            reshaped = _gpus_reshaped(node.gpus, msg.gpus)
-            _apply_heartbeat(node, msg)
+            account_energy(node, msg.gpus, self.tasks, 3 * self.settings.heartbeat_interval_s)
+            reshaped = gpus_reshaped(node.gpus, msg.gpus)
+            apply_heartbeat(node, msg)
             if reshaped:  # the index buckets by model and allocation, not by readings
                 self.index.update(node)
         elif isinstance(msg, TaskResult):
@@ -548,23 +534,6 @@ class Mesh:
                 self.logs.open(t.id).append(msg.data)
         elif isinstance(msg, Register):
             link.send(Error(reason="already registered on this connection", code="bad_message"))
-
-    def _account_energy(self, node: Node, gpus: list[GpuInfo]) -> None:
-        """Integrate power over time per node, and per task for the GPUs it holds."""
-        now = time.monotonic()
-        dt = min(now - node.power_at, 3 * self.settings.heartbeat_interval_s)
-        node.power_at = now
-        if dt <= 0:
-            return
-        for g in gpus:
-            if g.power_w is None:
-                continue
-            joules = g.power_w * dt
-            node.energy_j += joules
-            holders = node.gpu_tasks.get(g.index)
-            if holders:
-                for task_id in holders:
-                    self.tasks[task_id].energy_j += joules / len(holders)
 
     def _fenced(
         self, node: Node, link: Link, task_id: str, attempt: int, kind: str
@@ -607,69 +576,7 @@ class Mesh:
 
     def check_invariants(self) -> None:
         """Cross-checks of the registry, the queue and the tasks; raises on a broken one."""
-        held: Counter[str] = Counter()
-        for node in self.nodes.values():
-            for task_id in node.tasks:
-                t = self.tasks.get(task_id)
-                assert t is not None and t.state in ACTIVE, (node.name, task_id)
-                assert t.node == node.name, (task_id, t.node, node.name)
-                held[task_id] += 1
-            for index, holders in node.gpu_tasks.items():
-                assert holders, (node.name, index)
-                assert holders <= node.tasks, (node.name, index)
-            assert node.cpu_tasks <= node.tasks
-        for t in self.tasks.values():
-            assert t.state not in FINISHED and t.state is not LOST, (t.id, t.state)
-            if t.state in ACTIVE:
-                assert held[t.id] == 1, (t.id, held[t.id])
-        by_state = Counter(t.state for t in self.tasks.values())
-        for state in (Q, A, R):
-            assert by_state[state] == self.state_counts[state], (state, by_state[state])
-        assert sum(self.queued_by_band.values()) == by_state[Q]
-
-
-def _seed_gpus(msg: Register) -> list[GpuInfo]:
-    info = msg.node_info
-    if info is None:
-        return []
-    mb = int(info.gpu_memory * 1024)
-    return [GpuInfo(index=i, name=info.gpu_type, memory_total_mb=mb) for i in range(info.gpu_count)]
-
-
-def _apply_register(node: Node, msg: Register) -> None:
-    node.seed_form = msg.executors is None
-    node.gpus = msg.gpus or _seed_gpus(msg)
-    node.executors = frozenset(msg.executors or ())
-    node.hostname, node.role, node.version = msg.hostname, msg.role, msg.version
-    node.protocol, node.labels = msg.protocol, dict(msg.labels)
-    node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb
-    node.slots = msg.slots or msg.cpu_count or 1
-
-
-def _apply_heartbeat(node: Node, msg: Heartbeat) -> None:
-    if msg.gpus:
-        node.gpus = msg.gpus
-    node.cpu_pct, node.memory_used_mb, node.load1 = msg.cpu_pct, msg.memory_used_mb, msg.load1
-    gpus = msg.gpus
-    node.history.append((  # a tuple, not a dict: 10,000 nodes x 120 samples add up
-        time.time(),
-        msg.cpu_pct,
-        sum(g.utilization_pct for g in gpus) / len(gpus) if gpus else 0.0,
-        sum(g.memory_used_mb for g in gpus),
-        sum(g.power_w or 0 for g in gpus),
-    ))
-
-
-def _gpus_reshaped(old: list[GpuInfo], new: list[GpuInfo]) -> bool:
-    if not new:
-        return False  # a heartbeat without GPU readings leaves the last ones standing
-    if len(old) != len(new):
-        return True
-    return any(
-        a.index != b.index or a.name != b.name or a.memory_total_mb != b.memory_total_mb
-        or a.vendor != b.vendor
-        for a, b in zip(old, new, strict=True)
-    )
+        check_invariants(self)
 
 
 def _kind(msg: ClientMsg) -> str:

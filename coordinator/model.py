@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +30,19 @@ class TaskState(StrEnum):
 ACTIVE = frozenset({TaskState.ASSIGNED, TaskState.RUNNING})
 UNFINISHED = frozenset({TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.LOST})
 FINISHED = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+def new_task_id() -> str:
+    """A UUIDv7 (RFC 9562) in 32 hex digits: 74 random bits under a millisecond clock.
+
+    Unique and opaque like uuid4, but later ids sort later, so the store's primary-key
+    index grows at its end: with uuid4 every insert lands on a random page, and the
+    submit rate at 1M queued fell to half of the rate at 1k.
+    """
+    ms, rand = time.time_ns() // 1_000_000, secrets.randbits(74)
+    version, variant = 0x7 << 76, 0b10 << 62
+    value = ms << 80 | version | (rand >> 62) << 64 | variant | (rand & (1 << 62) - 1)
+    return uuid.UUID(int=value).hex
+
 
 _spec_decoder = msgspec.json.Decoder(TaskSubmit)
 _req_decoder = msgspec.json.Decoder(Requirements)
