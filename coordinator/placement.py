@@ -151,9 +151,20 @@ class NoFit:
     def reason(self) -> str:
         if not self.evaluated:
             return "no node has joined the mesh"
-        parts = [f"{n} {why}" for why, n in sorted(self.filtered.items(), key=lambda i: -i[1])]
+        parts = [
+            f"{n} {why if n > 1 else _singular(why)}"
+            for why, n in sorted(self.filtered.items(), key=lambda i: -i[1])
+        ]
         noun = "node" if self.evaluated == 1 else "nodes"
         return f"no node fits ({self.evaluated} {noun}: " + "; ".join(parts) + ")"
+
+
+_SINGULAR = {"have": "has", "are": "is", "do": "does", "lack": "lacks"}
+
+
+def _singular(why: str) -> str:
+    verb, _, rest = why.partition(" ")
+    return f"{_SINGULAR.get(verb, verb)} {rest}"
 
 
 # --- feasibility ---------------------------------------------------------------------------

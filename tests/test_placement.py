@@ -171,9 +171,9 @@ def test_ties_go_to_the_first_name_on_the_scan() -> None:
     ("req", "executor", "nodes", "needle"),
     [
         (Requirements(), "process", [], "no node has joined"),
-        (Requirements(), "process", [View("a", online=False)], "1 are offline"),
+        (Requirements(), "process", [View("a", online=False)], "1 is offline"),
         (Requirements(), "docker", [View("a", executors=frozenset({"process"}))],
-         "do not offer the docker executor"),
+         "1 does not offer the docker executor"),
         (Requirements(), "process", [View("a", free_slots=0)], "no free slot"),
         (Requirements(labels={"zone": "eu"}), "process", [View("a")], "labels"),
         (Requirements(gpu_count=1, memory_gb=16), "docker", [View("a")],
