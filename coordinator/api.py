@@ -44,27 +44,18 @@ def _mesh(request: Request) -> Mesh:
     return mesh
 
 
-def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPException(400, f"`{name}` must be an integer, got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise HTTPException(400, f"`{name}` must be between {lo} and {hi}, got {value}")
-    return value
-
-
-def _float_param(request: Request, name: str, lo: float, hi: float) -> float | None:
+def _param(
+    request: Request, name: str, cast: type[int] | type[float], lo: float, hi: float
+) -> float | None:
+    """A numeric query parameter in [lo, hi], or None when absent; 400 with the reason."""
     raw = request.query_params.get(name)
     if raw is None:
         return None
+    kind = "an integer" if cast is int else "a number"
     try:
-        value = float(raw)
+        value = cast(raw)
     except ValueError:
-        raise HTTPException(400, f"`{name}` must be a number, got {raw!r}") from None
+        raise HTTPException(400, f"`{name}` must be {kind}, got {raw!r}") from None
     if not lo <= value <= hi:
         raise HTTPException(400, f"`{name}` must be between {lo:g} and {hi:g}, got {value:g}")
     return value
@@ -149,8 +140,8 @@ async def active(request: Request) -> JSON:
 
 async def completed(request: Request) -> JSON:
     mesh = _mesh(request)
-    limit = _int_param(request, "limit", 100, 1, 1000)
-    offset = _int_param(request, "offset", 0, 0, 10**9)
+    limit = int(_param(request, "limit", int, 1, 1000) or 100)
+    offset = int(_param(request, "offset", int, 0, 10**9) or 0)
     page = await mesh.store.finished(limit, offset)
     total = sum(mesh.finished_counts.values())
     nxt = offset + len(page) if offset + len(page) < total and len(page) == limit else None
@@ -167,7 +158,7 @@ async def completed(request: Request) -> JSON:
 async def task(request: Request) -> JSON:
     mesh = _mesh(request)
     task_id = request.path_params["task_id"]
-    wait = _float_param(request, "wait", 0, mesh.settings.max_wait_s)
+    wait = _param(request, "wait", float, 0, mesh.settings.max_wait_s)
     if wait:
         await mesh.wait_finished(task_id, wait)
     t = await mesh.lookup(task_id)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import msgspec
 
 from shared.protocol import GpuInfo, Msg
-from shared.tasks import Requirements, TaskSubmit
+from shared.tasks import TaskSubmit
 
 
 class TaskState(StrEnum):
@@ -45,7 +45,6 @@ def new_task_id() -> str:
 
 
 _spec_decoder = msgspec.json.Decoder(TaskSubmit)
-_req_decoder = msgspec.json.Decoder(Requirements)
 
 
 @dataclass(slots=True, eq=False)
@@ -85,16 +84,8 @@ class Task:
     def class_key(self) -> tuple[str, bytes]:
         return (self.executor, self.req_raw)
 
-    @property
-    def uses_gpus(self) -> bool:
-        return bool(self.gpu_indices)
-
     def log_context(self, **more: Any) -> dict[str, Any]:
         return {"task": self.id, "attempt": self.attempt, "node": self.node, **more}
-
-
-def decode_requirements(raw: bytes) -> Requirements:
-    return _req_decoder.decode(raw)
 
 
 class Link(Protocol):

@@ -56,9 +56,5 @@ class TaskQueue:
             if entry is not None:
                 yield key, entry
 
-    def entries(self) -> int:
-        """Heap entries, dead ones included: for invariant checks and sizing."""
-        return sum(len(h) for h in self._classes.values())
-
     def __len__(self) -> int:
         return len(self._classes)

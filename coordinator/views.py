@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -111,7 +112,7 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
     return {
         "coordinator": mesh.settings.name,
         "status": "ok",
-        "uptime_s": round(_now() - mesh.started_at, 1),
+        "uptime_s": round(time.time() - mesh.started_at, 1),
         "total_nodes": len(mesh.nodes),
         "online_nodes": sum(1 for n in mesh.nodes.values() if n.online),
         "total_gpus": len(gpus),
@@ -143,8 +144,3 @@ def fairness(gpu_seconds: Mapping[str, float]) -> dict[str, Any]:
         "gpu_seconds_by_tenant": {k: round(v, 3) for k, v in sorted(gpu_seconds.items())},
     }
 
-
-def _now() -> float:
-    import time
-
-    return time.time()
