@@ -34,9 +34,14 @@ class CloseCode(IntEnum):
     SUPERSEDED = 4001  # the same node connected again; this older socket is closed
     PROTOCOL_UNSUPPORTED = 4002  # `register.protocol` is not spoken here: fatal
     NODE_LOST = 4003  # the node was silent past the heartbeat timeout; its tasks moved
+    NAME_TAKEN = 4004  # the node name belongs to another node's credential: fatal
+    SLOW_CONSUMER = 4005  # the node did not read its frames; its send queue filled up
+    TRY_AGAIN_LATER = 1013  # too many connections: reconnect with backoff
 
 
-FATAL_CLOSE_CODES = frozenset({CloseCode.POLICY_VIOLATION, CloseCode.PROTOCOL_UNSUPPORTED})
+FATAL_CLOSE_CODES = frozenset(
+    {CloseCode.POLICY_VIOLATION, CloseCode.PROTOCOL_UNSUPPORTED, CloseCode.NAME_TAKEN}
+)
 
 
 class GpuInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -54,6 +59,7 @@ class GpuInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     power_limit_w: float | None = None
     compute_capability: str = ""
     parent_index: int | None = None  # the physical card of a MIG instance
+    fault: str = ""  # a fault the driver reported (XID, uncorrectable ECC, off the bus): unusable
 
 
 class TaskRef(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -101,6 +107,8 @@ class Heartbeat(Msg, tag="heartbeat"):
     memory_used_mb: NonNegInt = 0
     load1: float = 0.0
     running: list[TaskRef] = []
+    executors: list[str] | None = None  # the executors usable now (re-probed); None: unchanged
+    health: str = ""  # why the node cannot run work now (work dir, disk); "" when healthy
 
 
 class TaskAccepted(Msg, tag="task_accepted"):
@@ -135,6 +143,7 @@ class TaskResult(Msg, tag="task_result"):
     status: Literal["completed", "failed"]
     result: TaskOutcome = msgspec.field(default_factory=TaskOutcome)
     error: str = ""
+    infra: bool = False  # the attempt ended because of the node, not the task: run it elsewhere
 
 
 ClientMsg = Register | Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
