@@ -18,8 +18,14 @@ class HttpError(RuntimeError):
     pass
 
 
+# The admin token benchmark coordinators start with (procs.start_coordinator sets
+# MESH_ADMIN_TOKEN to it); every request carries it, as a real API client's would.
+BENCH_TOKEN = "gm_benchmark-admin-token"
+
+
 def _request_bytes(method: str, path: str, body: bytes | None, host: str) -> bytes:
     head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    head += f"Authorization: Bearer {BENCH_TOKEN}\r\n"
     if body is not None:
         head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     return head.encode() + b"\r\n" + (body or b"")

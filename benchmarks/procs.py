@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.httpc import HttpConn
+from benchmarks.httpc import BENCH_TOKEN, HttpConn
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,6 +121,7 @@ def start_coordinator(
         "--log-level",
         log_level,
     ]
+    env = {"MESH_ADMIN_TOKEN": BENCH_TOKEN} | env
     return spawn(f"coordinator-{port}", argv, clean_env(**env), log_dir)
 
 

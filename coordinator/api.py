@@ -6,7 +6,8 @@ from msgspec ("Expected `int`, got `str` - at `$.priority`").
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -17,12 +18,16 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from coordinator.auth import principal_of
+from coordinator.authstore import AuditError
 from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
 from coordinator.store import StoreError
 from coordinator.templates import TemplateError, apply_template
 from coordinator.views import mesh_status, node_view, task_view
 from shared import __version__
 from shared.tasks import TASK_TYPES, split_submission
+
+log = logging.getLogger(__name__)
 
 MAX_BODY = 4 << 20
 MAX_BATCH = 10_000
@@ -59,6 +64,28 @@ def _param(
     if not lo <= value <= hi:
         raise HTTPException(400, f"`{name}` must be between {lo:g} and {hi:g}, got {value:g}")
     return value
+
+
+def listed_tenant(request: Request) -> str | None:
+    """Whose tasks this caller lists: its tenant's; an admin's all (None) or `?tenant=`."""
+    who = principal_of(request)
+    return request.query_params.get("tenant") if who.role == "admin" else who.tenant
+
+
+def visible(request: Request) -> Callable[[str], bool]:
+    only = listed_tenant(request)
+    return (lambda tenant: True) if only is None else (lambda tenant: tenant == only)
+
+
+async def audited(request: Request, action: str, task_ids: list[str]) -> None:
+    """An audit record for a change that is already committed; a failure here is logged."""
+    target = task_ids[0] if len(task_ids) == 1 else f"{len(task_ids)} tasks"
+    try:
+        await request.app.state.audit.record(
+            principal_of(request), action, target, {"task_ids": task_ids}
+        )
+    except AuditError:
+        log.exception("audit record for %s %s was not stored", action, target)
 
 
 async def index(request: Request) -> JSON:
@@ -122,10 +149,14 @@ async def submit(request: Request) -> JSON:
         except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
             return error(422, "invalid task", f"{where}{exc}")
+    who = principal_of(request)
+    if who.role != "admin":  # a tenant's token stamps its tenant; the body cannot choose
+        specs = [(msgspec.structs.replace(s, tenant=who.tenant), p) for s, p in specs]
     try:
         tasks = await _mesh(request).submit(specs)
     except StoreError as exc:
         return error(503, "not stored", str(exc))
+    await audited(request, "task.submit", [t.id for t in tasks])
     accepted = [{"task_id": t.id, "status": "queued"} for t in tasks]
     if batch:
         return JSON({"tasks": accepted, "count": len(accepted)})
@@ -134,7 +165,10 @@ async def submit(request: Request) -> JSON:
 
 async def active(request: Request) -> JSON:
     mesh = _mesh(request)
-    tasks = {t.id: task_view(t, mesh.queued_reason(t)) for t in mesh.tasks.values()}
+    see = visible(request)
+    tasks = {
+        t.id: task_view(t, mesh.queued_reason(t)) for t in mesh.tasks.values() if see(t.tenant)
+    }
     return JSON({"tasks": tasks, "count": len(tasks)})
 
 
@@ -142,9 +176,12 @@ async def completed(request: Request) -> JSON:
     mesh = _mesh(request)
     limit = int(_param(request, "limit", int, 1, 1000) or 100)
     offset = int(_param(request, "offset", int, 0, 10**9) or 0)
-    page = await mesh.store.finished(limit, offset)
-    total = sum(mesh.finished_counts.values())
-    nxt = offset + len(page) if offset + len(page) < total and len(page) == limit else None
+    tenant = listed_tenant(request)
+    page = await mesh.store.finished(limit + 1, offset, tenant)  # one more: is there a next?
+    nxt = offset + limit if len(page) > limit else None
+    page = page[:limit]
+    # per tenant there is no running count: `total` is null in a tenant's view
+    total = sum(mesh.finished_counts.values()) if tenant is None else None
     return JSON({
         "tasks": {t.id: task_view(t) for t in page},
         "count": len(page),
@@ -159,22 +196,29 @@ async def task(request: Request) -> JSON:
     mesh = _mesh(request)
     task_id = request.path_params["task_id"]
     wait = _param(request, "wait", float, 0, mesh.settings.max_wait_s)
-    if wait:
-        await mesh.wait_finished(task_id, wait)
     t = await mesh.lookup(task_id)
+    if t is not None and not principal_of(request).sees(t.tenant):
+        t = None  # another tenant's task is not there for this caller
     if t is None:
         return error(404, "unknown task", f"no task {task_id}")
+    if wait:
+        await mesh.wait_finished(task_id, wait)
+        t = await mesh.lookup(task_id) or t
     return JSON(task_view(t, mesh.queued_reason(t)))
 
 
 async def cancel(request: Request) -> JSON:
     task_id = request.path_params["task_id"]
+    known = await _mesh(request).lookup(task_id)
+    if known is not None and not principal_of(request).sees(known.tenant):
+        return error(404, "unknown task", f"no task {task_id}")
     try:
         t = await _mesh(request).cancel(task_id)
     except UnknownTask:
         return error(404, "unknown task", f"no task {task_id}")
     except AlreadyFinished as exc:
         return error(409, "already finished", str(exc))
+    await audited(request, "task.cancel", [t.id])
     return JSON(task_view(t))
 
 
@@ -182,7 +226,7 @@ async def logs(request: Request) -> Response:
     mesh = _mesh(request)
     task_id = request.path_params["task_id"]
     t = await mesh.lookup(task_id)
-    if t is None:
+    if t is None or not principal_of(request).sees(t.tenant):
         return error(404, "unknown task", f"no task {task_id}")
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
     unfinished = task_id in mesh.tasks

@@ -15,7 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import WebSocketRoute
 
+from coordinator.admin_api import admin_routes, open_auth
 from coordinator.api import error, routes
+from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.mesh import Mesh
 from coordinator.metrics import MeshMetrics
 from coordinator.settings import Settings
@@ -47,6 +49,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             on_commit=metrics.store_committed,
         )
         await store.open()
+        auth_store = await open_auth(app.state, settings)
         mesh = Mesh(store, settings, metrics)
         connections = Connections()
         metrics.watch(mesh, lambda: connections.open)
@@ -63,17 +66,24 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         finally:
             await mesh.stop()
             await store.close()
+            await auth_store.close()
 
-    return Starlette(
-        routes=[*routes, WebSocketRoute("/ws/{node_id}", node_socket)],
+    hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
+    app = Starlette(
+        routes=[*routes, *admin_routes, WebSocketRoute("/ws/{node_id}", node_socket)],
         middleware=[
-            Middleware(
+            Middleware(  # outermost: answers preflights, adds headers to every answer
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["*"],
-            )
+                allow_headers=["Authorization", "Content-Type"],
+            ),
+            Middleware(
+                AuthMiddleware, enabled=settings.auth != "off", origins=settings.cors_origins,
+                book=lambda: getattr(app.state, "tokens", None), hint=lambda: hint,
+            ),
         ],
         exception_handlers={HTTPException: _http_error},
         lifespan=lifespan,
     )
+    return app

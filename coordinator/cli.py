@@ -3,6 +3,12 @@
     gpumesh up                    coordinator on :8001 plus one local compute client
     gpumesh submit '{"task_type": "test"}' [--wait 60]
     gpumesh status
+    gpumesh token create --tenant T --role submit|read|admin [--name N]
+    gpumesh token list
+    gpumesh token revoke ID
+
+Every command but `up` sends the API token from MESH_API_TOKEN, else the admin token the
+coordinator wrote to <MESH_DATA_DIR or ./mesh-data>/admin.token; --url or MESH_URL says where.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -23,10 +30,27 @@ from typing import Any
 DEFAULT_URL = os.environ.get("MESH_URL", "http://127.0.0.1:8001")
 
 
+def token_file() -> Path:
+    return Path(os.environ.get("MESH_DATA_DIR") or "./mesh-data") / "admin.token"
+
+
+def api_token() -> str:
+    """MESH_API_TOKEN, else the admin token file; "" when neither is there."""
+    token = os.environ.get("MESH_API_TOKEN", "").strip()
+    if token:
+        return token
+    try:
+        return token_file().read_text().strip()
+    except OSError:
+        return ""
+
+
 def _request(method: str, url: str, body: bytes | None = None, timeout: float = 10) -> Any:
-    req = urllib.request.Request(
-        url, data=body, method=method, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    token = api_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.loads(resp.read())
@@ -56,6 +80,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         env=env,
     )
     url = f"http://127.0.0.1:{args.port}"
+    tokens = Path(args.data_dir) / "admin.token"
     if not _wait_healthy(url, coordinator, 30):
         print("gpumesh up: the coordinator did not become healthy", file=sys.stderr)
         coordinator.terminate()
@@ -70,8 +95,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(
         f"gpumesh is up: coordinator {url} (data in {args.data_dir}), "
         f"local client {client_env['NODE_NAME']!r}.\n"
-        f"  curl {url}/mesh/status\n"
-        f"  curl -X POST {url}/tasks/submit -d '{{\"task_type\": \"test\"}}'\n"
+        + (
+            "  API token: the MESH_ADMIN_TOKEN you set\n  TOKEN=$MESH_ADMIN_TOKEN\n"
+            if env.get("MESH_ADMIN_TOKEN") else
+            f"  API token (admin) in {tokens}\n  TOKEN=$(cat {tokens})\n"
+        )
+        + f"  curl -H \"Authorization: Bearer $TOKEN\" {url}/mesh/status\n"
+        f"  curl -X POST {url}/tasks/submit -H \"Authorization: Bearer $TOKEN\" "
+        f"-H 'Content-Type: application/json' -d '{{\"task_type\": \"test\"}}'\n"
         "Ctrl-C stops both.",
         flush=True,
     )
@@ -107,8 +138,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(_request("GET", f"{args.url}/mesh/status"), indent=2))
-    return 0
+    doc = _request("GET", f"{args.url}/mesh/status")
+    print(json.dumps(doc, indent=2))
+    return 1 if "error" in doc else 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    if args.action == "create":
+        body = {"tenant": args.tenant, "role": args.role, "name": args.name}
+        doc = _request("POST", f"{args.url}/admin/tokens", json.dumps(body).encode())
+    elif args.action == "list":
+        doc = _request("GET", f"{args.url}/admin/tokens")
+    else:
+        doc = _request("DELETE", f"{args.url}/admin/tokens/{urllib.parse.quote(args.id)}")
+    print(json.dumps(doc, indent=2))
+    return 1 if "error" in doc else 0
+
+
+def _token_parsers(sub: Any) -> None:
+    token = sub.add_parser("token", help="manage API tokens (admin)")
+    actions = token.add_subparsers(dest="action", required=True)
+    create = actions.add_parser("create", help="a new token; its secret is printed once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", choices=["admin", "submit", "read"], default="submit")
+    create.add_argument("--name", default="")
+    actions.add_parser("list", help="every token (no secrets)")
+    revoke = actions.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("id")
+    for p in actions.choices.values():
+        p.set_defaults(fn=cmd_token)
+        p.add_argument("--url", default=DEFAULT_URL)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -129,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     status = sub.add_parser("status", help="print /mesh/status")
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(fn=cmd_status)
+    _token_parsers(sub)
     args = p.parse_args(argv)
     sys.exit(args.fn(args))
 

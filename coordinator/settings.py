@@ -22,7 +22,10 @@ class Settings:
     reconnect_grace_s: float = 10.0  # a closed socket's tasks wait this long for the node
     restart_grace_s: float = 30.0  # after a coordinator restart, running tasks wait this long
     register_timeout_s: float = 10.0
-    cors_origins: tuple[str, ...] = ("*",)
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none
+    auth: str = "token"  # token | off (MESH_AUTH=off: anyone who can reach the port is admin)
+    admin_token: str = ""  # MESH_ADMIN_TOKEN; else one is generated into <data-dir>/admin.token
+    metrics_token_file: Path | None = None  # MESH_METRICS_TOKEN_FILE: a read token, mode 0644
     sqlite_synchronous: str = "NORMAL"  # WAL + NORMAL survives kill -9; FULL survives power loss
     finished_cache: int = 10_000
     log_bytes_per_task: int = 256 * 1024
@@ -45,11 +48,18 @@ class Settings:
             reconnect_grace_s=env_float(env, "MESH_RECONNECT_GRACE_S", d.reconnect_grace_s),
             restart_grace_s=env_float(env, "MESH_RESTART_GRACE_S", d.restart_grace_s),
             cors_origins=env_list(env, "MESH_CORS_ORIGINS", d.cors_origins),
+            auth=env_str(env, "MESH_AUTH", d.auth).lower(),
+            admin_token=env_str(env, "MESH_ADMIN_TOKEN", ""),
+            metrics_token_file=(
+                Path(env["MESH_METRICS_TOKEN_FILE"]) if env.get("MESH_METRICS_TOKEN_FILE") else None
+            ),
             sqlite_synchronous=env_str(env, "MESH_SQLITE_SYNC", d.sqlite_synchronous).upper(),
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
         )
+        if base.auth not in ("token", "off"):
+            raise ConfigError("MESH_AUTH", base.auth, "token | off")
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
         fields = {k: v for k, v in overrides.items() if v is not None}

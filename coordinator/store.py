@@ -316,12 +316,16 @@ class Store:
         task: Task | None = await self._read(q)
         return task
 
-    async def finished(self, limit: int, offset: int) -> list[Task]:
+    async def finished(self, limit: int, offset: int, tenant: str | None = None) -> list[Task]:
+        """Finished tasks, newest first; only `tenant`'s when given (an API caller's own)."""
+
         def q(conn: sqlite3.Connection) -> list[Task]:
+            where = "" if tenant is None else "AND tenant = ? "
+            args = (limit, offset) if tenant is None else (tenant, limit, offset)
             rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL "
+                f"SELECT {_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL {where}"
                 "ORDER BY finished_at DESC LIMIT ? OFFSET ?",
-                (limit, offset),
+                args,
             )
             return [task_from_row(r) for r in rows]
 

@@ -31,6 +31,19 @@ from shared.protocol import MAX_FRAME_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The admin token every spawned coordinator process starts with (`MESH_ADMIN_TOKEN`), and the
+# header to send it in; in-process coordinators write theirs to <data-dir>/admin.token.
+TEST_ADMIN_TOKEN = "gm_test-admin-token-for-spawned-coordinators"
+ADMIN_HEADERS = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
+def admin_token(settings: Settings) -> str:
+    """The admin token a coordinator with these settings accepts ("" with MESH_AUTH=off)."""
+    if settings.auth == "off":
+        return ""
+    return settings.admin_token or (settings.data_dir / "admin.token").read_text().strip()
+
+
 FAST = Settings(
     host="127.0.0.1",
     port=0,
@@ -159,7 +172,9 @@ class run_coordinator:
         if self.task.done():
             self.task.result()
         port = sock.getsockname()[1]
-        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        token = admin_token(self.settings)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30, headers=headers)
         self.live = LiveCoordinator(self.settings, self.server, port, http)
         return self.live
 
@@ -266,7 +281,7 @@ async def spawn_coordinator(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]
     def spawn(port: int, data_dir: Path, **env: str) -> Proc:
         proc_env = _base_env(
             MESH_HEARTBEAT_S="0.5", MESH_NODE_TIMEOUT_S="3", MESH_RECONNECT_GRACE_S="1.5",
-            MESH_RESTART_GRACE_S="5", **env,
+            MESH_RESTART_GRACE_S="5", **({"MESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN} | env),
         )
         argv = [
             sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(port),

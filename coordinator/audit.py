@@ -1,0 +1,52 @@
+"""The audit trail: who changed what, when. Durable (group-committed) and logged.
+
+One call for every state-changing action, from the HTTP routes and the node socket alike:
+
+    await app.state.audit.record(principal, "task.submit", task_id, {"n": 3})
+    await app.state.audit.record("node:gpu-01", "node.admit", "gpu-01", {"new": True})
+
+`principal` is a `Principal` (token id and tenant) or a string naming the actor ("node:NAME").
+Each record is also one structured log line on the `gpumesh.audit` logger.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from coordinator.auth import Principal
+from coordinator.authstore import AuditRow, AuthStore
+
+log = logging.getLogger("gpumesh.audit")
+
+MAX_PAGE = 1000
+MAX_TARGET = 512
+
+
+class Audit:
+    def __init__(self, store: AuthStore) -> None:
+        self.store = store
+
+    async def record(
+        self, principal: Principal | str, action: str, target: str,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Returns once the record is committed; raises `AuditError` if it could not be."""
+        if isinstance(principal, Principal):
+            actor, token_id, tenant = principal.actor, principal.token_id, principal.tenant
+        else:
+            actor, token_id, tenant = principal, "", ""
+        row = AuditRow(time.time(), actor, token_id, tenant, action, target[:MAX_TARGET],
+                       detail or {})
+        log.info(
+            "audit action=%s actor=%s tenant=%s target=%r", action, actor, tenant, row.target,
+            extra={"audit": {"action": action, "actor": actor, "token_id": token_id,
+                             "tenant": tenant, "target": row.target, "detail": row.detail}},
+        )
+        await self.store.record(row)
+
+    async def page(self, after: int, limit: int, tenant: str | None) -> dict[str, Any]:
+        rows = await self.store.audit_page(after, min(limit, MAX_PAGE), tenant)
+        nxt = rows[-1]["seq"] if len(rows) == limit else None
+        return {"records": rows, "count": len(rows), "next_after": nxt}

@@ -1,0 +1,217 @@
+"""API tokens and the audit trail in their own small SQLite file, `<data-dir>/auth.sqlite3`.
+
+Every statement runs on one dedicated thread with one connection, so nothing here blocks the
+event loop and writes apply in the order they were made. A token change returns only after it
+committed, so a created token works (and a revoked one stops working) no earlier than it is
+durable. Audit records are group-committed: every record made while a commit is in flight
+goes into the next transaction together, so each caller still waits for its own durability
+but a burst of submissions costs one fsync per batch, not one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    role TEXT NOT NULL,
+    name TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail BLOB NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRow:
+    id: str
+    hash: str
+    tenant: str
+    role: str
+    name: str
+    created_at: float
+    revoked_at: float | None
+
+    def view(self) -> dict[str, Any]:
+        """What `GET /admin/tokens` shows: never the hash, never the secret."""
+        return {
+            "id": self.id, "tenant": self.tenant, "role": self.role, "name": self.name,
+            "created_at": self.created_at, "revoked": self.revoked_at is not None,
+            "revoked_at": self.revoked_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    at: float
+    actor: str  # "token:<id>", "node:<name>", "anonymous" (MESH_AUTH=off) or "coordinator"
+    token_id: str
+    tenant: str
+    action: str
+    target: str
+    detail: dict[str, Any]
+
+
+class AuthStore:
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        self.path, self.synchronous = path, synchronous
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authstore")
+        self._conn: sqlite3.Connection | None = None
+        self._pending: list[tuple[AuditRow, asyncio.Future[None]]] = []
+        self._flushing: asyncio.Task[None] | None = None
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            assert self._conn is not None, "AuthStore is not open"
+            return fn(self._conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    async def open(self) -> None:
+        def connect() -> None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.executescript(SCHEMA)
+            self._conn = conn
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, connect)
+
+    async def close(self) -> None:
+        if self._flushing is not None:
+            await asyncio.shield(self._flushing)
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
+        self._pool.shutdown(wait=True)
+
+    # --- tokens ----------------------------------------------------------------------------
+
+    async def tokens(self) -> list[TokenRow]:
+        def q(conn: sqlite3.Connection) -> list[TokenRow]:
+            rows = conn.execute(
+                "SELECT id, hash, tenant, role, name, created_at, revoked_at FROM tokens "
+                "ORDER BY created_at"
+            )
+            return [TokenRow(*r) for r in rows]
+
+        return await self._run(q)
+
+    async def add_token(self, row: TokenRow) -> None:
+        def q(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (row.id, row.hash, row.tenant, row.role, row.name, row.created_at,
+                     row.revoked_at),
+                )
+
+        await self._run(q)
+
+    async def revoke(self, token_id: str) -> TokenRow | None:
+        """Marks the token revoked (committed before this returns); None if unknown."""
+
+        def q(conn: sqlite3.Connection) -> TokenRow | None:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "UPDATE tokens SET revoked_at=? WHERE id=? AND revoked_at IS NULL",
+                    (time.time(), token_id),
+                )
+                r = conn.execute(
+                    "SELECT id, hash, tenant, role, name, created_at, revoked_at FROM tokens "
+                    "WHERE id=?", (token_id,),
+                ).fetchone()
+            return None if r is None else TokenRow(*r)
+
+        return await self._run(q)
+
+    # --- audit -----------------------------------------------------------------------------
+
+    def record(self, row: AuditRow) -> asyncio.Future[None]:
+        """Queue an audit row; the future resolves once it is committed (group commit)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, fut))
+        if self._flushing is None:
+            self._flushing = asyncio.create_task(self._flush(), name="audit-flush")
+        return fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                rows = [
+                    (r.at, r.actor, r.token_id, r.tenant, r.action, r.target,
+                     orjson.dumps(r.detail))
+                    for r, _ in batch
+                ]
+
+                def q(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> None:
+                    with conn:
+                        conn.execute("BEGIN IMMEDIATE")
+                        conn.executemany(
+                            "INSERT INTO audit (at, actor, token_id, tenant, action, target, "
+                            "detail) VALUES (?, ?, ?, ?, ?, ?, ?)", rows,
+                        )
+
+                try:
+                    await self._run(q)
+                except (sqlite3.Error, orjson.JSONEncodeError) as exc:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(AuditError(str(exc)))
+                    continue
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+        finally:
+            self._flushing = None
+
+    async def audit_page(
+        self, after: int, limit: int, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Audit rows with seq > `after`, oldest first: page on with the last row's seq."""
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = ("SELECT seq, at, actor, token_id, tenant, action, target, detail FROM audit "
+                   "WHERE seq > ?")
+            args: list[Any] = [after]
+            if tenant is not None:
+                sql += " AND tenant = ?"
+                args.append(tenant)
+            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit))
+            keys = ("seq", "at", "actor", "token_id", "tenant", "action", "target")
+            return [dict(zip(keys, r[:7], strict=True)) | {"detail": orjson.loads(r[7])}
+                    for r in rows]
+
+        return await self._run(q)
+
+
+class AuditError(RuntimeError):
+    """An audit row could not be committed."""
