@@ -5,6 +5,12 @@ One writer thread owns one connection and applies writes in the order they were 
 while a commit is in flight goes into the next transaction together (group commit), so
 throughput holds under load while each caller still waits for its own durability.
 Reads use a second connection on a second thread; WAL lets them run beside the writer.
+
+A write that fails is never just logged. A guarded update that matches no row
+(`ShortWrite`), an engine error or a value that cannot be encoded fails the whole
+transaction it was in, every write queued behind it (they were made on memory that
+assumed it), and every later write until `reset()`: the store is *broken*, and
+`on_failure` tells the Mesh, which rebuilds itself from what is committed (crash-only).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ CREATE INDEX IF NOT EXISTS tasks_active ON tasks(seq)
     WHERE state IN ('assigned', 'running', 'lost');
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at DESC)
     WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_finished_key ON tasks(finished_at DESC, id DESC)
+    WHERE finished_at IS NOT NULL;
 """
 
 _COLUMNS = (
@@ -72,6 +80,21 @@ class StoreError(RuntimeError):
     pass
 
 
+class ShortWrite(StoreError):
+    """A guarded update matched no row: memory and the store disagree."""
+
+    def __init__(self, task_id: str, prev_state: str, prev_attempt: int, rows: int) -> None:
+        super().__init__(
+            f"guarded update of task {task_id} from {prev_state}/{prev_attempt} "
+            f"matched {rows} rows"
+        )
+        self.task_id, self.prev_state, self.prev_attempt = task_id, prev_state, prev_attempt
+
+
+class StoreBroken(StoreError):
+    """A write failed earlier; nothing more is written until the Mesh has rebuilt."""
+
+
 @dataclass(frozen=True, slots=True)
 class Insert:
     task: tuple[Any, ...]
@@ -87,7 +110,12 @@ class Update:
     prev_attempt: int
 
 
-Write = Insert | Update
+@dataclass(frozen=True, slots=True)
+class Barrier:
+    """Writes nothing: its future resolves once every write queued before it committed."""
+
+
+Write = Insert | Update | Barrier
 
 
 def insert_of(t: Task) -> Insert:
@@ -138,10 +166,13 @@ class Store:
         *,
         synchronous: str = "NORMAL",
         on_commit: Callable[[float, int], None] | None = None,
+        on_failure: Callable[[StoreError], None] | None = None,
     ) -> None:
         self.path = path
         self.synchronous = synchronous
         self._on_commit = on_commit
+        self.on_failure = on_failure  # the Mesh sets this: a failed write stops it
+        self.broken: StoreError | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
         self._wconn: sqlite3.Connection | None = None
@@ -187,14 +218,34 @@ class Store:
     # --- writes ------------------------------------------------------------------------
 
     def write(self, op: Write) -> asyncio.Future[None]:
-        """Queue a write; the future resolves once it is committed. Never blocks."""
+        """Queue a write; the future resolves once it is committed. Never blocks.
+
+        Once a write has failed the store is broken: every later write fails at once,
+        until `reset()`."""
         if self._closed:
             raise StoreError("store is closed")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.broken is not None:
+            fut.set_exception(StoreBroken(f"store is rebuilding after: {self.broken}"))
+            return fut
         self._pending.append((op, fut))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="store-flush")
         return fut
+
+    def barrier(self) -> asyncio.Future[None]:
+        """Resolves once every write made so far is committed (fails if one failed)."""
+        if not self._pending and self._flusher is None and self.broken is None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            fut.set_result(None)
+            return fut
+        return self.write(Barrier())
+
+    async def reset(self) -> None:
+        """Accept writes again, after the Mesh rebuilt its memory from the store."""
+        if self._flusher is not None:
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        self.broken = None
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -205,16 +256,13 @@ class Store:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                ops = [op for op, _ in batch]
+                ops = [op for op, _ in batch if not isinstance(op, Barrier)]
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._writer, self._commit, ops)
-                except (sqlite3.Error, StoreError) as exc:
-                    log.exception("store commit of %d writes failed", len(ops))
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(StoreError(f"store write failed: {exc}"))
-                    continue
+                except Exception as exc:  # engine, encoding or short write: all fatal
+                    self._fail(batch, exc)
+                    return
                 if self._on_commit is not None:
                     self._on_commit(time.perf_counter() - started, len(ops))
                 for _, fut in batch:
@@ -223,9 +271,23 @@ class Store:
         finally:
             self._flusher = None
 
+    def _fail(self, batch: list[tuple[Write, asyncio.Future[None]]], exc: Exception) -> None:
+        err = exc if isinstance(exc, StoreError) else StoreError(f"store write failed: {exc!r}")
+        log.critical("store commit of %d writes failed: %s", len(batch), err)
+        self.broken = err
+        doomed, self._pending = [*batch, *self._pending], []
+        for _, fut in doomed:
+            if not fut.done():
+                fut.set_exception(err)
+            fut.exception()  # retrieved: a failure is reported once, via on_failure
+        if self.on_failure is not None:
+            self.on_failure(err)
+
     def _commit(self, ops: list[Write]) -> None:
         conn = self._wconn
         assert conn is not None, "store not open"
+        if not ops:
+            return  # only barriers: everything before them has committed already
         conn.execute("BEGIN IMMEDIATE")
         try:
             for op in ops:
@@ -235,12 +297,8 @@ class Store:
                 cur = conn.execute(_UPDATE, (*op.values, op.task_id, op.prev_state,
                                              op.prev_attempt))
                 if cur.rowcount != 1:
-                    # The Mesh is the only writer, so this is a bug, not a race: say so loudly.
-                    log.error(
-                        "guarded update of task %s from %s/%d matched %d rows",
-                        op.task_id, op.prev_state, op.prev_attempt, cur.rowcount,
-                        extra={"task": op.task_id},
-                    )
+                    # Memory and the store disagree: nothing of this batch may commit.
+                    raise ShortWrite(op.task_id, op.prev_state, op.prev_attempt, cur.rowcount)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -326,6 +384,33 @@ class Store:
                 f"SELECT {_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL {where}"
                 "ORDER BY finished_at DESC LIMIT ? OFFSET ?",
                 args,
+            )
+            return [task_from_row(r) for r in rows]
+
+        tasks: list[Task] = await self._read(q)
+        return tasks
+
+    async def finished_page(
+        self, limit: int, after: tuple[float, str] | None = None, offset: int = 0,
+        tenant: str | None = None,
+    ) -> list[Task]:
+        """Finished tasks newest first, by key: those after `after` (finished_at, id), the
+        last row of the previous page. Index-backed (tasks_finished_key): a page costs the
+        same however deep it is. `offset` is for the seed's paging and is capped by the API."""
+
+        def q(conn: sqlite3.Connection) -> list[Task]:
+            where, args = ["finished_at IS NOT NULL"], []
+            if after is not None:
+                where.append("(finished_at, id) < (?, ?)")
+                args += [after[0], after[1]]
+            if tenant is not None:
+                where.append("tenant = ?")
+                args.append(tenant)
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_finished_key "
+                f"WHERE {' AND '.join(where)} ORDER BY finished_at DESC, id DESC "
+                "LIMIT ? OFFSET ?",
+                (*args, limit, offset),
             )
             return [task_from_row(r) for r in rows]
 
