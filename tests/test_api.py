@@ -58,7 +58,9 @@ async def test_submit_is_queued_with_reason_when_no_node_fits(
 async def test_bad_submissions_get_a_reason_and_change_nothing(
     coordinator: LiveCoordinator, body: bytes, status: int, needle: str
 ) -> None:
-    r = await coordinator.http.post("/tasks/submit", content=body)
+    r = await coordinator.http.post(
+        "/tasks/submit", content=body, headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == status, r.text
     doc = r.json()
     assert "error" in doc and needle in doc["error"] + doc["reason"]
@@ -128,13 +130,13 @@ async def test_completed_pages_newest_first(coordinator: LiveCoordinator) -> Non
     assert rest["total"] == 5
 
 
-async def test_cors_allows_browser_clients(coordinator: LiveCoordinator) -> None:
+async def test_cors_is_closed_by_default(coordinator: LiveCoordinator) -> None:
     r = await coordinator.http.options(
         "/tasks/submit",
         headers={"Origin": "http://example.org", "Access-Control-Request-Method": "POST"},
     )
-    assert r.status_code == 200
-    assert r.headers["access-control-allow-origin"] in ("*", "http://example.org")
+    assert r.status_code == 400  # MESH_CORS_ORIGINS lists none: no origin may call the API
+    assert "access-control-allow-origin" not in r.headers
 
 
 async def test_metrics_exposes_the_mesh(coordinator: LiveCoordinator) -> None:

@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import ADMIN_HEADERS, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "profiles/grafana/dashboards/gpumesh.json"
@@ -240,7 +240,7 @@ class TelemetryNode:
 
 
 class Prometheus:
-    def __init__(self, tmp: Path, target: str, port: int) -> None:
+    def __init__(self, tmp: Path, target: str, port: int, token_file: Path) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
         self.config = tmp / "prometheus.yml"
         self.config.write_text(
@@ -248,6 +248,7 @@ class Prometheus:
             f"rule_files:\n  - {ALERTS}\n"
             "scrape_configs:\n  - job_name: gpumesh-coordinator\n"
             f"    static_configs:\n      - targets: ['{target}']\n"
+            f"    authorization:\n      credentials_file: {token_file}\n"
         )
         self.log = tmp / "prometheus.log"
         self.argv = [
@@ -304,8 +305,12 @@ def test_every_panel_query_returns_data(
     spawn_client: Callable[..., Any],
 ) -> None:
     port = free_port()
-    coordinator = spawn_coordinator(port, tmp_path / "mesh-data")
-    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=40)
+    # a read token for Prometheus, written by the coordinator as in the monitoring profile
+    scrape_token = tmp_path / "metrics" / "token"
+    coordinator = spawn_coordinator(
+        port, tmp_path / "mesh-data", MESH_METRICS_TOKEN_FILE=str(scrape_token)
+    )
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=40, headers=ADMIN_HEADERS)
 
     def healthy() -> bool:
         if coordinator.popen.poll() is not None:
@@ -332,7 +337,7 @@ def test_every_panel_query_returns_data(
         wait_for(online("fake-a100"), 20, f"fake-a100 online; its log:\n{client.output()}")
         with (
             TelemetryNode(f"ws://127.0.0.1:{port}", "synthetic-h100") as node,
-            Prometheus(tmp_path / "prom", f"127.0.0.1:{port}", free_port()) as prom,
+            Prometheus(tmp_path / "prom", f"127.0.0.1:{port}", free_port(), scrape_token) as prom,
         ):
             wait_for(lambda: node.registered.is_set() or node.error, 10, "synthetic node")
             assert node.error is None, node.error

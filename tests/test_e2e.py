@@ -12,7 +12,14 @@ import psutil
 import pytest
 
 from coordinator.settings import Settings
-from tests.conftest import LiveCoordinator, Proc, free_port, run_coordinator, wait_until
+from tests.conftest import (
+    ADMIN_HEADERS,
+    LiveCoordinator,
+    Proc,
+    free_port,
+    run_coordinator,
+    wait_until,
+)
 
 Spawn = Callable[..., Proc]
 
@@ -148,7 +155,7 @@ async def test_kill9_coordinator_with_200_queued_all_complete_once(
     port, data = free_port(), tmp_path / "data"
     url = f"http://127.0.0.1:{port}"
     coord = spawn_coordinator(port, data)
-    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=30, headers=ADMIN_HEADERS) as http:
         await wait_until(lambda: _healthy(http), 20, "coordinator up")
         spawn_client("a", f"ws://127.0.0.1:{port}", MESH_SLOTS="2")
         body = [{"task_type": "test", "sleep_s": 0.05, "name": f"t{i}"} for i in range(200)]
