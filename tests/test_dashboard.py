@@ -22,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 
-from tests.conftest import ADMIN_HEADERS, free_port, wait_for
+from tests.conftest import ADMIN_HEADERS, TEST_JOIN_TOKEN, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "profiles/grafana/dashboards/gpumesh.json"
@@ -223,6 +223,7 @@ class TelemetryNode:
                             memory_mb=65_536,
                             executors=[],
                             running=[TaskRef(task_id="ghost-task", attempt=1)],
+                            token=TEST_JOIN_TOKEN,
                         )
                     ).decode()
                 )
