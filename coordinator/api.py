@@ -20,7 +20,18 @@ from starlette.routing import Route
 
 from coordinator.auth import principal_of
 from coordinator.authstore import AuditError
+from coordinator.edge import (
+    MAX_OFFSET,
+    BodyTooLarge,
+    decode_cursor,
+    encode_cursor,
+    frame_refusal,
+    item_refusal,
+    read_body,
+    stream_tasks,
+)
 from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
+from coordinator.model import Task, TaskState
 from coordinator.store import StoreError
 from coordinator.templates import TemplateError, apply_template
 from coordinator.views import mesh_status, node_view, task_view
@@ -128,9 +139,11 @@ async def node(request: Request) -> JSON:
 
 
 async def submit(request: Request) -> JSON:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return error(413, "body too large", f"at most {MAX_BODY} bytes")
+    limits = _mesh(request).settings
+    try:
+        body = await read_body(request, limits.max_body_bytes)
+    except BodyTooLarge as exc:
+        return error(413, "body too large", str(exc))
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -139,16 +152,24 @@ async def submit(request: Request) -> JSON:
     items = doc if batch else [doc]
     if not items or len(items) > MAX_BATCH:
         return error(400, "invalid task", f"send 1 to {MAX_BATCH} tasks")
-    specs = []
+    if (full := queue_full(_mesh(request), len(items))) is not None:
+        return full
+    specs = []  # every item is checked before anything changes: a batch is all or nothing
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             return error(422, "invalid task", f"item {i}: expected an object")
+        path = f"$[{i}]" if batch else "$"
+        if why := item_refusal(item, path):
+            return error(422, "invalid task", why)
         try:
             spec, params = split_submission(item)
-            specs.append(apply_template(spec, params, request.app.state.templates))
+            spec, params = apply_template(spec, params, request.app.state.templates)
         except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
             return error(422, "invalid task", f"{where}{exc}")
+        if why := frame_refusal(spec, params, path):
+            return error(413, "task too large", why)
+        specs.append((spec, params))
     who = principal_of(request)
     if who.role != "admin":  # a tenant's token stamps its tenant; the body cannot choose
         specs = [(msgspec.structs.replace(s, tenant=who.tenant), p) for s, p in specs]
@@ -163,22 +184,32 @@ async def submit(request: Request) -> JSON:
     return JSON(accepted[0])
 
 
-async def active(request: Request) -> JSON:
+async def active(request: Request) -> Response:
+    """Every unfinished task the caller may see, streamed in slices from a snapshot of
+    ids, so a 1,000,000-task backlog never holds the loop for long (coordinator/edge.py)."""
     mesh = _mesh(request)
     see = visible(request)
-    tasks = {
-        t.id: task_view(t, mesh.queued_reason(t)) for t in mesh.tasks.values() if see(t.tenant)
-    }
-    return JSON({"tasks": tasks, "count": len(tasks)})
+
+    def lookup(task_id: str) -> Task | None:
+        t = mesh.tasks.get(task_id)
+        return t if t is not None and see(t.tenant) else None
+
+    body = stream_tasks(list(mesh.tasks), lookup, lambda t: task_view(t, mesh.queued_reason(t)))
+    return StreamingResponse(body, media_type="application/json")
 
 
 async def completed(request: Request) -> JSON:
     mesh = _mesh(request)
     limit = int(_param(request, "limit", int, 1, 1000) or 100)
-    offset = int(_param(request, "offset", int, 0, 10**9) or 0)
+    offset = int(_param(request, "offset", int, 0, MAX_OFFSET) or 0)
+    cursor = request.query_params.get("cursor") or request.query_params.get("after")
+    after = decode_cursor(cursor) if cursor else None
+    if cursor and after is None:
+        return error(400, "bad request", "`cursor` is not one this server gave out (`next`)")
     tenant = listed_tenant(request)
-    page = await mesh.store.finished(limit + 1, offset, tenant)  # one more: is there a next?
-    nxt = offset + limit if len(page) > limit else None
+    page = await mesh.store.finished_page(limit + 1, after, offset, tenant)  # one more: next?
+    more = len(page) > limit
+    nxt = offset + limit if more and after is None else None
     page = page[:limit]
     # per tenant there is no running count: `total` is null in a tenant's view
     total = sum(mesh.finished_counts.values()) if tenant is None else None
@@ -189,6 +220,7 @@ async def completed(request: Request) -> JSON:
         "limit": limit,
         "offset": offset,
         "next_offset": nxt,
+        "next": encode_cursor(page[-1]) if more else None,  # pass as `?cursor=`
     })
 
 
@@ -230,6 +262,11 @@ async def logs(request: Request) -> Response:
         return error(404, "unknown task", f"no task {task_id}")
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
     unfinished = task_id in mesh.tasks
+    if follow and unfinished and mesh.logs.followers >= mesh.settings.max_log_followers:
+        cap = mesh.settings.max_log_followers
+        busy = error(429, "too many followers", f"{cap} follow already (MESH_MAX_LOG_FOLLOWERS)")
+        busy.headers["Retry-After"] = "5"
+        return busy
     buf = mesh.logs.open(task_id) if follow and unfinished else mesh.logs.get(task_id)
     if not follow or buf is None or buf.closed:
         text = buf.text() if buf is not None else (t.result or {}).get("output", "")
@@ -237,10 +274,20 @@ async def logs(request: Request) -> Response:
     timeout = mesh.settings.max_wait_s
 
     async def stream() -> AsyncIterator[bytes]:
-        async for chunk in buf.follow(timeout):
+        async for chunk in mesh.logs.follow(buf, timeout):  # counted against the cap
             yield chunk.encode()
 
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
+
+
+def queue_full(mesh: Mesh, adding: int) -> JSON | None:
+    """429 with Retry-After when `adding` more tasks would pass MESH_MAX_QUEUED."""
+    queued, cap = mesh.state_counts[TaskState.QUEUED], mesh.settings.max_queued
+    if queued + adding <= cap:
+        return None
+    resp = error(429, "queue full", f"{queued} tasks queued; the limit is {cap} (MESH_MAX_QUEUED)")
+    resp.headers["Retry-After"] = "5"
+    return resp
 
 
 async def metrics(request: Request) -> Response:

@@ -35,3 +35,19 @@ def check_invariants(mesh: Mesh) -> None:
     for state in (Q, A, R):
         assert by_state[state] == mesh.state_counts[state], (state, by_state[state])
     assert sum(mesh.queued_by_band.values()) == by_state[Q]
+    _check_queue(mesh)
+
+
+def _check_queue(mesh: Mesh) -> None:
+    """Every queued task has exactly one live entry, in its own class (ready or blocked),
+    and the queue's heaps and wake index agree. O(queue entries)."""
+    mesh.queue.check()
+    entries: Counter[str] = Counter()
+    for key, (_, _, task_id) in mesh.queue.entries():
+        t = mesh.tasks.get(task_id)
+        if t is not None and t.state is Q:
+            assert key == t.class_key, ("queued task in another class", task_id)
+            entries[task_id] += 1
+    for t in mesh.tasks.values():
+        if t.state is Q:
+            assert entries[t.id] == 1, ("queued task not in the queue once", t.id, entries[t.id])

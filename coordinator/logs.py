@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 
@@ -69,6 +70,17 @@ class TaskLogs:
         self.keep_finished = keep_finished
         self._buffers: OrderedDict[str, LogBuffer] = OrderedDict()
         self._finished = 0
+        self._followers: weakref.WeakSet[AsyncIterator[str]] = weakref.WeakSet()
+
+    @property
+    def followers(self) -> int:
+        """Live `follow` streams (one not yet started counts until it is dropped)."""
+        return len(self._followers)
+
+    def follow(self, buf: LogBuffer, idle_s: float) -> AsyncIterator[str]:
+        stream = buf.follow(idle_s)
+        self._followers.add(stream)  # weak: a finished or abandoned stream leaves by itself
+        return stream
 
     def get(self, task_id: str) -> LogBuffer | None:
         return self._buffers.get(task_id)

@@ -24,9 +24,10 @@ from coordinator.metrics import MeshMetrics
 from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState, new_task_id
 from coordinator.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
 from coordinator.placement import NoFit, PlacementIndex, place
-from coordinator.queue import ClassKey, TaskQueue
+from coordinator.queue import TaskQueue
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError, insert_of, update_of
+from coordinator.wake import class_wake_key, node_wake_keys, vram_freed
 from shared.protocol import (
     Ack,
     Assign,
@@ -50,6 +51,7 @@ DONE, FAIL, CANC, LOST = (
     TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED, TaskState.LOST,
 )
 _enc = msgspec.json.Encoder()
+PASS_BUDGET_S = 0.02  # the longest a dispatch pass holds the event loop
 
 
 class InvalidTransition(RuntimeError):
@@ -114,7 +116,7 @@ class Mesh:
             elif t.node is not None:
                 node = self.nodes.get(t.node) or self._placeholder(t.node, now)
                 node.hold(t)
-                self.index.update(node)
+                self._node_changed(node)
         for node in self.nodes.values():
             self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
         self._loops = [
@@ -141,7 +143,7 @@ class Mesh:
     def _placeholder(self, name: str, now: float) -> Node:
         node = Node(name=name, status="disconnected", connected_at=now)
         self.nodes[name] = node
-        self.index.update(node)
+        self._node_changed(node)
         return node
 
     async def stop(self) -> None:
@@ -208,7 +210,7 @@ class Mesh:
             t.result = {**result, "energy_j": round(t.energy_j, 3)}
         if node is not None and t.id in node.tasks:
             node.release(t)
-            self.index.update(node)
+            self._node_changed(node)
             if to is DONE:
                 node.completed += 1
             elif to is FAIL:
@@ -227,7 +229,7 @@ class Mesh:
         node = self.nodes.get(t.node) if t.node else None
         if node is not None:
             node.release(t)
-            self.index.update(node)
+            self._node_changed(node)
 
     def _lost_queued(self, t: Task, to: TaskState) -> None:
         t.node, t.gpu_indices, t.assigned_at, t.started_at = None, (), None, None
@@ -355,6 +357,8 @@ class Mesh:
     async def _dispatch_once(self) -> None:
         started = time.perf_counter()
         placed = self._dispatch_pass()
+        if self._wake.is_set():
+            await asyncio.sleep(0)  # a pass cut at its budget: let the loop breathe first
         if not placed:
             return
         results = await asyncio.shield(
@@ -368,32 +372,48 @@ class Mesh:
         self.metrics.dispatched(time.perf_counter() - started, len(placed))
 
     def _dispatch_pass(self) -> list[tuple[Task, asyncio.Future[None]]]:
-        """Place queued work until nothing more fits. Synchronous: no await inside."""
+        """Place queued work until nothing more fits. Synchronous: no await inside.
+
+        Each decision takes the ready class whose head comes first (O(log classes)). A
+        class whose head does not fit is parked with its NoFit and costs nothing more
+        until `_node_changed` wakes it: blocked classes are not retried pass after pass.
+        A pass stops after `PASS_BUDGET_S` of decisions (many new classes, a big batch)
+        and asks for another, so the loop never stalls behind it."""
         placed: list[tuple[Task, asyncio.Future[None]]] = []
-        blocked: set[ClassKey] = set()
-        while True:
-            best: tuple[ClassKey, tuple[float, int, str]] | None = None
-            for key, entry in self.queue.heads():
-                if key not in blocked and (best is None or entry < best[1]):
-                    best = (key, entry)
-            if best is None:
-                return placed
-            key, (_, _, task_id) = best
+        deadline = time.perf_counter() + PASS_BUDGET_S
+        while (found := self.queue.next()) is not None:
+            if time.perf_counter() > deadline:
+                self._wake.set()
+                break
+            key, (_, _, task_id) = found
             t = self.tasks[task_id]
             decision = place(
                 t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing
             )
-            if isinstance(decision, NoFit):
-                blocked.add(key)
-                self.queue.reasons[key] = decision  # its reason is worked out when read
+            if isinstance(decision, NoFit):  # its reason is worked out when read
+                self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
                 continue
-            self.queue.reasons.pop(key, None)
             self.queue.pop(key)
             node = self.nodes[decision.node]
             write = self._transition(
                 t, A, cause=f"placed on {node.name}", node=node, gpus=decision.gpu_indices
             )
             placed.append((t, write))
+        return placed
+
+    def _node_changed(self, node: Node) -> None:
+        """Call after any change to a node (allocation, status, GPUs, executors, labels,
+        policy, quarantine): refreshes placement's index and wakes the blocked classes
+        that capacity on this node could fit. A change that only takes capacity away
+        (an assignment) may call `self.index.update` alone."""
+        self.index.update(node)
+        self._wake_blocked(node)
+
+    def _wake_blocked(self, node: Node, gpus_only: bool = False) -> None:
+        if node.online and self.queue.blocked and self.queue.wake(
+            node_wake_keys(node, gpus_only=gpus_only)
+        ):
+            self._wake.set()
 
     def _send_assign(self, t: Task) -> None:
         if t.state is not A or t.node is None:
@@ -429,7 +449,7 @@ class Mesh:
     def node_gone(self, node: Node, cause: str) -> None:
         node.status = "lost"
         node.link = None
-        self.index.update(node)
+        self._node_changed(node)
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
@@ -489,7 +509,7 @@ class Mesh:
         kept = {ref.task_id for ref in keep}
         for task_id in sorted(node.tasks - kept, key=lambda i: self.tasks[i].seq):
             self._requeue_or_fail(self.tasks[task_id], f"node {name} re-registered without it")
-        self.index.update(node)
+        self._node_changed(node)
         log.info(
             "node %s registered: %d GPUs, executors %s, kept %d, stopped %d",
             name, len(node.gpus), sorted(node.executors), len(keep), len(stop),
@@ -508,7 +528,7 @@ class Mesh:
         node.link = None
         if node.status == "online":
             node.status = "disconnected"
-            self.index.update(node)
+            self._node_changed(node)
             log.info("node %s disconnected (%s)", name, why, extra={"node": name})
             self._start_grace(node, self.settings.reconnect_grace_s, "disconnected")
 
@@ -519,9 +539,12 @@ class Mesh:
         if isinstance(msg, Heartbeat):
             account_energy(node, msg.gpus, self.tasks, 3 * self.settings.heartbeat_interval_s)
             reshaped = gpus_reshaped(node.gpus, msg.gpus)
+            freed = not reshaped and bool(msg.gpus) and vram_freed(node.gpus, msg.gpus)
             apply_heartbeat(node, msg)
             if reshaped:  # the index buckets by model and allocation, not by readings
-                self.index.update(node)
+                self._node_changed(node)
+            elif freed:  # more free VRAM may fit a class blocked on memory
+                self._wake_blocked(node, gpus_only=True)
         elif isinstance(msg, TaskResult):
             self._on_result(node, link, msg)
         elif isinstance(msg, TaskStarted | TaskAccepted | TaskLog):

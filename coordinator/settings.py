@@ -33,6 +33,14 @@ class Settings:
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
     templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
+    # Limits (README "Limits"): each refusal names the limit it hit.
+    max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
+    max_queued: int = 2_000_000  # queued tasks; a submission over it gets 429 + Retry-After
+    max_connections: int = 20_000  # node WebSockets; more are closed with 1013
+    max_log_followers: int = 1000  # concurrent `logs?follow`; more get 429
+    ws_queue_frames: int = 10_000  # frames queued to one node; a peer that does not read
+    ws_queue_bytes: int = 64 << 20  # ... past either bound is closed with 4005
+    forget_node_s: float = 3600.0  # an offline node holding no tasks is forgotten after this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -57,6 +65,13 @@ class Settings:
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
+            max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
+            max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
+            max_connections=env_int(env, "MESH_MAX_CONNECTIONS", d.max_connections),
+            max_log_followers=env_int(env, "MESH_MAX_LOG_FOLLOWERS", d.max_log_followers),
+            ws_queue_frames=env_int(env, "MESH_WS_QUEUE_FRAMES", d.ws_queue_frames),
+            ws_queue_bytes=env_int(env, "MESH_WS_QUEUE_BYTES", d.ws_queue_bytes),
+            forget_node_s=env_float(env, "MESH_FORGET_NODE_S", d.forget_node_s),
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")

@@ -62,6 +62,8 @@ CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at DESC)
     WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_finished_key ON tasks(finished_at DESC, id DESC)
     WHERE finished_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_finished_key ON tasks(finished_at DESC, id DESC)
+    WHERE finished_at IS NOT NULL;
 """
 
 _COLUMNS = (
@@ -384,6 +386,33 @@ class Store:
                 f"SELECT {_COLUMNS} FROM tasks WHERE finished_at IS NOT NULL {where}"
                 "ORDER BY finished_at DESC LIMIT ? OFFSET ?",
                 args,
+            )
+            return [task_from_row(r) for r in rows]
+
+        tasks: list[Task] = await self._read(q)
+        return tasks
+
+    async def finished_page(
+        self, limit: int, after: tuple[float, str] | None = None, offset: int = 0,
+        tenant: str | None = None,
+    ) -> list[Task]:
+        """Finished tasks newest first, by key: those after `after` (finished_at, id), the
+        last row of the previous page. Index-backed (tasks_finished_key): a page costs the
+        same however deep it is. `offset` is for the seed's paging and is capped by the API."""
+
+        def q(conn: sqlite3.Connection) -> list[Task]:
+            where, args = ["finished_at IS NOT NULL"], []
+            if after is not None:
+                where.append("(finished_at, id) < (?, ?)")
+                args += [after[0], after[1]]
+            if tenant is not None:
+                where.append("tenant = ?")
+                args.append(tenant)
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_finished_key "
+                f"WHERE {' AND '.join(where)} ORDER BY finished_at DESC, id DESC "
+                "LIMIT ? OFFSET ?",
+                (*args, limit, offset),
             )
             return [task_from_row(r) for r in rows]
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 import secrets
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.mesh import Mesh
+from shared.limits import MAX_NAME, Throttled, message_refusal
 from shared.protocol import (
     SUPPORTED_PROTOCOLS,
     BadMessage,
@@ -37,36 +39,95 @@ class _Close:
 
 
 class WsLink:
-    """A node's outgoing side: `send` enqueues, one writer task drains in order."""
+    """A node's outgoing side: `send` enqueues, one writer task drains in order.
 
-    def __init__(self, ws: WebSocket, node: str) -> None:
+    The queue is bounded in frames and bytes (MESH_WS_QUEUE_FRAMES / _BYTES). A peer that
+    does not read fills it: its queued frames are dropped, it is closed with 4005
+    SLOW_CONSUMER (logged once), and if even the close cannot be written within
+    CLOSE_TIMEOUT_S the TCP connection is aborted, so a stuck peer holds no memory."""
+
+    CLOSE_TIMEOUT_S = 10.0
+
+    def __init__(
+        self, ws: WebSocket, node: str, max_frames: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        settings = ws.app.state.mesh.settings
         self.ws, self.node = ws, node
-        self._out: asyncio.Queue[bytes | _Close] = asyncio.Queue()
+        self.max_frames = max_frames or settings.ws_queue_frames
+        self.max_bytes = max_bytes or settings.ws_queue_bytes
+        self._out: deque[bytes | _Close] = deque()
+        self._ready = asyncio.Event()
+        self.queued_bytes = 0
         self.closing = False
+        self.slow = False
 
     def send(self, msg: Msg) -> None:
-        if not self.closing:
-            self._out.put_nowait(encode(msg))
+        if self.closing:
+            return
+        frame = encode(msg)
+        if len(self._out) >= self.max_frames or self.queued_bytes + len(frame) > self.max_bytes:
+            self._slow_consumer()
+            return
+        self._out.append(frame)
+        self.queued_bytes += len(frame)
+        self._ready.set()
 
     def close(self, code: int, reason: str) -> None:
         if not self.closing:
             self.closing = True
-            self._out.put_nowait(_Close(code, reason))
+            self._out.append(_Close(code, reason))
+            self._ready.set()
+
+    def _slow_consumer(self) -> None:
+        frames, size = len(self._out), self.queued_bytes
+        self._out.clear()
+        self.queued_bytes = 0
+        self.slow = True
+        log.warning(
+            "node %s does not read: %d frames (%d bytes) queued; closing with %d",
+            self.node, frames, size, CloseCode.SLOW_CONSUMER, extra={"node": self.node},
+        )
+        conns: Connections | None = getattr(self.ws.app.state, "connections", None)
+        if conns is not None:
+            conns.slow_consumers += 1
+        self.close(CloseCode.SLOW_CONSUMER, f"slow consumer: more than {frames} frames or "
+                   f"{self.max_bytes} bytes waiting to be read")
+        asyncio.get_running_loop().call_later(self.CLOSE_TIMEOUT_S, _abort, self.ws)
 
     async def writer(self) -> None:
         while True:
-            item = await self._out.get()
+            while not self._out:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._out.popleft()
             if isinstance(item, _Close):
                 await self.ws.close(item.code, item.reason)
                 return
+            self.queued_bytes -= len(item)
             await self.ws.send_text(item.decode())
 
 
+def _abort(ws: WebSocket) -> None:
+    """Drop a connection whose peer does not read even the close frame. ASGI offers no
+    abort, so this reaches uvicorn's protocol object through the `send` it gave us."""
+    transport = getattr(getattr(ws._send, "__self__", None), "transport", None)
+    if transport is not None and not transport.is_closing():
+        log.warning("aborting %r: the peer did not read its close frame", ws.url.path)
+        transport.abort()
+    elif transport is not None:
+        transport.abort()  # closing, but its buffer may never drain: let it go now
+
+
 class Connections:
-    """Counts open sockets for /metrics; holds no node state."""
+    """Counts open sockets for /metrics and the MESH_MAX_CONNECTIONS cap; no node state."""
 
     def __init__(self) -> None:
         self.open = 0
+        self.refused = 0  # over the cap: closed with 1013
+        self.slow_consumers = 0  # closed with 4005
+        # Repeated refusals (bad frames, oversize fields) are logged once per interval per node.
+        self.refusals = Throttled(log)
 
 
 async def _receive(ws: WebSocket) -> str | bytes | None:
@@ -89,6 +150,14 @@ async def node_socket(ws: WebSocket) -> None:
     conns: Connections = ws.app.state.connections
     name = ws.path_params["node_id"]
     await ws.accept()
+    if conns.open >= mesh.settings.max_connections:
+        conns.refused += 1
+        conns.refusals.warning(
+            "-connections", "refused a node connection: %d open (MESH_MAX_CONNECTIONS)",
+            conns.open,
+        )
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections; retry later")
+        return
     conns.open += 1
     try:
         await _serve(ws, mesh, name)
@@ -142,10 +211,7 @@ async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
         if raw is None:
             return "peer closed"
         msg = decode_client(raw)
-        if isinstance(msg, BadMessage):
-            mesh.metrics.bad_messages.inc()
-            log.warning("bad message from %s: %s", name, msg.reason, extra={"node": name})
-            link.send(Error(reason=msg.reason, code="bad_message"))
+        if _refused(ws, mesh, name, link, msg):
             continue
         try:
             mesh.handle(name, link, msg)
@@ -153,3 +219,27 @@ async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
             log.exception("handling %s from %s failed", type(msg).__name__, name)
             link.send(Error(reason="internal error handling this message", code="internal"))
     return "closed by coordinator"
+
+
+def _refused(
+    ws: WebSocket, mesh: Mesh, name: str, link: WsLink, msg: Msg | BadMessage
+) -> bool:
+    """Refuse a frame that does not decode, or holds what the store cannot keep: an `error`
+    frame naming the field and the limit, nothing changes, the connection lives on. The
+    log line is throttled per node (`Connections.refusals`)."""
+    if isinstance(msg, BadMessage):
+        why, code, task_id, attempt = msg.reason, "bad_message", None, None
+    elif why := message_refusal(msg):
+        code, task_id, attempt = "too_large", _task_id(msg), getattr(msg, "attempt", None)
+    else:
+        return False
+    mesh.metrics.bad_messages.inc()
+    conns: Connections = ws.app.state.connections
+    conns.refusals.warning(name, "refused a frame from %s: %s", name, why, extra={"node": name})
+    link.send(Error(reason=why, code=code, task_id=task_id, attempt=attempt))
+    return True
+
+
+def _task_id(msg: Msg) -> str | None:
+    task_id = getattr(msg, "task_id", None)
+    return task_id if isinstance(task_id, str) and len(task_id) <= MAX_NAME else None

@@ -1,0 +1,212 @@
+"""What the store and the peers can hold, checked at the edge before any state changes.
+
+One walk over a decoded JSON value (`refusal`) refuses what would fail later, far from its
+cause: integers outside the signed 64-bit range (orjson raises "Integer exceeds 64-bit
+range" beyond [-2**63, 2**64-1] and SQLite/PostgreSQL hold signed 64-bit; msgspec encodes
+any int, so the narrower bound is the one that agrees everywhere), nesting deeper than
+MAX_DEPTH (orjson gives up at 255 levels with "Recursion limit reached", msgspec's decoder
+near 1000), strings longer than a limit, and values whose encoded size would be too large.
+A refusal is a sentence that names the field path and the limit:
+``$.params.x: nesting deeper than 32``.
+
+`message_refusal` applies it to every client-message field the coordinator keeps, with the
+tighter bound for names (ids, hostnames, labels, GPU names): what a node can make us store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from shared.protocol import MAX_FRAME_BYTES, Heartbeat, Msg, Register, TaskLog, TaskResult
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+MAX_DEPTH = 32  # containers inside containers, the top-level value counting as 1
+MAX_STRING = MAX_FRAME_BYTES  # characters in any string: more can never reach a node
+MAX_BYTES = MAX_FRAME_BYTES  # an estimate of the encoded size of one value
+MAX_NAME = 256  # characters in a name: task ids, node names, hostnames, labels, GPU names
+MAX_LABELS = 64  # entries in a label map
+MAX_GPUS = 1024  # GPUs in one register or heartbeat
+MAX_REFS = 10_000  # task references in one register or heartbeat
+
+
+def refusal(
+    value: Any,
+    path: str = "$",
+    *,
+    max_depth: int = MAX_DEPTH,
+    max_string: int = MAX_STRING,
+    max_bytes: int = MAX_BYTES,
+) -> str | None:
+    """Why `value` (decoded JSON: dict, list, str, int, float, bool, None) cannot be kept,
+    or None when it can. Iterative, so a hostile depth cannot exhaust the Python stack."""
+    size = 0
+    stack: list[tuple[Any, str, int]] = [(value, path, 1)]
+    while stack:
+        v, where, depth = stack.pop()
+        if isinstance(v, str):
+            if len(v) > max_string:
+                return f"{where}: string longer than {max_string} characters"
+            size += len(v) + 2
+        elif isinstance(v, bool) or v is None:
+            size += 5
+        elif isinstance(v, int):
+            if not INT_MIN <= v <= INT_MAX:
+                return f"{where}: integer outside the signed 64-bit range [-2**63, 2**63-1]"
+            size += 20
+        elif isinstance(v, float):
+            size += 24
+        elif isinstance(v, dict | list):
+            if depth > max_depth:
+                return f"{where}: nesting deeper than {max_depth}"
+            size += 2
+            if isinstance(v, dict):
+                for k, item in v.items():
+                    key = str(k)
+                    if len(key) > max_string:
+                        return f"{where}: key longer than {max_string} characters"
+                    size += len(key) + 4
+                    stack.append((item, _child(where, key), depth + 1))
+            else:
+                for i, item in enumerate(v):
+                    size += 1
+                    stack.append((item, f"{where}[{i}]", depth + 1))
+        else:
+            return f"{where}: {type(v).__name__} is not a JSON value"
+        if size > max_bytes:
+            return f"{where}: value larger than {max_bytes} bytes"
+    return None
+
+
+def _child(where: str, key: str) -> str:
+    if key.isidentifier():
+        return f"{where}.{key}"
+    return f"{where}[{key[:40]!r}]"
+
+
+def name_refusal(value: str, where: str, limit: int = MAX_NAME) -> str | None:
+    return f"{where}: longer than {limit} characters" if len(value) > limit else None
+
+
+def labels_refusal(labels: dict[str, str], where: str) -> str | None:
+    if len(labels) > MAX_LABELS:
+        return f"{where}: more than {MAX_LABELS} labels"
+    for k, v in labels.items():
+        why = name_refusal(k, f"{where} key") or name_refusal(v, _child(where, k))
+        if why:
+            return why
+    return None
+
+
+def message_refusal(msg: Msg) -> str | None:
+    """Why a decoded client message cannot be kept, naming the field and the limit."""
+    task_id = getattr(msg, "task_id", None)
+    if isinstance(task_id, str) and (why := name_refusal(task_id, "$.task_id")):
+        return why
+    if isinstance(msg, TaskResult):
+        return (
+            refusal(msgspec.to_builtins(msg.result), "$.result")
+            or refusal(msg.error, "$.error")
+        )
+    if isinstance(msg, TaskLog):
+        return name_refusal(msg.stream, "$.stream") or refusal(msg.data, "$.data")
+    if isinstance(msg, Register):
+        return _register_refusal(msg)
+    if isinstance(msg, Heartbeat):
+        return (
+            _gpus_refusal(msg.gpus)
+            or _refs_refusal(msg.running)
+            or _names_refusal(msg.executors, "$.executors")
+            or name_refusal(msg.health, "$.health", 4096)
+        )
+    return None
+
+
+def _register_refusal(msg: Register) -> str | None:
+    info = msg.node_info
+    for field in ("token", "hostname", "role", "version"):
+        limit = 4096 if field == "token" else MAX_NAME
+        if why := name_refusal(getattr(msg, field), f"$.{field}", limit):
+            return why
+    if info is not None and (why := name_refusal(info.gpu_type, "$.node_info.gpu_type")):
+        return why
+    if info is not None and info.gpu_count > MAX_GPUS:
+        return f"$.node_info.gpu_count: more than {MAX_GPUS}"
+    policy = getattr(msg, "policy", None)
+    if policy is not None and (why := refusal(msgspec.to_builtins(policy), "$.policy",
+                                              max_string=4096, max_bytes=64 << 10)):
+        return why
+    return (
+        name_refusal(getattr(msg, "credential", ""), "$.credential", 4096)
+        or labels_refusal(msg.labels, "$.labels")
+        or _gpus_refusal(msg.gpus)
+        or _refs_refusal(msg.running)
+        or _names_refusal(msg.executors, "$.executors")
+    )
+
+
+def _gpus_refusal(gpus: list[Any]) -> str | None:
+    if len(gpus) > MAX_GPUS:
+        return f"$.gpus: more than {MAX_GPUS} GPUs"
+    for i, g in enumerate(gpus):
+        for field in ("name", "vendor", "uuid", "compute_capability", "fault"):
+            if why := name_refusal(getattr(g, field), f"$.gpus[{i}].{field}"):
+                return why
+        for field in ("index", "memory_total_mb", "memory_used_mb", "parent_index"):
+            v = getattr(g, field)
+            if v is not None and not INT_MIN <= v <= INT_MAX:
+                return f"$.gpus[{i}].{field}: integer outside the signed 64-bit range"
+    return None
+
+
+def _refs_refusal(refs: list[Any]) -> str | None:
+    if len(refs) > MAX_REFS:
+        return f"$.running: more than {MAX_REFS} tasks"
+    for i, ref in enumerate(refs):
+        if why := name_refusal(ref.task_id, f"$.running[{i}].task_id"):
+            return why
+    return None
+
+
+def _names_refusal(names: list[str] | None, where: str) -> str | None:
+    if names is None:
+        return None
+    if len(names) > MAX_LABELS:
+        return f"{where}: more than {MAX_LABELS} entries"
+    for i, n in enumerate(names):
+        if why := name_refusal(n, f"{where}[{i}]"):
+            return why
+    return None
+
+
+class Throttled:
+    """Log a repeated refusal once per `interval_s` per key (a node), not once per frame;
+    the next line says how many were held back. At most `max_keys` keys are remembered."""
+
+    def __init__(
+        self, logger: logging.Logger, interval_s: float = 10.0, max_keys: int = 10_000
+    ) -> None:
+        self.logger, self.interval_s, self.max_keys = logger, interval_s, max_keys
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()  # key -> [last, held back]
+        self.emitted = 0
+
+    def warning(self, key: str, msg: str, *args: Any, **kwargs: Any) -> bool:
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            seen[1] += 1
+            return False
+        held = int(seen[1]) if seen is not None else 0
+        self._seen[key] = [now, 0]
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        if held:
+            msg += f" ({held} more like it in the last {self.interval_s:g}s not logged)"
+        self.logger.warning(msg, *args, **kwargs)
+        self.emitted += 1
+        return True
