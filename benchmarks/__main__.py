@@ -18,7 +18,7 @@ from typing import Any
 
 from benchmarks.stats import Result
 
-NAMES = ("placement", "roundtrip", "throughput", "scale", "backlog")
+NAMES = ("placement", "roundtrip", "throughput", "scale", "backlog", "blocked")
 
 
 def machine() -> dict[str, Any]:
