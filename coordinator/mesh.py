@@ -539,7 +539,8 @@ class Mesh:
         if isinstance(msg, Heartbeat):
             account_energy(node, msg.gpus, self.tasks, 3 * self.settings.heartbeat_interval_s)
             reshaped = gpus_reshaped(node.gpus, msg.gpus)
-            freed = not reshaped and bool(msg.gpus) and vram_freed(node.gpus, msg.gpus)
+            freed = (not reshaped and self.queue.blocked > 0 and bool(msg.gpus)
+                     and vram_freed(node.gpus, msg.gpus))
             apply_heartbeat(node, msg)
             if reshaped:  # the index buckets by model and allocation, not by readings
                 self._node_changed(node)
