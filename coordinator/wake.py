@@ -60,7 +60,7 @@ def _vendors(gpus: Sequence[GpuInfo]) -> tuple[str, ...]:
     return tuple(sorted({g.vendor.lower() for g in gpus}))
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=128)  # a few hundred keys per shape; fleets have few shapes
 def _keys(
     executors: frozenset[str], names: tuple[str, ...], vendors: tuple[str, ...],
     gpu_count: int, gpus_only: bool,
