@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from coordinator.faults import LoopWatch, NodeFaults
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
 from coordinator.metrics import MeshMetrics
@@ -72,13 +73,14 @@ class AlreadyFinished(RuntimeError):
         self.task = task
 
 
-class Mesh:
+class Mesh(NodeFaults):
     def __init__(
         self, store: Store, settings: Settings, metrics: MeshMetrics | None = None
     ) -> None:
         self.store = store
         self.settings = settings
         self.metrics = metrics or MeshMetrics()
+        self.loop_watch = LoopWatch(settings.stall_s)  # event-loop lag, for liveness
         self.tasks: dict[str, Task] = {}  # every unfinished task
         self.finished: OrderedDict[str, Task] = OrderedDict()  # the most recent finished
         self.nodes: dict[str, Node] = {}
@@ -440,7 +442,7 @@ class Mesh:
     def _requeue_or_fail(self, t: Task, cause: str) -> None:
         if t.state in ACTIVE:
             self._transition(t, LOST, cause=cause)
-        if t.attempt >= t.max_attempts:
+        if t.attempt - t.infra_retries >= t.max_attempts:  # node faults spend no attempt
             why = f"gave up after {t.attempt} attempts; last: {cause}"
             self._transition(t, FAIL, cause=why, error=why)
         else:
@@ -470,17 +472,7 @@ class Mesh:
 
         node.grace = asyncio.get_running_loop().call_later(delay, expire)
 
-    async def _liveness_loop(self) -> None:
-        interval = min(self.settings.heartbeat_interval_s, self.settings.node_timeout_s / 3)
-        while True:
-            await asyncio.sleep(interval)
-            deadline = time.monotonic() - self.settings.node_timeout_s
-            for node in list(self.nodes.values()):
-                if node.online and node.last_seen < deadline:
-                    silent = self.settings.node_timeout_s
-                    if node.link is not None:
-                        node.link.close(4003, f"node lost: no message for {silent:g}s")
-                    self.node_gone(node, f"silent for more than {silent:g}s")
+    # `_liveness_loop` (stall-aware) is in coordinator/faults.py (NodeFaults).
 
     # --- the node side (called by the WebSocket handler) -------------------------------
 
@@ -546,6 +538,8 @@ class Mesh:
                 self._node_changed(node)
             elif freed:  # more free VRAM may fit a class blocked on memory
                 self._wake_blocked(node, gpus_only=True)
+            if self._heartbeat_faults(node, link, msg):  # health, executors, quarantine
+                self._node_changed(node)
         elif isinstance(msg, TaskResult):
             self._on_result(node, link, msg)
         elif isinstance(msg, TaskStarted | TaskAccepted | TaskLog):
@@ -587,6 +581,9 @@ class Mesh:
             return
         t = self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
         if t is None:
+            return
+        if msg.infra and msg.status == "failed":  # the node's fault, not the task's
+            self._on_infra_result(node, link, t, msg)
             return
         to = DONE if msg.status == "completed" else FAIL
         result = msgspec.to_builtins(msg.result)

@@ -43,6 +43,14 @@ class MeshMetrics:
         self.bad_messages = Counter(
             "gpumesh_bad_messages", "WebSocket frames that did not decode", registry=r
         )
+        self.infra_failures = Counter(
+            "gpumesh_infra_failures", "Attempts ended by their node's fault (requeued)",
+            ["node"], registry=r,
+        )
+        self.loop_stalls = Counter(
+            "gpumesh_loop_stalls", "Coordinator event-loop stalls (lag over MESH_STALL_S)",
+            registry=r,
+        )
         self.wait = Histogram(
             "gpumesh_task_wait_seconds", "Submit to assignment", ["task_type"],
             buckets=_TASK_TIME, registry=r,
@@ -87,6 +95,9 @@ class MeshMetrics:
 
     def reassigned(self) -> None:
         self.reassignments.inc()
+
+    def infra_failed(self, node: str) -> None:
+        self.infra_failures.labels(node).inc()
 
     def stale(self, kind: str) -> None:
         self.stale_messages.labels(kind).inc()
@@ -169,3 +180,31 @@ class _MeshGauges(Collector):
         yield GaugeMetricFamily(
             "gpumesh_ws_connections", "Open node WebSockets", value=self.ws_connections()
         )
+        yield from _fault_gauges(mesh)
+
+
+def _fault_gauges(mesh: Mesh) -> Iterator[Metric]:
+    quarantined = GaugeMetricFamily(
+        "gpumesh_node_quarantined", "1 if the node is quarantined or reports itself unhealthy",
+        labels=["node"],
+    )
+    faulted = GaugeMetricFamily(
+        "gpumesh_gpu_faulted", "1 for a GPU taken out by a driver-reported fault",
+        labels=["node", "gpu"],
+    )
+    for node in mesh.nodes.values():
+        why = node.quarantine_reason or node.health
+        quarantined.add_metric([node.name], 1.0 if why else 0.0)
+        for g in node.gpus:
+            if g.fault:
+                faulted.add_metric([node.name, str(g.index)], 1.0)
+    yield quarantined
+    yield faulted
+    watch = mesh.loop_watch
+    yield GaugeMetricFamily(
+        "gpumesh_loop_lag_seconds", "How late the coordinator's liveness timer last fired",
+        value=watch.lag,
+    )
+    yield GaugeMetricFamily(
+        "gpumesh_loop_lag_max_seconds", "The largest event-loop lag seen", value=watch.max_lag
+    )

@@ -73,6 +73,7 @@ class Task:
     error: str = ""
     energy_j: float = 0.0  # integrated from the power of its GPUs while it held them
     _spec: TaskSubmit | None = None
+    infra_retries: int = 0  # requeues after node faults: they do not spend max_attempts
 
     @property
     def spec(self) -> TaskSubmit:
@@ -131,17 +132,37 @@ class Node:
     energy_j: float = 0.0
     power_at: float = 0.0  # monotonic time of the last power sample
     grace: asyncio.TimerHandle | None = None
+    # Failing well (coordinator/faults.py): the node's own health report, its quarantine,
+    # its infrastructure errors, and the reconciliation of heartbeats' `running` lists.
+    health: str = ""  # "" when the node says it can run work; else why not
+    quarantine_reason: str = ""  # "" when not quarantined
+    quarantined_at: float = 0.0  # monotonic
+    infra_errors: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    infra_total: int = 0
+    infra_last: str = ""
+    hb_epoch: int = -1  # the connection the reconciliation baseline belongs to
+    hb_prev_at: float = 0.0  # wall time of the previous heartbeat on this connection
+    missing: dict[str, int] = field(default_factory=dict)  # task id -> heartbeats missed
 
     @property
     def online(self) -> bool:
         return self.status == "online"
 
     @property
+    def unavailable(self) -> str:
+        """Why placement must skip this online node ("" when it may get work)."""
+        if self.quarantine_reason:
+            return f"are quarantined ({self.quarantine_reason})"
+        if self.health:
+            return f"are unhealthy ({self.health})"
+        return ""
+
+    @property
     def free_slots(self) -> int:
         return self.slots - len(self.cpu_tasks)
 
     def free_gpu_count(self) -> int:
-        return sum(1 for g in self.gpus if not self.gpu_tasks.get(g.index))
+        return sum(1 for g in self.gpus if not self.gpu_tasks.get(g.index) and not g.fault)
 
     @property
     def load(self) -> float:

@@ -51,7 +51,7 @@ def gpus_reshaped(old: list[GpuInfo], new: list[GpuInfo]) -> bool:
         return True
     return any(
         a.index != b.index or a.name != b.name or a.memory_total_mb != b.memory_total_mb
-        or a.vendor != b.vendor
+        or a.vendor != b.vendor or a.fault != b.fault
         for a, b in zip(old, new, strict=True)
     )
 

@@ -102,6 +102,8 @@ class NodeView(Protocol):
     def gpu_shared_mb(self) -> Mapping[int, int]: ...  # held only by shared tasks: MB taken
     @property
     def load(self) -> float: ...
+    @property
+    def unavailable(self) -> str: ...  # why an online node gets no work (quarantine, health)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +213,8 @@ def _usable_gpus(req: Requirements, node: NodeView) -> list[GpuInfo]:
     busy, shared = node.gpu_tasks, node.gpu_shared_mb
     usable = []
     for g in node.gpus:
+        if g.fault:
+            continue  # the driver reported a fault: this GPU is out, the node is not
         if g.index not in busy:
             if free_mb(g) >= need_mb and gpu_matches(req, g):
                 usable.append(g)
@@ -280,6 +284,8 @@ def _evaluate(
 ) -> tuple[float, tuple[int, ...]] | None:
     if not node.online:
         why = "are offline"
+    elif node.unavailable:
+        why = node.unavailable
     elif executor not in node.executors:
         why = f"do not offer the {executor} executor"
     elif (req.labels or req.node_selector) and not _labels_ok(req, node):
@@ -295,6 +301,9 @@ def _evaluate(
         if filtered is None:
             return None
         why = f"have fewer than {_gpu_need(req)}"
+        faulted = sum(1 for g in node.gpus if g.fault)
+        if faulted:
+            why += f" ({faulted} GPU{'s' if faulted > 1 else ''} out with a fault)"
     if filtered is not None:
         filtered[why] += 1
     return None
@@ -367,7 +376,7 @@ class PlacementIndex:
     def update(self, node: NodeView) -> None:
         self.nodes[node.name] = node
         self._unlink(node.name)
-        if not node.online:
+        if not node.online or node.unavailable:
             return
         cost = node_cost(node)
         free: Counter[GpuKey] = Counter()
@@ -377,7 +386,7 @@ class PlacementIndex:
             if key not in self._models:
                 self._models[key] = g
                 self._matching.clear()
-            if g.index not in busy:
+            if g.index not in busy and not g.fault:
                 free[key] += 1
         if len(free) > 1:
             self._mixed.add(node.name)

@@ -33,6 +33,11 @@ class Settings:
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
     templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
+    max_infra_retries: int = 20  # node-fault requeues of one task before it fails
+    quarantine_errors: int = 3  # infrastructure errors within the window that quarantine a node
+    quarantine_window_s: float = 600.0
+    quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
+    stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
     # Limits (README "Limits"): each refusal names the limit it hit.
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
     max_queued: int = 2_000_000  # queued tasks; a submission over it gets 429 + Retry-After
@@ -65,6 +70,11 @@ class Settings:
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
+            max_infra_retries=env_int(env, "MESH_MAX_INFRA_RETRIES", d.max_infra_retries),
+            quarantine_errors=env_int(env, "MESH_QUARANTINE_ERRORS", d.quarantine_errors),
+            quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
+            quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
+            stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
             max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
             max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
             max_connections=env_int(env, "MESH_MAX_CONNECTIONS", d.max_connections),

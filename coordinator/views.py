@@ -78,6 +78,12 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
         "executors": sorted(node.executors),
         "labels": node.labels,
         "energy_j": round(node.energy_j, 1),
+        "quarantined": bool(node.quarantine_reason),
+        "quarantine_reason": node.quarantine_reason,
+        "health": node.health,
+        "eligible": node.online and not node.unavailable,
+        "faulted_gpus": {str(g.index): g.fault for g in node.gpus if g.fault},
+        "infra_failures": node.infra_total,
     }
     if detail:
         view.update(

@@ -36,6 +36,7 @@ class View:
     gpu_tasks: dict[int, set[str]] = field(default_factory=dict)
     gpu_shared_mb: dict[int, int] = field(default_factory=dict)
     load: float = 0.0
+    unavailable: str = ""
 
 
 def load_worker(stem: str, **changes: object) -> View:
