@@ -111,7 +111,12 @@ async def open_auth(state: Any, settings: Settings) -> AuthStore:
         log.info("API auth on: admin token %s %s (send it as `Authorization: Bearer ...`)",
                  "written to" if created else "in", path)
     if settings.metrics_token_file is not None:  # for a scraper running as another user
-        path, _ = await book.ensure_file(settings.metrics_token_file, "monitoring", "read", 0o644)
-        log.info("a read token for scraping /metrics is in %s", path)
+        try:
+            path, _ = await book.ensure_file(
+                settings.metrics_token_file, "monitoring", "read", 0o644
+            )
+            log.info("a read token for scraping /metrics is in %s", path)
+        except OSError as exc:  # serve anyway: only the scraper goes without
+            log.error("MESH_METRICS_TOKEN_FILE: cannot write %s: %s", exc.filename, exc.strerror)
     state.tokens = book
     return store

@@ -223,6 +223,12 @@ def test_stack_runs_a_task_and_the_client_rejoins_after_a_coordinator_restart(
         return cid
 
     def status() -> dict[str, Any] | None:
+        if "authorization" not in api.headers:  # the admin token, read as the docs say
+            token = compose(project, "exec", "-T", "gpu-coordinator", "cat", "/data/admin.token",
+                            env=env, timeout=60, check=False).stdout.strip()
+            if not token:
+                return None
+            api.headers["Authorization"] = f"Bearer {token}"
         try:
             resp = api.get("/mesh/status")
         except httpx.TransportError:
