@@ -24,6 +24,8 @@ import psutil
 
 from benchmarks.httpc import BENCH_TOKEN, HttpConn
 
+BENCH_JOIN_TOKEN = "benchmark-join-token"  # what benchmark nodes join with (MESH_JOIN_TOKEN)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,7 +123,7 @@ def start_coordinator(
         "--log-level",
         log_level,
     ]
-    env = {"MESH_ADMIN_TOKEN": BENCH_TOKEN} | env
+    env = {"MESH_ADMIN_TOKEN": BENCH_TOKEN, "MESH_JOIN_TOKEN": BENCH_JOIN_TOKEN} | env
     return spawn(f"coordinator-{port}", argv, clean_env(**env), log_dir)
 
 
@@ -132,6 +134,8 @@ def start_client(name: str, port: int, log_dir: Path, **env: str) -> Proc:
         GPU_ENABLED="false",
         MESH_WORK_DIR=str(log_dir / f"work-{name}"),
         MESH_LOG_LEVEL="WARNING",
+        MESH_TOKEN=BENCH_JOIN_TOKEN,
+        MESH_STATE_DIR=str(log_dir / f"state-{name}"),
         **env,
     )
     return spawn(f"client-{name}", [sys.executable, "-m", "gpu_client"], proc_env, log_dir)
