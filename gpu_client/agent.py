@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import socket
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
@@ -24,9 +25,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from gpu_client.detect import GpuSource
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
-from gpu_client.hoststats import host_stats
+from gpu_client.fencing import Fence
+from gpu_client.health import NodeHealth
 from gpu_client.logstream import LogStream
 from gpu_client.settings import ClientSettings
+from gpu_client.telemetry import Telemetry
 from shared import __version__
 from shared.protocol import (
     FATAL_CLOSE_CODES,
@@ -121,6 +124,10 @@ class Agent:
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.registrations = 0  # sessions that got `registered`; tests wait on it
+        self.telemetry = Telemetry(source)
+        self.health = NodeHealth(self._executors, settings.work_dir, settings.min_free_mb)
+        self.fence = Fence(settings.fence_after_s, self._self_fence)
+        self._probe_now = asyncio.Event()  # an infra error: re-probe executors and health now
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -131,6 +138,9 @@ class Agent:
     async def run(self) -> int:
         """Serve until `stop()` (returns 0) or a fatal refusal by the coordinator (returns 2)."""
         await self._adopt()
+        await self.health.probe()
+        self._spawn(self.fence.watch())
+        self._spawn(self._probe_loop())
         loop_task = asyncio.create_task(self._connect_loop())
         stop_task = asyncio.create_task(self._stop.wait())
         await asyncio.wait({loop_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -221,10 +231,12 @@ class Agent:
                  extra={"node": registered.node_id})
         self._apply_registered(registered)
         writer = asyncio.create_task(self._write(ws, outbox))
-        beat = asyncio.create_task(self._heartbeats())
+        beat = asyncio.create_task(self._heartbeats(ws))
         try:
             while True:
-                self._handle(decode_server(await ws.recv()))
+                frame = await ws.recv()
+                self.fence.touch()
+                self._handle(decode_server(frame))
         finally:
             writer.cancel()
             beat.cancel()
@@ -235,6 +247,7 @@ class Agent:
             async with asyncio.timeout(REGISTER_TIMEOUT_S):
                 while True:
                     msg = decode_server(await ws.recv())
+                    self.fence.touch()
                     if isinstance(msg, Registered):
                         return msg
                     if isinstance(msg, Error):
@@ -246,12 +259,13 @@ class Agent:
 
     async def _register_message(self) -> Register:
         s = self._settings
-        gpus = await asyncio.to_thread(self._source.read)
-        host = await asyncio.to_thread(host_stats)
+        reading = await self.telemetry.reading(REGISTER_TIMEOUT_S)
+        host = reading.host
         return Register(
             token=s.token, hostname=socket.gethostname(), role=s.role, version=__version__,
-            gpus=gpus, cpu_count=host.cpu_count, memory_mb=host.memory_total_mb,
-            executors=list(self._executors), slots=s.slots, labels=dict(s.labels),
+            gpus=reading.gpus, cpu_count=host.cpu_count if host else os.cpu_count() or 1,
+            memory_mb=host.memory_total_mb if host else 0,
+            executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
             running=self._refs(),
         )
 
@@ -265,17 +279,53 @@ class Agent:
             log.exception("sending failed; closing the connection")
             await ws.close(1011, "client failed to send")
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self, ws: ClientConnection) -> None:
+        """On a fixed timer; telemetry gets half an interval, else the last reading goes."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
         while True:
-            await asyncio.sleep(self._heartbeat_s)
-            try:
-                gpus = await asyncio.to_thread(self._source.read)
-                host = await asyncio.to_thread(host_stats)
-            except Exception:
-                log.exception("telemetry failed; this heartbeat is skipped")
-                continue
-            self._send(Heartbeat(gpus=gpus, cpu_pct=host.cpu_pct, load1=round(host.load1, 2),
-                                 memory_used_mb=host.memory_used_mb, running=self._refs()))
+            next_at = max(next_at + self._heartbeat_s, loop.time())
+            await asyncio.sleep(next_at - loop.time())
+            r = await self.telemetry.reading(self._heartbeat_s / 2)
+            host = r.host
+            self._send(Heartbeat(
+                gpus=r.gpus, cpu_pct=host.cpu_pct if host else 0.0,
+                load1=round(host.load1, 2) if host else 0.0,
+                memory_used_mb=host.memory_used_mb if host else 0, running=self._refs(),
+                executors=list(self.health.usable), health=self.health.health,
+            ))
+            try:  # a pong is contact too: a coordinator with nothing to say is not gone
+                pong = await ws.ping()
+            except ConnectionClosed:
+                return
+            pong.add_done_callback(self._on_pong)
+
+    def _on_pong(self, pong: asyncio.Future[float]) -> None:
+        if not pong.cancelled() and pong.exception() is None:
+            self.fence.touch()
+
+    async def _probe_loop(self) -> None:
+        """Re-probe executors and node health every probe_interval_s, and after infra errors."""
+        while True:
+            try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel
+                async with asyncio.timeout(self._settings.probe_interval_s):
+                    await self._probe_now.wait()
+            except TimeoutError:
+                pass
+            self._probe_now.clear()
+            await self.health.probe()
+
+    def _self_fence(self, silent_s: float) -> None:
+        running = [r for r in self._runs.values() if r.result is None]
+        log.error(
+            "SELF-FENCING: no word from the coordinator for %.1fs (MESH_FENCE_AFTER_S=%g): "
+            "stopping %d running task(s) it has requeued elsewhere: %s", silent_s,
+            self._settings.fence_after_s, len(running),
+            ", ".join(f"{r.task_id}.{r.attempt}" for r in running) or "none",
+            extra={"node": self._settings.node_name},
+        )
+        for run in running:
+            self._on_cancel(run.task_id, run.attempt, "self-fenced: cut off from the coordinator")
 
     def _send(self, msg: Msg) -> None:
         """Queue `msg` if registered; otherwise drop it (results are re-sent on register)."""
@@ -322,10 +372,12 @@ class Agent:
         run = self._new_run(a.task_id, a.attempt, executor)
         self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt))
         if self._draining:
-            self._finish(run, RunOutcome(exit_code=None, error="node draining"))
-        elif executor is None:
+            self._finish(run, RunOutcome(exit_code=None, error="node draining", infra=True))
+        elif executor is None or a.executor not in self.health.usable:
             why = f"executor {a.executor} not offered by node {self._settings.node_name}"
-            self._finish(run, RunOutcome(exit_code=None, error=why))
+            if executor is not None:
+                why = f"executor {a.executor} unavailable on node {self._settings.node_name} now"
+            self._finish(run, RunOutcome(exit_code=None, error=why, infra=True))
         else:
             log.info("running task %s.%d with %s", *key, a.executor, extra=extra)
             work = partial(executor.run, a, lambda: self._on_started(run))
@@ -372,7 +424,7 @@ class Agent:
         except Exception as exc:
             log.exception("executor failed on task %s.%d", *run.key,
                           extra={"task": run.task_id, "attempt": run.attempt})
-            outcome = RunOutcome(exit_code=None, error=f"executor error: {exc!r}")
+            outcome = RunOutcome(exit_code=None, error=f"executor error: {exc!r}", infra=True)
         self._finish(run, outcome)
 
     def _finish(self, run: Run, outcome: RunOutcome) -> None:
@@ -384,7 +436,10 @@ class Agent:
             status="completed" if outcome.ok else "failed", error=outcome.error,
             result=TaskOutcome(exit_code=outcome.exit_code, output=outcome.output,
                                duration_s=outcome.duration_s, data=outcome.data),
+            infra=outcome.infra and not outcome.ok,
         )
+        if run.result.infra:
+            self._probe_now.set()
         log.info("task %s.%d %s%s", run.task_id, run.attempt, run.result.status,
                  f": {outcome.error}" if outcome.error else "",
                  extra={"task": run.task_id, "attempt": run.attempt})

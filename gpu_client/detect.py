@@ -186,6 +186,14 @@ class DetectedGpus:
             self._reported.add(key)
             log.log(level, msg, *args, exc_info=exc_info)
 
+    def compute_pids(self) -> set[int]:
+        """Blocking. Pids the NVIDIA driver lists as compute processes on this node's GPUs."""
+        pids: set[int] = set()
+        for detector in self.detectors:
+            if isinstance(detector, NvmlDetector):
+                pids |= detector.compute_pids()
+        return pids
+
     def close(self) -> None:
         for detector in self.detectors:
             if isinstance(detector, NvmlDetector):

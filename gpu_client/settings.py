@@ -38,6 +38,10 @@ class ClientSettings:
     work_dir: Path = Path("/tmp/gpumesh-work")
     reconnect_max_s: float = 10.0
     output_tail_bytes: int = 16 * 1024
+    fence_after_s: float = 20.0  # cut off this long: stop all running work (0: never)
+    cgroup: str = "auto"  # per-task cgroup v2 root: auto | off | a directory
+    min_free_mb: int = 100  # less free disk in the work dir: the node reports itself unhealthy
+    probe_interval_s: float = 30.0  # executors and node health are re-probed this often
 
     @property
     def ws_url(self) -> str:
@@ -60,6 +64,14 @@ class ClientSettings:
         if tail < 0:
             raise ConfigError("MESH_OUTPUT_TAIL_BYTES", str(tail), "a non-negative integer")
         work_dir = env_str(env, "MESH_WORK_DIR", f"/tmp/gpumesh-work/{node_name}")
+        fence_after_s = env_float(env, "MESH_FENCE_AFTER_S", 20.0)
+        if fence_after_s < 0:
+            raise ConfigError("MESH_FENCE_AFTER_S", str(fence_after_s), "0 (off) or seconds")
+        min_free_mb = env_int(env, "MESH_MIN_FREE_MB", 100)
+        probe_s = env_float(env, "MESH_PROBE_INTERVAL_S", 30.0)
+        if min_free_mb < 0 or not probe_s > 0:
+            raise ConfigError("MESH_MIN_FREE_MB/MESH_PROBE_INTERVAL_S", f"{min_free_mb}/{probe_s}",
+                              "a non-negative integer / a positive number")
         return cls(
             node_name=node_name,
             role=_role(env),
@@ -72,6 +84,10 @@ class ClientSettings:
             work_dir=Path(work_dir),
             reconnect_max_s=reconnect_max_s,
             output_tail_bytes=tail,
+            fence_after_s=fence_after_s,
+            cgroup=env_str(env, "MESH_CGROUP", "auto"),
+            min_free_mb=min_free_mb,
+            probe_interval_s=probe_s,
         )
 
 

@@ -31,6 +31,11 @@ class FakeNvDevice:
     mig: list[FakeNvDevice | None] | None = None  # None: MIG off; a None slot is empty
     unsupported: set[str] = field(default_factory=set)  # nvml function names -> NotSupported
     lost: bool = False  # every call raises NVMLError_GpuIsLost
+    ecc_uncorrected: int = 0  # volatile uncorrectable ECC count
+    retired_pending: bool = False
+    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # corr, unc, pending, failed
+    xids: list[int] = field(default_factory=list)  # XID events not yet read
+    compute_pids: list[int] = field(default_factory=list)
 
 
 class FakeNvml:
@@ -43,6 +48,13 @@ class FakeNvml:
     NVML_TEMPERATURE_GPU = pynvml.NVML_TEMPERATURE_GPU
     NVML_DEVICE_MIG_ENABLE = pynvml.NVML_DEVICE_MIG_ENABLE
     NVML_DEVICE_MIG_DISABLE = pynvml.NVML_DEVICE_MIG_DISABLE
+    NVMLError_GpuIsLost = pynvml.NVMLError_GpuIsLost
+    NVMLError_Timeout = pynvml.NVMLError_Timeout
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED = pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED
+    NVML_VOLATILE_ECC = pynvml.NVML_VOLATILE_ECC
+    NVML_FEATURE_ENABLED = pynvml.NVML_FEATURE_ENABLED
+    NVML_FEATURE_DISABLED = pynvml.NVML_FEATURE_DISABLED
+    nvmlEventTypeXidCriticalError = pynvml.nvmlEventTypeXidCriticalError
 
     def __init__(self, devices: list[FakeNvDevice], init_error: int | None = None) -> None:
         self.devices = devices
@@ -122,6 +134,38 @@ class FakeNvml:
         found = slots[slot]
         assert found is not None
         return found
+
+    # --- faults and processes ---------------------------------------------------------
+
+    def nvmlDeviceGetTotalEccErrors(self, h: FakeNvDevice, kind: int, counter: int) -> int:
+        assert (kind, counter) == (self.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, self.NVML_VOLATILE_ECC)
+        return self._check(h, "nvmlDeviceGetTotalEccErrors").ecc_uncorrected
+
+    def nvmlDeviceGetRetiredPagesPendingStatus(self, h: FakeNvDevice) -> int:
+        d = self._check(h, "nvmlDeviceGetRetiredPagesPendingStatus")
+        return self.NVML_FEATURE_ENABLED if d.retired_pending else self.NVML_FEATURE_DISABLED
+
+    def nvmlDeviceGetRemappedRows(self, h: FakeNvDevice) -> tuple[int, int, int, int]:
+        return self._check(h, "nvmlDeviceGetRemappedRows").remapped_rows
+
+    def nvmlEventSetCreate(self) -> list[FakeNvDevice]:
+        self._need_init()
+        return []
+
+    def nvmlDeviceRegisterEvents(self, h: FakeNvDevice, kinds: int, events: list[Any]) -> None:
+        assert kinds == self.nvmlEventTypeXidCriticalError
+        events.append(self._check(h, "nvmlDeviceRegisterEvents"))
+
+    def nvmlEventSetWait(self, events: list[FakeNvDevice], timeout_ms: int) -> Any:
+        for d in events:
+            if d.xids:
+                return SimpleNamespace(device=d, eventType=self.nvmlEventTypeXidCriticalError,
+                                       eventData=d.xids.pop(0))
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h: FakeNvDevice) -> list[Any]:
+        d = self._check(h, "nvmlDeviceGetComputeRunningProcesses")
+        return [SimpleNamespace(pid=p, usedGpuMemory=0) for p in d.compute_pids]
 
     # --- helpers ----------------------------------------------------------------------
 

@@ -177,7 +177,7 @@ async def test_refusals_are_failed_results(coordinator: Coordinator, tmp_path: P
         await peer.send(test_assign("t2"))
         await peer.expect(TaskAccepted)
         result = await peer.expect(TaskResult)
-        assert (result.task_id, result.error) == ("t2", "node draining")
+        assert (result.task_id, result.error, result.infra) == ("t2", "node draining", True)
 
 
 async def test_process_task_output(coordinator: Coordinator, tmp_path: Path) -> None:

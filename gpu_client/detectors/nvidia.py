@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 from gpu_client.detectors.base import MIB, LogOnce
+from gpu_client.detectors.nvidia_faults import LOST, NvmlFaults, compute_pids
 from shared.protocol import GpuInfo
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class NvmlDetector:
         self._state: Literal["new", "ready", "unavailable"] = "new"
         self._cards: list[Any] = []
         self._once = LogOnce(log)
+        self._faults = NvmlFaults(nvml)
+        self._last: dict[int, list[GpuInfo]] = {}  # card index -> its last good reading
 
     def is_available(self) -> bool:
         return self._start()
@@ -53,12 +56,20 @@ class NvmlDetector:
         nvml = self._nvml
         gpus: list[GpuInfo] = []
         next_mig_index = len(self._cards)
+        self._faults.poll()
         for index, card in enumerate(self._cards):
             try:
                 whole = self._whole_card(index, card)
+                whole.fault = self._faults.fault(index, card)
                 migs = self._mig_handles(card)
                 parts = [self._mig_instance(whole, mig) for mig in migs or ()]
-            except nvml.NVMLError as exc:  # GPU lost, reset required, ...: skip this card
+            except nvml.NVMLError as exc:  # GPU lost, reset required, ...
+                if isinstance(exc, nvml.NVMLError_GpuIsLost) and index in self._last:
+                    # Listed with its last reading and a fault: out of service, not vanished.
+                    self._once(logging.ERROR, f"lost:{index}", "NVIDIA GPU %d: %s", index, LOST)
+                    gpus += [msgspec.structs.replace(g, fault=LOST) for g in self._last[index]]
+                    next_mig_index += sum(g.parent_index is not None for g in self._last[index])
+                    continue
                 self._once(
                     logging.WARNING,
                     f"card:{index}:{exc}",
@@ -67,7 +78,10 @@ class NvmlDetector:
                     exc,
                 )
                 continue
+            for part in parts:
+                part.fault = whole.fault
             if migs is None:
+                self._last[index] = [whole]
                 gpus.append(whole)
                 continue
             if not parts:
@@ -77,10 +91,18 @@ class NvmlDetector:
                     "NVIDIA GPU %d is in MIG mode with no instances: nothing to schedule",
                     index,
                 )
-            for part in parts:
-                gpus.append(msgspec.structs.replace(part, index=next_mig_index))
-                next_mig_index += 1
+            numbered = [msgspec.structs.replace(p, index=next_mig_index + k)
+                        for k, p in enumerate(parts)]
+            next_mig_index += len(numbered)
+            self._last[index] = numbered
+            gpus += numbered
         return sorted(gpus, key=lambda g: g.index)
+
+    def compute_pids(self) -> set[int]:
+        """Blocking. Pids NVML lists as compute processes on any card (empty without NVML)."""
+        if self._state != "ready":
+            return set()
+        return compute_pids(self._nvml, self._cards)
 
     def close(self) -> None:
         if self._state == "ready":
@@ -89,6 +111,7 @@ class NvmlDetector:
             except self._nvml.NVMLError as exc:
                 log.debug("nvmlShutdown: %s", exc)
         self._state, self._cards = "new", []
+        self._faults = NvmlFaults(self._nvml)
 
     # --- internals -----------------------------------------------------------------------
 
@@ -103,6 +126,7 @@ class NvmlDetector:
                 log.info("NVIDIA: pynvml is not installed (%s); no NVIDIA GPUs", exc)
                 return False
             self._nvml = pynvml
+            self._faults = NvmlFaults(pynvml)
         nvml = self._nvml
         try:
             nvml.nvmlInit()
@@ -117,6 +141,7 @@ class NvmlDetector:
             nvml.nvmlShutdown()
             return False
         self._state = "ready"
+        self._faults.start(self._cards)
         log.info("NVIDIA: NVML sees %d GPU(s)", len(self._cards))
         return True
 

@@ -52,6 +52,7 @@ class RunOutcome:
     duration_s: float = 0.0
     error: str = ""  # why it failed: "exit code 3", "timed out after 5s", "cancelled"
     data: dict[str, Any] = field(default_factory=dict)
+    infra: bool = False  # the node failed it (work dir, engine gone, disk full): run it elsewhere
 
     @property
     def ok(self) -> bool:

@@ -34,6 +34,7 @@ from typing import Any
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
+from requests.exceptions import RequestException
 
 from gpu_client.detect import GpuSource
 from gpu_client.executors.base import Adopted, OnOutput, OnStarted, RunOutcome, describe_exit
@@ -100,14 +101,18 @@ class DockerExecutor:
     # --- the Executor protocol ---------------------------------------------------------
 
     async def available(self) -> bool:
-        if self._available is None:
-            try:
-                await asyncio.to_thread(self._connect)
-                self._available = True
-            except DOCKER_ERRORS as exc:
+        """Does the engine answer a ping now? Re-probed by the agent: it may die or return."""
+        try:
+            await asyncio.to_thread(self._ping)
+        except DOCKER_ERRORS as exc:
+            if self._available is not False:
                 log.warning("docker executor off: the engine does not answer: %s", exc)
-                self._available = False
-        return self._available
+            self._available = False
+            return False
+        if self._available is False:
+            log.warning("docker executor back: the engine answers again")
+        self._available = True
+        return True
 
     async def run(self, assign: Assign, on_started: OnStarted, on_output: OnOutput) -> RunOutcome:
         if not assign.image:
@@ -115,10 +120,10 @@ class DockerExecutor:
         try:
             await asyncio.to_thread(self._connect)
         except DOCKER_ERRORS as exc:
-            return RunOutcome(exit_code=None, error=self._unreachable(exc))
+            return RunOutcome(exit_code=None, error=self._unreachable(exc), infra=True)
         why = await self._ensure_image(assign.image)
         if why:
-            return RunOutcome(exit_code=None, error=why)
+            return RunOutcome(exit_code=None, error=why, infra=_infra_text(why))
         gpus = await asyncio.to_thread(self._source.read)
         created_at = time.time()
         spec = container_spec(assign, self._node, gpus, created_at=created_at)
@@ -128,6 +133,7 @@ class DockerExecutor:
             return RunOutcome(
                 exit_code=None, error=f"could not start a container of {assign.image}: "
                 f"{_explain(exc)}", duration_s=round(time.time() - created_at, 3),
+                infra=node_fault(exc),
             )
         watch = _Watch(assign.task_id, assign.attempt, cid, created_at, assign.timeout_s)
         self._watches[(watch.task_id, watch.attempt)] = watch  # cancel() reaches it from now on
@@ -210,6 +216,7 @@ class DockerExecutor:
                 return RunOutcome(
                     exit_code=None, error=self._unreachable(exc, "while the task ran"),
                     output=pump.text_tail(self._tail_bytes), duration_s=_since(watch.created_at),
+                    infra=True,
                 )
         except asyncio.CancelledError:
             pump.detach()  # the client is stopping: the container runs on, to be re-adopted
@@ -269,6 +276,8 @@ class DockerExecutor:
         if not done:
             return f"{missing}; pulling it took longer than {self._pull_timeout:g}s"
         exc = pull.exception()
+        if isinstance(exc, RequestException):
+            return self._unreachable(exc, "while pulling")
         if exc is not None:
             return f"{missing}; pulling it failed: {_explain(exc)}"
         return ""
@@ -307,6 +316,10 @@ class DockerExecutor:
                 raise
             self._client = client
         return self._client
+
+    def _ping(self) -> None:
+        client = self._connect()
+        client.ping()
 
     def _create_and_start(self, spec: dict[str, Any]) -> str:
         assert self._client is not None
@@ -356,7 +369,8 @@ class DockerExecutor:
         except NotFound:
             return RunOutcome(exit_code=None, error=error or f"container {cid[:12]} vanished")
         except DOCKER_ERRORS as exc:
-            return RunOutcome(exit_code=None, error=error or self._unreachable(exc))
+            return RunOutcome(exit_code=None, error=error or self._unreachable(exc),
+                              infra=not error)
         state = attrs.get("State", {})
         exit_code = state.get("ExitCode")
         finished = _docker_time(state.get("FinishedAt", "")) or time.time()
@@ -386,6 +400,18 @@ def _probe_socket(env: Mapping[str, str]) -> None:
             sock.connect(path)
         except OSError as exc:
             raise DockerException(f"cannot connect to {path}: {exc.strerror or exc}") from exc
+
+
+def node_fault(exc: BaseException) -> bool:
+    """Is a Docker error the node's (engine gone, disk full), not the task's (bad image, spec)?"""
+    if isinstance(exc, RequestException):
+        return True  # connection refused, reset, timed out: the engine is gone
+    return _infra_text(_explain(exc))
+
+
+def _infra_text(why: str) -> bool:
+    low = why.lower()
+    return "no space left on device" in low or "unreachable" in low
 
 
 def _explain(exc: BaseException) -> str:

@@ -8,6 +8,16 @@ wrapper is no child of the client: it outlives a client restart (asyncio would k
 whose transport is closed) and is re-adopted from its directory by the next client. Its end is
 awaited through a pidfd on the event loop. The directory is deleted on `release()` (the result
 was acked, or the attempt was fenced off); the output tail lives on in the coordinator.
+
+Nothing outlives its task: every exit path (end, failure, timeout, cancel, fencing, adoption
+after a client restart) ends the attempt's whole process tree (`tree.end_tree`: its cgroup
+where the node has cgroup v2, else its process group, session, descendants and every process
+that inherited its `GPUMESH_ATTEMPT` marker) before the outcome is returned, so the result
+(and with it the task's GPUs) goes back to the coordinator only once its processes are gone.
+On NVIDIA the executor then waits (bounded) until NVML lists none of them on any GPU.
+
+Node faults are not the task's: an unusable work dir, a shell that cannot be spawned or an
+ENOSPC is a `RunOutcome` with `infra=True`, which the coordinator runs elsewhere.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +46,16 @@ from gpu_client.executors.base import (
     describe_exit,
     gpu_env,
 )
-from gpu_client.executors.pids import create_time, pid_matches, terminate_group, wait_pid
+from gpu_client.executors.pids import create_time, pid_matches, wait_pid
+from gpu_client.executors.tree import (
+    MARKER_VAR,
+    Tree,
+    become_subreaper,
+    cgroup_root,
+    end_tree,
+    make_cgroup,
+    marker,
+)
 from gpu_client.settings import ClientSettings
 from shared.protocol import Assign
 
@@ -44,9 +64,17 @@ log = logging.getLogger(__name__)
 TAIL_INTERVAL_S = 0.25  # how often output.log is read for streaming
 TAIL_READ_MAX = 256 * 1024  # more than this per read is skipped, with a marker
 NO_EXIT_CODE = "process ended without recording an exit code"
+GPU_RELEASE_WAIT_S = 10.0  # how long NVML may go on listing an ended task's processes
+GPU_RELEASE_POLL_S = 0.2
+DISK_FULL_BYTES = 1 << 20  # a failed attempt on a file system with less free is a node fault
 
-# $0 is "gpumesh-task", "$@" the task's argv: never interpolated into the script text.
+# $0 is "gpumesh-task", $1 the task's cgroup dir (or ""), then the task's argv: never
+# interpolated into the script text. The launcher joins the cgroup before it forks anything.
 _LAUNCHER = """
+cg=$1; shift
+if [ -n "$cg" ]; then
+  echo $$ > "$cg/cgroup.procs" || echo "gpumesh: could not join cgroup $cg" >&2
+fi
 (
   "$@" </dev/null >>output.log 2>&1
   echo $? >exit_code.tmp && mv -f exit_code.tmp exit_code
@@ -64,6 +92,7 @@ class _Attempt:
     dir: Path
     pid: int
     pgid: int
+    tree: Tree
     cancelled: bool = False
 
 
@@ -78,6 +107,7 @@ class ProcessExecutor:
         output_tail_bytes: int = 16 * 1024,
         kill_grace_s: float = 5.0,
         base_env: Mapping[str, str] | None = None,
+        cgroup: str = "auto",
     ) -> None:
         self._work_dir = work_dir
         self._source = source
@@ -85,6 +115,14 @@ class ProcessExecutor:
         self._grace = kill_grace_s
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._cgroup_setting = cgroup
+        # Several clients may share a host (and tests do): their markers must not collide.
+        self._tag = f"{zlib.crc32(str(work_dir.resolve()).encode()):08x}"
+        self._cgroup_root: Path | None = None
+        self._cgroup_probed = False
+        self._launching: set[int] = set()  # launcher pids asyncio still has to reap
+        self.cleanup_s: list[float] = []  # task end -> its processes gone, per attempt (last 100)
+        become_subreaper()
 
     async def available(self) -> bool:
         try:
@@ -105,44 +143,76 @@ class ProcessExecutor:
         else:
             return RunOutcome(exit_code=None, error="a process task needs `script` or `command`")
         d = self.attempt_dir(assign.task_id, assign.attempt)
+        name = f"{self._tag}-{d.name}"  # unique on the host: one tree, one cgroup
         meta: dict[str, Any] = {
             "task_id": assign.task_id, "attempt": assign.attempt,
-            "started_at": time.time(), "timeout_s": assign.timeout_s,
+            "started_at": time.time(), "timeout_s": assign.timeout_s, "marker": name,
         }
-        await asyncio.to_thread(_prepare_dir, d, meta)
-        env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read))
         try:
-            launcher = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", *argv, cwd=d, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
-            )
-            out, err = await launcher.communicate()
+            await asyncio.to_thread(_prepare_dir, d, meta)
         except OSError as exc:
-            return RunOutcome(exit_code=None, error=f"could not start the process: {exc}")
-        try:
-            pid = int(out.split()[0])
-        except (ValueError, IndexError):
-            why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
-            return RunOutcome(exit_code=None, error=f"could not start the process: {why}")
+            return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
+        cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
+        meta["cgroup"] = None if cg is None else str(cg)
+        env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read))
+        env[MARKER_VAR] = name  # every process of the task inherits it: see tree.py
+        launched = await self._launch(d, env, str(cg or ""), argv)
+        if isinstance(launched, RunOutcome):
+            await asyncio.to_thread(end_tree, Tree(name, cg), self._grace, self._launching)
+            return launched
+        pid, pgid = launched
         started = await asyncio.to_thread(create_time, pid)
-        meta.update(pid=pid, pgid=launcher.pid, create_time=started)
-        await asyncio.to_thread(_write_json, d / "meta.json", meta)
-        att = _Attempt(assign.task_id, assign.attempt, d, pid, launcher.pid)
+        meta.update(pid=pid, pgid=pgid, create_time=started)
+        try:
+            await asyncio.to_thread(_write_json, d / "meta.json", meta)
+        except OSError as exc:
+            log.warning("task %s: cannot record its pid in %s: %s", name, d, exc)
+        att = _Attempt(assign.task_id, assign.attempt, d, pid, pgid, Tree(name, cg, pgid, pid))
         self._attempts[(att.task_id, att.attempt)] = att  # cancel() can reach it from now on
         log.info(
-            "task %s.%d started as pid %d", att.task_id, att.attempt, pid,
-            extra={"task": att.task_id, "attempt": att.attempt},
+            "task %s.%d started as pid %d%s", att.task_id, att.attempt, pid,
+            f" in cgroup {cg}" if cg else "", extra={"task": att.task_id, "attempt": att.attempt},
         )
         on_started()
         return await self._follow(att, meta, on_output, offset=0)
+
+    async def _launch(
+        self, d: Path, env: dict[str, str], cg: str, argv: list[str]
+    ) -> tuple[int, int] | RunOutcome:
+        """Start the launcher shell; (wrapper pid, launcher pid = pgid) or an infra outcome."""
+        try:
+            launcher = await asyncio.create_subprocess_exec(
+                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, *argv, cwd=d, env=env,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+            )
+        except OSError as exc:
+            return _infra(f"could not start the task's shell on this node: {exc}")
+        self._launching.add(launcher.pid)
+        try:
+            out, err = await launcher.communicate()
+        finally:
+            self._launching.discard(launcher.pid)
+        try:
+            return int(out.split()[0]), launcher.pid
+        except (ValueError, IndexError):
+            why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
+            return _infra(f"could not start the task's shell on this node: {why}")
+
+    async def _cgroups(self) -> Path | None:
+        if not self._cgroup_probed:
+            self._cgroup_probed = True
+            self._cgroup_root = await asyncio.to_thread(cgroup_root, self._cgroup_setting)
+            if self._cgroup_root is not None:
+                log.info("process tasks run in cgroups under %s", self._cgroup_root)
+        return self._cgroup_root
 
     async def cancel(self, task_id: str, attempt: int) -> None:
         att = self._attempts.get((task_id, attempt))
         if att is None:
             return
         att.cancelled = True
-        await asyncio.to_thread(terminate_group, att.pgid, self._grace)
+        await asyncio.to_thread(end_tree, att.tree, self._grace, self._launching)
 
     async def adopt(self) -> list[Adopted]:
         found = await asyncio.to_thread(_scan, self._work_dir)
@@ -164,16 +234,21 @@ class ProcessExecutor:
 
     async def release(self, task_id: str, attempt: int) -> None:
         self._attempts.pop((task_id, attempt), None)
-        await asyncio.to_thread(shutil.rmtree, self.attempt_dir(task_id, attempt), True)
+        d = self.attempt_dir(task_id, attempt)
+        await asyncio.to_thread(shutil.rmtree, d, True)
+        root = await self._cgroups()
+        if root is not None:  # gone already unless the attempt ended while no client watched
+            await asyncio.to_thread(_rmdir_quietly, root / f"{self._tag}-{d.name}")
 
     def _follower(
         self, d: Path, meta: dict[str, Any], running: bool
     ) -> Callable[[OnOutput], Awaitable[RunOutcome]]:
         async def follow(on_output: OnOutput) -> RunOutcome:
-            if not running:
-                return await asyncio.to_thread(self._read_outcome, d, meta, "")
             att = _Attempt(str(meta["task_id"]), int(meta["attempt"]), d,
-                           int(meta["pid"]), int(meta["pgid"]))
+                           int(meta["pid"]), int(meta["pgid"]), _tree_of(meta))
+            if not running:  # it ended while no client watched: what it left goes now
+                await self._end(att)
+                return await asyncio.to_thread(self._read_outcome, d, meta, "")
             offset = await asyncio.to_thread(_size, d / "output.log")
             return await self._follow(att, meta, on_output, offset=offset)
 
@@ -196,17 +271,42 @@ class ProcessExecutor:
                     await wait_pid(att.pid)
             except TimeoutError:
                 error = f"timed out after {timeout_s:g}s"
-                log.info("task %s.%d %s: stopping its process group", att.task_id, att.attempt,
+                log.info("task %s.%d %s: stopping its processes", att.task_id, att.attempt,
                          error, extra={"task": att.task_id, "attempt": att.attempt})
-                await asyncio.to_thread(terminate_group, att.pgid, self._grace)
+                await asyncio.to_thread(end_tree, att.tree, self._grace, self._launching)
                 await wait_pid(att.pid)
         finally:
             tail_task.cancel()
-            self._attempts.pop(key, None)
+            if self._attempts.get(key) is att:
+                del self._attempts[key]
+        await self._end(att)  # nothing it started outlives it, whatever way it ended
         await tail.read_once()
         if att.cancelled:
             error = "cancelled"
         return await asyncio.to_thread(self._read_outcome, att.dir, meta, error)
+
+    async def _end(self, att: _Attempt) -> None:
+        """End what is left of the attempt's tree, then wait for NVML to let go of it."""
+        took = await asyncio.to_thread(end_tree, att.tree, self._grace, self._launching)
+        took += await self._wait_gpus_released(att.tree)
+        self.cleanup_s = [*self.cleanup_s[-99:], took]
+        log.info("task %s.%d: its processes are gone %.3fs after its end", att.task_id,
+                 att.attempt, took, extra={"task": att.task_id, "attempt": att.attempt})
+
+    async def _wait_gpus_released(self, tree: Tree) -> float:
+        """Seconds spent waiting until no GPU lists a process of `tree` (NVIDIA only)."""
+        listed = getattr(self._source, "compute_pids", None)
+        if listed is None or not tree.seen:
+            return 0.0
+        began = time.monotonic()
+        deadline = began + GPU_RELEASE_WAIT_S
+        while tree.seen & await asyncio.to_thread(listed):
+            if time.monotonic() > deadline:
+                log.warning("task %s: NVML still lists its processes after %gs; going on",
+                            tree.marker, GPU_RELEASE_WAIT_S)
+                break
+            await asyncio.sleep(GPU_RELEASE_POLL_S)
+        return time.monotonic() - began
 
     def _read_outcome(self, d: Path, meta: dict[str, Any], error: str) -> RunOutcome:
         """Blocking: the exit code and output tail from an attempt's directory."""
@@ -223,7 +323,26 @@ class ProcessExecutor:
                 error = describe_exit(exit_code)
         elif exit_code is None:
             duration = round(time.time() - meta["started_at"], 3)
-        return RunOutcome(exit_code=exit_code, output=output, duration_s=duration, error=error)
+        infra = bool(error) and error != "cancelled" and _disk_full(d)
+        if infra:
+            error = f"no space left in work dir {self._work_dir} on this node ({error})"
+        return RunOutcome(
+            exit_code=exit_code, output=output, duration_s=duration, error=error, infra=infra
+        )
+
+
+def _infra(error: str) -> RunOutcome:
+    """A node fault (work dir, shell, disk): the coordinator runs the attempt elsewhere."""
+    log.warning("infrastructure error: %s", error)
+    return RunOutcome(exit_code=None, error=error, infra=True)
+
+
+def _tree_of(meta: dict[str, Any]) -> Tree:
+    name = str(meta.get("marker") or marker(str(meta["task_id"]), int(meta["attempt"])))
+    # (no marker: written by a client before markers; its pgid and session still find it)
+    cg = meta.get("cgroup")
+    pgid, pid = int(meta.get("pgid") or 0), int(meta.get("pid") or 0)
+    return Tree(name, Path(cg) if cg else None, pgid, pid)
 
 
 def task_env(base: Mapping[str, str], assign: Assign, gpus: list[Any]) -> dict[str, str]:
@@ -331,6 +450,22 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _rmdir_quietly(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def _disk_full(d: Path) -> bool:
+    """Did the attempt's file system run out of space (ENOSPC)? Then the node failed it."""
+    try:
+        st = os.statvfs(d)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < DISK_FULL_BYTES
+
+
 def _mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
@@ -339,4 +474,5 @@ def _mtime(path: Path) -> float:
 
 
 def create(settings: ClientSettings, source: GpuSource) -> ProcessExecutor:
-    return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes)
+    return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes,
+                           cgroup=settings.cgroup)
