@@ -18,10 +18,12 @@ from starlette.routing import WebSocketRoute
 from coordinator.admin_api import admin_routes, open_auth
 from coordinator.api import error, routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
+from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
+from coordinator.node_api import node_routes
 from coordinator.metrics import MeshMetrics
 from coordinator.settings import Settings
-from coordinator.store import Store
+from coordinator.store import Store, StoreError
 from coordinator.templates import load_templates
 from coordinator.ws import Connections, node_socket
 
@@ -37,6 +39,13 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error(exc.status_code, what, reason)
 
 
+async def _store_error(request: Request, exc: Exception) -> Response:
+    """A write that could not be committed, or the Mesh rebuilding after one: retry soon."""
+    resp = error(503, "not stored", str(exc))
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
 def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     templates = load_templates(settings.templates)  # a bad file stops the start, with why
 
@@ -50,6 +59,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         )
         await store.open()
         auth_store = await open_auth(app.state, settings)
+        identities = await NodeIdentities.open(settings.data_dir, settings.token)
+        app.state.identities = identities
         mesh = Mesh(store, settings, metrics)
         connections = Connections()
         metrics.watch(mesh, lambda: connections.open)
@@ -67,10 +78,11 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             await mesh.stop()
             await store.close()
             await auth_store.close()
+            await identities.close()
 
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
-        routes=[*routes, *admin_routes, WebSocketRoute("/ws/{node_id}", node_socket)],
+        routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket)],
         middleware=[
             Middleware(  # outermost: answers preflights, adds headers to every answer
                 CORSMiddleware,
@@ -83,7 +95,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
                 book=lambda: getattr(app.state, "tokens", None), hint=lambda: hint,
             ),
         ],
-        exception_handlers={HTTPException: _http_error},
+        exception_handlers={HTTPException: _http_error, StoreError: _store_error},
         lifespan=lifespan,
     )
     return app

@@ -5,6 +5,18 @@ handler) turns bytes into calls here and sends back what comes out. Every change
 task's state goes through `_transition`, which looks the edge up in one table, applies
 it synchronously (check and set, no await in between) and returns the durable write;
 callers await that write (shielded) before they acknowledge or send anything.
+
+The discipline (DESIGN.md, "Durable before visible") is crash-only:
+
+- memory runs ahead of the store only between a transition and its commit, and in that
+  window nothing outside sees it: replies, `ack`s, `assign`s and long-poll wake-ups wait
+  for the write (`Task.pending`), reads of one task wait for its pending write;
+- any failed or short write (an engine error, a guarded UPDATE that matched no row, a
+  value that cannot be encoded) is fatal to this memory: the store refuses further writes,
+  the Mesh stops serving (`MeshUnavailable`, HTTP 503), closes every node connection
+  (1011) and rebuilds itself from what the store committed, as after a restart. Nodes
+  reconnect and report what they run; no transition is retried on a guess.
+- what cannot be stored is refused at the edge (shared/limits.py) before any change.
 """
 
 from __future__ import annotations
@@ -67,6 +79,10 @@ class UnknownTask(LookupError):
         self.task_id = task_id
 
 
+class MeshUnavailable(StoreError):
+    """The Mesh is rebuilding from its store after a failed write: try again shortly."""
+
+
 class AlreadyFinished(RuntimeError):
     def __init__(self, task: Task) -> None:
         super().__init__(f"task {task.id} is already {task.state}")
@@ -81,6 +97,16 @@ class Mesh(NodeFaults):
         self.settings = settings
         self.metrics = metrics or MeshMetrics()
         self.loop_watch = LoopWatch(settings.stall_s)  # event-loop lag, for liveness
+        self.broken: str = ""  # why the Mesh is rebuilding from the store; "" when serving
+        self.rebuilds = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._rebuilding: asyncio.Task[None] | None = None
+        store.on_failure = self._store_failed
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """Every piece of memory that the store is the truth of: rebuilt after a failure."""
+        settings = self.settings
         self.tasks: dict[str, Task] = {}  # every unfinished task
         self.finished: OrderedDict[str, Task] = OrderedDict()  # the most recent finished
         self.nodes: dict[str, Node] = {}
@@ -97,6 +123,7 @@ class Mesh(NodeFaults):
         self._done: dict[str, asyncio.Event] = {}
         self.loaded = asyncio.Event()  # every stored task is back in memory
         self._loops: list[asyncio.Task[None]] = []
+        self.started_at = getattr(self, "started_at", time.time())
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -125,6 +152,7 @@ class Mesh(NodeFaults):
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
             asyncio.create_task(self._liveness_loop(), name="liveness"),
             asyncio.create_task(self._load_queued(len(active)), name="load-queued"),
+            asyncio.create_task(self._forget_loop(), name="forget-nodes"),
         ]
         self._wake.set()
 
@@ -149,6 +177,54 @@ class Mesh(NodeFaults):
         return node
 
     async def stop(self) -> None:
+        if self._rebuilding is not None:
+            self._rebuilding.cancel()
+        await self._stop_loops()
+        for node in self.nodes.values():
+            if node.grace is not None:
+                node.grace.cancel()
+            if node.link is not None:
+                node.link.close(1001, "coordinator shutting down")
+
+    # --- crash-only: a failed write rebuilds memory from the store ---------------------
+
+    def _store_failed(self, err: StoreError) -> None:
+        if self.broken:
+            return
+        self.broken = str(err)
+        log.critical("a store write failed (%s): rebuilding the mesh from the store", err)
+        self.metrics.store_failures.inc()
+        self._rebuilding = asyncio.get_running_loop().create_task(
+            self._rebuild(), name="mesh-rebuild"
+        )
+
+    async def _rebuild(self) -> None:
+        """Forget memory, close every node connection, reload what the store committed."""
+        await self._stop_loops()
+        for node in self.nodes.values():
+            if node.grace is not None:
+                node.grace.cancel()
+            if node.link is not None:
+                node.link.close(1011, "coordinator rebuilding its state from the store")
+        done = self._done
+        delay = 0.05
+        while True:
+            self._init_state()
+            self._done = done  # long-polls keep waiting; they wake when their task ends
+            try:
+                await self.store.reset()
+                await self.start()
+                break
+            except Exception:  # noqa: BLE001 - the store is still failing: try again
+                log.exception("rebuild from the store failed; retrying in %.2fs", delay)
+                await self._stop_loops()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.rebuilds += 1
+        self.broken = ""
+        log.warning("mesh rebuilt from the store (%d tasks unfinished)", len(self.tasks))
+
+    async def _stop_loops(self) -> None:
         for loop_task in self._loops:
             loop_task.cancel()
         for loop_task in self._loops:
@@ -156,11 +232,20 @@ class Mesh(NodeFaults):
                 await loop_task
             except asyncio.CancelledError:
                 pass
-        for node in self.nodes.values():
-            if node.grace is not None:
-                node.grace.cancel()
-            if node.link is not None:
-                node.link.close(1001, "coordinator shutting down")
+        self._loops = []
+
+    async def settled(self) -> None:
+        """Returns once every transition made so far is committed: a reader that awaits
+        this first shows no state the store does not hold."""
+        self._serving()
+        try:
+            await self.store.barrier()
+        except StoreError as exc:
+            raise MeshUnavailable(f"coordinator is rebuilding after a store failure: {exc}") from exc
+
+    def _serving(self) -> None:
+        if self.broken:
+            raise MeshUnavailable(f"coordinator is rebuilding after a store failure: {self.broken}")
 
     # --- the transition table ----------------------------------------------------------
 
@@ -177,10 +262,21 @@ class Mesh(NodeFaults):
         log.info(
             "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
         )
-        write = self.store.write(update_of(t, prev, prev_attempt))
+        try:
+            op = update_of(t, prev, prev_attempt)
+        except Exception as exc:  # noqa: BLE001 - memory moved, the store cannot follow
+            err = StoreError(f"task {t.id} {prev} -> {to} cannot be encoded: {exc!r}")
+            self._store_failed(err)
+            write: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            write.set_exception(err)
+        else:
+            write = self.store.write(op)
+        t.pending = write
         if to in FINISHED and t.id in self._done:
             # Long-polls hear of the end only once it is durable, like every other reply.
-            write.add_done_callback(lambda _: self._finished_durably(t.id))
+            write.add_done_callback(
+                lambda f: None if f.exception() else self._finished_durably(t.id)
+            )
         return write
 
     def _finished_durably(self, task_id: str) -> None:
@@ -293,19 +389,27 @@ class Mesh(NodeFaults):
         return t
 
     async def submit(self, specs: list[tuple[TaskSubmit, dict[str, Any]]]) -> list[Task]:
-        """Accept tasks; returns once every one of them is durable."""
+        """Accept tasks, all or none; returns once every one of them is durable.
+
+        The inserts are queued in one turn of the loop, so they share one transaction: a
+        batch commits whole or not at all. On failure the Mesh rebuilds from the store,
+        where none of them is, and the caller answers 503."""
+        self._serving()
         tasks = [self._new_task(spec, params) for spec, params in specs]
-        writes = [self.store.write(insert_of(t)) for t in tasks]
         try:
-            await asyncio.shield(asyncio.gather(*writes))
-        except StoreError:
-            for t in tasks:  # never acknowledged, so never run: take them back out
-                if t.state is Q:
-                    self._transition(t, CANC, cause="store write failed", error="not stored")
-            raise
+            ops = [insert_of(t) for t in tasks]
+        except Exception as exc:  # noqa: BLE001 - the edge let through what cannot be stored
+            err = StoreError(f"submission cannot be encoded: {exc!r}")
+            self._store_failed(err)
+            raise err from exc
+        writes = [self.store.write(op) for op in ops]
+        for t, w in zip(tasks, writes, strict=True):
+            t.pending = w
+        await asyncio.shield(asyncio.gather(*writes))
         return tasks
 
     async def cancel(self, task_id: str, reason: str = "cancelled by user") -> Task:
+        self._serving()
         if task_id not in self.tasks and not self.loaded.is_set():
             await self.loaded.wait()  # it may be a queued task still loading
         t = self.tasks.get(task_id)
@@ -322,8 +426,19 @@ class Mesh(NodeFaults):
         return t
 
     async def lookup(self, task_id: str) -> Task | None:
-        t = self.tasks.get(task_id) or self.finished.get(task_id)
-        return t if t is not None else await self.store.get(task_id)
+        """The task as committed: a transition still being written is waited for."""
+        for _ in range(100):  # each round waits for one commit; a busy task settles fast
+            self._serving()
+            t = self.tasks.get(task_id) or self.finished.get(task_id)
+            if t is None:
+                return await self.store.get(task_id)
+            pending = t.pending
+            if pending is None or pending.done() and pending is t.pending:
+                if pending is not None and pending.exception() is not None:
+                    continue  # that state never committed; the rebuild knows the truth
+                return t
+            await asyncio.wait([pending])
+        raise MeshUnavailable(f"task {task_id} did not settle")
 
     async def wait_finished(self, task_id: str, wait_s: float) -> None:
         if task_id not in self.tasks and not self.loaded.is_set():
@@ -390,7 +505,8 @@ class Mesh(NodeFaults):
             key, (_, _, task_id) = found
             t = self.tasks[task_id]
             decision = place(
-                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing
+                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing,
+                ask=t.policy_ask,
             )
             if isinstance(decision, NoFit):  # its reason is worked out when read
                 self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
@@ -513,6 +629,46 @@ class Mesh(NodeFaults):
             keep=keep, stop=stop,
         )
 
+    def forget_stale_nodes(self, now: float) -> list[str]:
+        """Forget nodes offline (not online, holding no tasks, no grace pending) whose last
+        message is older than MESH_FORGET_NODE_S at monotonic time `now`; returns their
+        names. A forgotten node that comes back simply registers anew."""
+        cutoff = now - self.settings.forget_node_s
+        gone = [
+            n.name for n in self.nodes.values()
+            if not n.online and not n.tasks and n.grace is None and n.link is None
+            and n.last_seen < cutoff
+        ]
+        for name in gone:
+            del self.nodes[name]
+            self.index.remove(name)
+            log.info("node %s forgotten: offline for more than %gs", name,
+                     self.settings.forget_node_s, extra={"node": name})
+        return gone
+
+    def forget_node(self, name: str, why: str) -> bool:
+        """An admin forgets a node that holds no tasks (the caller checks): it leaves the
+        registry and, if connected, is closed with 4004. False if it was not registered."""
+        node = self.nodes.pop(name, None)
+        if node is None:
+            return False
+        assert not node.tasks, f"node {name} still holds tasks"
+        if node.grace is not None:
+            node.grace.cancel()
+            node.grace = None
+        self.index.remove(name)
+        if node.link is not None:
+            node.link.close(4004, why)
+            node.link = None
+        log.warning("node %s forgotten: %s", name, why, extra={"node": name})
+        return True
+
+    async def _forget_loop(self) -> None:
+        interval = min(60.0, max(0.05, self.settings.forget_node_s / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self.forget_stale_nodes(time.monotonic())
+
     def disconnected(self, name: str, link: Link, why: str) -> None:
         node = self.nodes.get(name)
         if node is None or node.link is not link:
@@ -526,7 +682,10 @@ class Mesh(NodeFaults):
 
     def handle(self, name: str, link: Link, msg: ClientMsg) -> None:
         """One decoded message from a registered node. Replies go out through `link`."""
-        node = self.nodes[name]
+        node = self.nodes.get(name)
+        if node is None or node.link is not link or self.broken:
+            return  # a connection the Mesh has let go of (superseded, or rebuilding)
+        
         node.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
             account_energy(node, msg.gpus, self.tasks, 3 * self.settings.heartbeat_interval_s)
@@ -577,7 +736,10 @@ class Mesh(NodeFaults):
     def _on_result(self, node: Node, link: Link, msg: TaskResult) -> None:
         done = self.finished.get(msg.task_id)
         if done is not None and done.attempt == msg.attempt and done.node == node.name:
-            link.send(Ack(task_id=msg.task_id, attempt=msg.attempt))  # a resend: already kept
+            self._ack_when_stored(done, link, msg)  # a resend: ack once the row shows it
+            return
+        if msg.task_id not in self.tasks and done is None:
+            self._spawn(self._ack_if_stored(node, link, msg))  # finished before a restart?
             return
         t = self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
         if t is None:
@@ -592,6 +754,28 @@ class Mesh(NodeFaults):
         )
         ack = Ack(task_id=msg.task_id, attempt=msg.attempt)
         write.add_done_callback(lambda f: None if f.exception() else link.send(ack))
+
+    def _ack_when_stored(self, t: Task, link: Link, msg: TaskResult) -> None:
+        ack = Ack(task_id=msg.task_id, attempt=msg.attempt)
+        if t.pending is None or t.pending.done() and not t.pending.exception():
+            link.send(ack)
+        else:
+            t.pending.add_done_callback(lambda f: None if f.exception() else link.send(ack))
+
+    async def _ack_if_stored(self, node: Node, link: Link, msg: TaskResult) -> None:
+        """A result for a task no longer in memory: ack it if the store holds this very
+        attempt's end, else refuse it as stale."""
+        row = await self.store.get(msg.task_id)
+        if (row is not None and row.state in FINISHED and row.attempt == msg.attempt
+                and row.node == node.name and row.result is not None):
+            link.send(Ack(task_id=msg.task_id, attempt=msg.attempt))
+        elif msg.task_id not in self.tasks:
+            self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # --- invariants --------------------------------------------------------------------
 

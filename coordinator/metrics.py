@@ -51,6 +51,10 @@ class MeshMetrics:
             "gpumesh_loop_stalls", "Coordinator event-loop stalls (lag over MESH_STALL_S)",
             registry=r,
         )
+        self.store_failures = Counter(
+            "gpumesh_store_failures",
+            "Store writes that failed; each made the mesh rebuild from the store", registry=r,
+        )
         self.wait = Histogram(
             "gpumesh_task_wait_seconds", "Submit to assignment", ["task_type"],
             buckets=_TASK_TIME, registry=r,

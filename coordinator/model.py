@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import time
 import uuid
@@ -13,7 +14,8 @@ from typing import Any, Protocol
 
 import msgspec
 
-from shared.protocol import GpuInfo, Msg
+from shared.policy import PolicyAsk
+from shared.protocol import GpuInfo, Msg, NodePolicy
 from shared.tasks import TaskSubmit
 
 
@@ -45,6 +47,9 @@ def new_task_id() -> str:
 
 
 _spec_decoder = msgspec.json.Decoder(TaskSubmit)
+_enc_ask = msgspec.json.Encoder()
+# Submissions are encoded without defaults: a spec without these keys asks nothing of policy.
+_POLICY_KEYS = (b'"image"', b'"volumes"', b'"env"')
 
 
 @dataclass(slots=True, eq=False)
@@ -74,6 +79,9 @@ class Task:
     energy_j: float = 0.0  # integrated from the power of its GPUs while it held them
     _spec: TaskSubmit | None = None
     infra_retries: int = 0  # requeues after node faults: they do not spend max_attempts
+    _ask: PolicyAsk | None = None  # what node policy judges; cached, derived from the spec
+    # The store write of its latest transition; until it resolves, nothing outside may see it.
+    pending: asyncio.Future[None] | None = None
 
     @property
     def spec(self) -> TaskSubmit:
@@ -83,7 +91,31 @@ class Task:
 
     @property
     def class_key(self) -> tuple[str, bytes]:
-        return (self.executor, self.req_raw)
+        """Tasks that placement cannot tell apart share a queue class: same executor and
+        requirements, and (for node policy) the same image, volumes and env names."""
+        digest = self.policy_digest
+        return (self.executor, self.req_raw + b"\0" + digest if digest else self.req_raw)
+
+    @property
+    def policy_ask(self) -> PolicyAsk:
+        if self._ask is None:
+            self._ask = PolicyAsk(self.executor)
+            if any(k in self.spec_raw for k in _POLICY_KEYS):
+                spec = self.spec
+                self._ask = PolicyAsk(
+                    self.executor, spec.image or "", tuple(sorted(spec.volumes)),
+                    tuple(sorted(spec.env)),
+                )
+        return self._ask
+
+    @property
+    def policy_digest(self) -> bytes:
+        ask = self.policy_ask
+        if ask.trivial:
+            return b""
+        return hashlib.blake2b(
+            _enc_ask.encode((ask.image, ask.volumes, ask.env_names)), digest_size=8
+        ).digest()
 
     def log_context(self, **more: Any) -> dict[str, Any]:
         return {"task": self.id, "attempt": self.attempt, "node": self.node, **more}
@@ -109,6 +141,7 @@ class Node:
     protocol: int = 1
     seed_form: bool = False
     executors: frozenset[str] = frozenset()
+    policy: NodePolicy | None = None  # what it agrees to run, from its register
     labels: dict[str, str] = field(default_factory=dict)
     slots: int = 1
     cpu_count: int = 0
