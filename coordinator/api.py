@@ -27,6 +27,7 @@ from coordinator.edge import (
     encode_cursor,
     frame_refusal,
     item_refusal,
+    open_id_chunks,
     read_body,
     stream_tasks,
 )
@@ -185,8 +186,8 @@ async def submit(request: Request) -> JSON:
 
 
 async def active(request: Request) -> Response:
-    """Every unfinished task the caller may see, streamed in slices from a snapshot of
-    ids, so a 1,000,000-task backlog never holds the loop for long (coordinator/edge.py)."""
+    """Every unfinished task the caller may see, streamed in slices, its ids read from the
+    store in chunks, so a 1,000,000-task backlog never holds the loop for long (edge.py)."""
     mesh = _mesh(request)
     see = visible(request)
 
@@ -194,7 +195,8 @@ async def active(request: Request) -> Response:
         t = mesh.tasks.get(task_id)
         return t if t is not None and see(t.tenant) else None
 
-    body = stream_tasks(list(mesh.tasks), lookup, lambda t: task_view(t, mesh.queued_reason(t)))
+    ids = open_id_chunks(mesh.store)
+    body = stream_tasks(ids, lookup, lambda t: task_view(t, mesh.queued_reason(t)))
     return StreamingResponse(body, media_type="application/json")
 
 

@@ -446,6 +446,21 @@ class Store:
         tasks: list[Task] = await self._read(q)
         return tasks
 
+    async def open_ids(self, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """(seq, id) of unfinished tasks with seq > `after_seq`, in seq order, from the
+        tasks_open index: `/tasks/active` walks the backlog in chunks off the event loop."""
+
+        def q(conn: sqlite3.Connection) -> list[tuple[int, str]]:
+            return conn.execute(
+                "SELECT seq, id FROM tasks INDEXED BY tasks_open "
+                "WHERE state IN ('queued', 'assigned', 'running', 'lost') AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            ).fetchall()
+
+        rows: list[tuple[int, str]] = await self._read(q)
+        return rows
+
 
 def _close(conn: sqlite3.Connection | None) -> None:
     if conn is not None:
