@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, help="port (env MESH_PORT, default 8001)")
     p.add_argument("--data-dir", type=Path, help="SQLite lives here (env MESH_DATA_DIR)")
     p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"))
+    p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS/WSS (MESH_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (MESH_TLS_KEY)")
     return p.parse_args(argv)
 
 
@@ -34,8 +36,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         settings = Settings.from_env(
-            os.environ, host=args.host, port=args.port, data_dir=args.data_dir
+            os.environ, host=args.host, port=args.port, data_dir=args.data_dir,
+            tls_cert=args.tls_cert, tls_key=args.tls_key,
         )
+        if (settings.tls_cert is None) != (settings.tls_key is None):
+            raise ConfigError("MESH_TLS_CERT/MESH_TLS_KEY", "one of them", "both or neither")
     except ConfigError as exc:
         print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         access_log=False,
         proxy_headers=False,  # no access log, nothing reads the client address: skip a layer
         timeout_graceful_shutdown=5,
+        ssl_certfile=str(settings.tls_cert) if settings.tls_cert else None,
+        ssl_keyfile=str(settings.tls_key) if settings.tls_key else None,
     )
 
 

@@ -6,6 +6,7 @@
     gpumesh token create --tenant T --role submit|read|admin [--name N]
     gpumesh token list
     gpumesh token revoke ID
+    gpumesh node forget NAME
 
 Every command but `up` sends the API token from MESH_API_TOKEN, else the admin token the
 coordinator wrote to <MESH_DATA_DIR or ./mesh-data>/admin.token; --url or MESH_URL says where.
@@ -18,6 +19,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -52,7 +54,9 @@ def _request(method: str, url: str, body: bytes | None = None, timeout: float = 
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        ca = os.environ.get("MESH_CA_FILE", "").strip()  # a private CA for https:// URLs
+        context = ssl.create_default_context(cafile=ca) if ca else None
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read() or b"{}") | {"http_status": exc.code}
@@ -170,6 +174,23 @@ def _token_parsers(sub: Any) -> None:
         p.add_argument("--url", default=DEFAULT_URL)
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    doc = _request("DELETE", f"{args.url}/mesh/nodes/{urllib.parse.quote(args.name, safe='')}")
+    print(json.dumps(doc, indent=2))
+    return 1 if "error" in doc else 0
+
+
+def _node_parsers(sub: Any) -> None:
+    node = sub.add_parser("node", help="manage nodes (admin)")
+    actions = node.add_subparsers(dest="action", required=True)
+    forget = actions.add_parser(
+        "forget", help="forget an idle node and its credential: its name is free to join again"
+    )
+    forget.add_argument("name")
+    forget.add_argument("--url", default=DEFAULT_URL)
+    forget.set_defaults(fn=cmd_node)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="gpumesh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     status.add_argument("--url", default=DEFAULT_URL)
     status.set_defaults(fn=cmd_status)
     _token_parsers(sub)
+    _node_parsers(sub)
     args = p.parse_args(argv)
     sys.exit(args.fn(args))
 

@@ -24,6 +24,7 @@ def apply_register(node: Node, msg: Register) -> None:
     node.seed_form = msg.executors is None
     node.gpus = msg.gpus or seed_gpus(msg)
     node.executors = frozenset(msg.executors or ())
+    node.policy = msg.policy
     node.hostname, node.role, node.version = msg.hostname, msg.role, msg.version
     node.protocol, node.labels = msg.protocol, dict(msg.labels)
     node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb

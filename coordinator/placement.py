@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from shared.protocol import GpuInfo
+from shared.policy import PolicyAsk, refusal
+from shared.protocol import GpuInfo, NodePolicy
 from shared.tasks import Requirements
 
 CRITICAL = 8
@@ -103,6 +104,8 @@ class NodeView(Protocol):
     @property
     def load(self) -> float: ...
     @property
+    def policy(self) -> NodePolicy | None: ...  # what the node agrees to run; None: unstated
+    @property
     def unavailable(self) -> str: ...  # why an online node gets no work (quarantine, health)
 
 
@@ -161,7 +164,7 @@ class NoFit:
         return f"no node fits ({self.evaluated} {noun}: " + "; ".join(parts) + ")"
 
 
-_SINGULAR = {"have": "has", "are": "is", "do": "does", "lack": "lacks"}
+_SINGULAR = {"have": "has", "are": "is", "do": "does", "lack": "lacks", "refuse": "refuses"}
 
 
 def _singular(why: str) -> str:
@@ -278,9 +281,16 @@ def choose_gpus(
     return len(usable) - req.gpu_count - node.load, indices
 
 
+def _policy_refuses(node: NodeView, ask: PolicyAsk | None) -> str:
+    """Why the node's policy refuses the task ("" if it does not): a pure filter."""
+    if ask is None or node.policy is None:
+        return ""
+    return refusal(node.policy, ask)
+
+
 def _evaluate(
     req: Requirements, executor: str, node: NodeView, priority: int, mode: str,
-    filtered: Counter[str] | None,
+    filtered: Counter[str] | None, ask: PolicyAsk | None = None,
 ) -> tuple[float, tuple[int, ...]] | None:
     if not node.online:
         why = "are offline"
@@ -288,6 +298,8 @@ def _evaluate(
         why = node.unavailable
     elif executor not in node.executors:
         why = f"do not offer the {executor} executor"
+    elif policy_why := _policy_refuses(node, ask):
+        why = f"refuse it by node policy: {policy_why}"
     elif (req.labels or req.node_selector) and not _labels_ok(req, node):
         why = "lack the required labels"
     elif req.gpu_count == 0:
@@ -310,14 +322,15 @@ def _evaluate(
 
 
 def _scan(
-    req: Requirements, executor: str, nodes: Iterable[NodeView], priority: int, mode: str
+    req: Requirements, executor: str, nodes: Iterable[NodeView], priority: int, mode: str,
+    ask: PolicyAsk | None = None,
 ) -> Placement | NoFit:
     filtered: Counter[str] = Counter()
     best: tuple[float, float, str, tuple[int, ...]] | None = None  # (cost, -score, name, gpus)
     evaluated = 0
     for node in nodes:
         evaluated += 1
-        fit = _evaluate(req, executor, node, priority, mode, filtered)
+        fit = _evaluate(req, executor, node, priority, mode, filtered, ask)
         if fit is None:
             continue
         key = (node_cost(node), -fit[0], node.name, fit[1])
@@ -334,17 +347,21 @@ def place(
     nodes: Iterable[NodeView] | PlacementIndex,
     priority: int = 5,
     mode: str = "balanced",
+    ask: PolicyAsk | None = None,
 ) -> Placement | NoFit:
+    """`ask`: what the task asks of node policy (image, volumes, env names); None skips it."""
     mode = effective_mode(req, priority, mode)
     if isinstance(nodes, PlacementIndex):
-        found = nodes.fast(req, executor, priority, mode)
+        found = nodes.fast(req, executor, priority, mode, ask)
         if found is not None:
             return found
         everyone = nodes.nodes.values()
         if nodes.walk_is_complete(req):  # nothing fits: count why only if someone asks
-            return NoFit(explain=lambda: _scan(req, executor, list(everyone), priority, mode))
-        return _scan(req, executor, everyone, priority, mode)
-    return _scan(req, executor, nodes, priority, mode)
+            return NoFit(
+                explain=lambda: _scan(req, executor, list(everyone), priority, mode, ask)
+            )
+        return _scan(req, executor, everyone, priority, mode, ask)
+    return _scan(req, executor, nodes, priority, mode, ask)
 
 
 # --- the index -----------------------------------------------------------------------------
@@ -439,12 +456,13 @@ class PlacementIndex:
         return keys
 
     def fast(
-        self, req: Requirements, executor: str, priority: int, mode: str
+        self, req: Requirements, executor: str, priority: int, mode: str,
+        ask: PolicyAsk | None = None,
     ) -> Placement | None:
         if req.shared:
             return None  # shared GPUs sit outside the free buckets: let the scan decide
         if req.gpu_count == 0:
-            return self._fast_cpu(req, executor)
+            return self._fast_cpu(req, executor, ask)
         keys = self._keys_for(req)
         if mode in ("speed", "efficiency"):
             rank = _CHOOSE[mode]
@@ -458,7 +476,7 @@ class PlacementIndex:
             if k < req.gpu_count:
                 continue  # a node that needs GPUs of two models to fit is left to the scan
             for name in self._gpu[key][k]:
-                fit = _evaluate(req, executor, self.nodes[name], priority, mode, None)
+                fit = _evaluate(req, executor, self.nodes[name], priority, mode, None, ask)
                 if fit is None:
                     continue
                 if mode != "endurance":
@@ -478,10 +496,13 @@ class PlacementIndex:
         pairs = [(key, k) for key in keys for k in self._gpu.get(key, ())]
         return sorted(pairs, key=lambda p: (p[0][0], -p[1]))
 
-    def _fast_cpu(self, req: Requirements, executor: str) -> Placement | None:
+    def _fast_cpu(
+        self, req: Requirements, executor: str, ask: PolicyAsk | None = None
+    ) -> Placement | None:
         for cost, slots in sorted(self._cpu, key=lambda c: (c[0], -c[1])):
             for name in self._cpu[(cost, slots)]:
                 node = self.nodes[name]
-                if executor in node.executors and _labels_ok(req, node):
+                if (executor in node.executors and _labels_ok(req, node)
+                        and not _policy_refuses(node, ask)):
                     return Placement(name, (), -node.load)
         return None

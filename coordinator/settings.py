@@ -16,7 +16,9 @@ class Settings:
     port: int = 8001
     data_dir: Path = Path("./mesh-data")
     name: str = "gpumesh"
-    token: str = ""  # when set, `register` must carry it
+    token: str = ""  # the join token nodes present; "" = the one in <data-dir>/join.token
+    tls_cert: Path | None = None  # with tls_key: serve HTTPS and WSS
+    tls_key: Path | None = None
     heartbeat_interval_s: float = 5.0
     node_timeout_s: float = 15.0  # silence after which a node is lost
     reconnect_grace_s: float = 10.0  # a closed socket's tasks wait this long for the node
@@ -33,11 +35,6 @@ class Settings:
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
     templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
-    max_infra_retries: int = 20  # node-fault requeues of one task before it fails
-    quarantine_errors: int = 3  # infrastructure errors within the window that quarantine a node
-    quarantine_window_s: float = 600.0
-    quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
-    stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
     # Limits (README "Limits"): each refusal names the limit it hit.
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
     max_queued: int = 2_000_000  # queued tasks; a submission over it gets 429 + Retry-After
@@ -46,6 +43,11 @@ class Settings:
     ws_queue_frames: int = 10_000  # frames queued to one node; a peer that does not read
     ws_queue_bytes: int = 64 << 20  # ... past either bound is closed with 4005
     forget_node_s: float = 3600.0  # an offline node holding no tasks is forgotten after this
+    max_infra_retries: int = 20  # node-fault requeues of one task before it fails
+    quarantine_errors: int = 3  # infrastructure errors within the window that quarantine a node
+    quarantine_window_s: float = 600.0
+    quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
+    stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -55,7 +57,9 @@ class Settings:
             port=env_int(env, "MESH_PORT", d.port),
             data_dir=Path(env_str(env, "MESH_DATA_DIR", str(d.data_dir))),
             name=env_str(env, "NODE_NAME", d.name),
-            token=env_str(env, "MESH_TOKEN", ""),
+            token=env_str(env, "MESH_JOIN_TOKEN", "") or env_str(env, "MESH_TOKEN", ""),
+            tls_cert=Path(env["MESH_TLS_CERT"]) if env.get("MESH_TLS_CERT") else None,
+            tls_key=Path(env["MESH_TLS_KEY"]) if env.get("MESH_TLS_KEY") else None,
             heartbeat_interval_s=env_float(env, "MESH_HEARTBEAT_S", d.heartbeat_interval_s),
             node_timeout_s=env_float(env, "MESH_NODE_TIMEOUT_S", d.node_timeout_s),
             reconnect_grace_s=env_float(env, "MESH_RECONNECT_GRACE_S", d.reconnect_grace_s),
@@ -70,11 +74,6 @@ class Settings:
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
-            max_infra_retries=env_int(env, "MESH_MAX_INFRA_RETRIES", d.max_infra_retries),
-            quarantine_errors=env_int(env, "MESH_QUARANTINE_ERRORS", d.quarantine_errors),
-            quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
-            quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
-            stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
             max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
             max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
             max_connections=env_int(env, "MESH_MAX_CONNECTIONS", d.max_connections),
@@ -82,6 +81,11 @@ class Settings:
             ws_queue_frames=env_int(env, "MESH_WS_QUEUE_FRAMES", d.ws_queue_frames),
             ws_queue_bytes=env_int(env, "MESH_WS_QUEUE_BYTES", d.ws_queue_bytes),
             forget_node_s=env_float(env, "MESH_FORGET_NODE_S", d.forget_node_s),
+            max_infra_retries=env_int(env, "MESH_MAX_INFRA_RETRIES", d.max_infra_retries),
+            quarantine_errors=env_int(env, "MESH_QUARANTINE_ERRORS", d.quarantine_errors),
+            quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
+            quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
+            stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-import secrets
+import sqlite3
+from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from coordinator.identity import NodeIdentities, Refused
 from coordinator.mesh import Mesh
 from shared.limits import MAX_NAME, Throttled, message_refusal
 from shared.protocol import (
@@ -26,7 +28,10 @@ from shared.protocol import (
     Register,
     decode_client,
     encode,
+    valid_node_name,
 )
+
+NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +145,10 @@ async def _receive(ws: WebSocket) -> str | bytes | None:
 
 
 async def _reject(ws: WebSocket, code: CloseCode, reason: str) -> None:
-    log.warning("closing %s with %d: %s", ws.url.path, code, reason)
+    log.warning("closing %r with %d: %s", ws.url.path, code, reason)  # %r: no forged lines
     await ws.send_text(encode(Error(reason=reason, code="bad_message")).decode())
-    await ws.close(code, reason)
+    # A close reason is at most 123 bytes; the `error` frame above carries all of it.
+    await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
 
 
 async def node_socket(ws: WebSocket) -> None:
@@ -167,34 +173,89 @@ async def node_socket(ws: WebSocket) -> None:
         conns.open -= 1
 
 
-async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
-    settings = mesh.settings
+async def _audit(ws: WebSocket, name: str, action: str, detail: dict[str, Any]) -> None:
+    """Record a node admission or refusal in the audit trail, when the app keeps one."""
+    audit = getattr(ws.app.state, "audit", None)
+    if audit is None:
+        log.info("audit action=%s node=%s detail=%s", action, name, detail, extra={"node": name})
+        return
     try:
-        raw = await asyncio.wait_for(_receive(ws), settings.register_timeout_s)
+        await audit.record(f"node:{name}", action, name, detail)
+    except Exception:  # the trail is a witness: its failure must not decide admission
+        log.exception("audit record %s for node %s failed", action, name)
+
+
+async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | None:
+    """The connection's `register`, checked for name, protocol and join token; or None after
+    closing the socket with the reason (1008 bad name/token, 4002 protocol)."""
+    if not valid_node_name(name):
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"invalid node name {name!r}: {NAME_RULE}")
+        return None
+    try:
+        raw = await asyncio.wait_for(_receive(ws), mesh.settings.register_timeout_s)
     except TimeoutError:
         await _reject(ws, CloseCode.POLICY_VIOLATION, "no register message in time")
-        return
+        return None
     if raw is None:
-        return
+        return None
     first = decode_client(raw)
     if not isinstance(first, Register):
         why = first.reason if isinstance(first, BadMessage) else f"got {type(first).__name__}"
         await _reject(ws, CloseCode.POLICY_VIOLATION, f"first message must be register: {why}")
-        return
+        return None
     if first.protocol not in SUPPORTED_PROTOCOLS:
         await _reject(
             ws, CloseCode.PROTOCOL_UNSUPPORTED,
             f"protocol {first.protocol} unsupported; speak {sorted(SUPPORTED_PROTOCOLS)}",
         )
+        return None
+    if why := message_refusal(first):  # names, labels, GPUs past shared/limits.py: fatal
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"register refused: {why}")
+        return None
+    ids: NodeIdentities = ws.app.state.identities
+    if not ids.join_ok(first.token):
+        await _audit(ws, name, "node.refuse", {"why": "bad join token"})
+        await _reject(ws, CloseCode.POLICY_VIOLATION, "bad token: not this mesh's join token")
+        return None
+    return first
+
+
+async def _admit(ws: WebSocket, mesh: Mesh, name: str) -> tuple[Register, str] | None:
+    """A checked register and the credential to issue ("" if the node presented its own)."""
+    first = await _first_register(ws, mesh, name)
+    if first is None:
+        return None
+    ids: NodeIdentities = ws.app.state.identities
+    try:
+        admission = await ids.admit(name, first.credential)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("storing node %s's credential failed: %s", name, exc, extra={"node": name})
+        await _reject(ws, CloseCode.INTERNAL_ERROR, "could not store the node's credential")
+        return None
+    if isinstance(admission, Refused):
+        await _audit(ws, name, "node.refuse", {"why": "name taken"})
+        await _reject(ws, CloseCode.NAME_TAKEN, admission.reason)
+        return None
+    await _audit(ws, name, "node.admit", {"new": bool(admission.issued),
+                                          "rejoined": admission.rejoined})
+    return first, admission.issued
+
+
+async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
+    admitted = await _admit(ws, mesh, name)
+    if admitted is None:
         return
-    if settings.token and not secrets.compare_digest(first.token, settings.token):
-        await _reject(ws, CloseCode.POLICY_VIOLATION, "bad token")
+    first, issued = admitted
+    if mesh.broken:  # rebuilding from the store after a failed write: come back shortly
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "coordinator rebuilding its state; retry")
         return
     link = WsLink(ws, name)
     writer = asyncio.create_task(link.writer(), name=f"ws-writer-{name}")
     why = "closed"
     try:
-        link.send(mesh.register(name, first, link))
+        registered = mesh.register(name, first, link)
+        registered.credential = issued  # its hash committed before this reply goes out
+        link.send(registered)
         why = await _read_loop(ws, mesh, name, link)
     finally:
         mesh.disconnected(name, link, why)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -23,11 +24,13 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from gpu_client.credential import credential_path, load_credential, save_credential
 from gpu_client.detect import GpuSource
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
 from gpu_client.health import NodeHealth
 from gpu_client.logstream import LogStream
+from gpu_client.policy import assign_refusal, node_policy
 from gpu_client.settings import ClientSettings
 from gpu_client.telemetry import Telemetry
 from shared import __version__
@@ -38,6 +41,7 @@ from shared.protocol import (
     Assign,
     BadMessage,
     Cancel,
+    CloseCode,
     Drain,
     Error,
     Heartbeat,
@@ -83,9 +87,18 @@ def classify_error(exc: Exception) -> Exception | None:
     """For `connect`: None retries; an exception is fatal. Only 401/403 and bad URLs are."""
     if isinstance(exc, InvalidStatus):
         return exc if exc.response.status_code in (401, 403) else None
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return exc  # an unverified certificate is refused for good: fix MESH_CA_FILE or the URL
     if isinstance(exc, InvalidHandshake | OSError | TimeoutError | ConnectionClosed):
         return None
     return exc
+
+
+def _tls(s: ClientSettings) -> dict[str, Any]:
+    """`connect` keywords for wss://: verify against MESH_CA_FILE when set (else the system CAs)."""
+    if s.ca_file is None or not s.coordinator_url.startswith("wss://"):
+        return {}
+    return {"ssl": ssl.create_default_context(cafile=str(s.ca_file))}
 
 
 @dataclass(eq=False)
@@ -124,6 +137,10 @@ class Agent:
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.registrations = 0  # sessions that got `registered`; tests wait on it
+        self._policy = node_policy(settings, settings.executors)
+        self._credential_path = credential_path(
+            settings.state_dir, settings.coordinator_url, settings.node_name
+        )
         self.telemetry = Telemetry(source)
         self.health = NodeHealth(self._executors, settings.work_dir, settings.min_free_mb)
         self.fence = Fence(settings.fence_after_s, self._self_fence)
@@ -159,9 +176,13 @@ class Agent:
 
     def _exit_code(self, loop_task: asyncio.Task[None]) -> int:
         exc = loop_task.exception()
-        if isinstance(exc, FatalClose | InvalidStatus):
+        if isinstance(exc, FatalClose | InvalidStatus | ssl.SSLCertVerificationError):
             log.error("stopping: the coordinator refused node %s: %s", self._settings.node_name,
                       exc, extra={"node": self._settings.node_name})
+            if isinstance(exc, FatalClose) and exc.code == CloseCode.NAME_TAKEN:
+                log.error("node name %s belongs to another node: set another NODE_NAME, or "
+                          "have an admin run `gpumesh node forget %s` if that node is gone",
+                          self._settings.node_name, self._settings.node_name)
             return EXIT_FATAL
         log.error("stopping: connection loop failed", exc_info=exc)
         return 1
@@ -193,7 +214,7 @@ class Agent:
         connector = connect(
             s.ws_url, reconnect_delays=lambda: reconnect_delays(s.reconnect_max_s),
             process_exception=classify_error, max_size=MAX_FRAME_BYTES, open_timeout=10,
-            close_timeout=5, compression=None,
+            close_timeout=5, compression=None, **_tls(s),
         )
         backoff = reconnect_delays(s.reconnect_max_s)
         async with aclosing(aiter(connector)) as connections:
@@ -222,6 +243,9 @@ class Agent:
         if registered is None:
             log.warning("no `registered` within %.0fs; reconnecting", REGISTER_TIMEOUT_S)
             return
+        if registered.credential:  # first join: keep it before anything else happens
+            await asyncio.to_thread(save_credential, self._credential_path, registered.credential)
+            log.info("node credential issued; kept in %s", self._credential_path)
         self.registrations += 1
         self._heartbeat_s = registered.heartbeat_interval_s
         self._draining = False
@@ -266,7 +290,8 @@ class Agent:
             gpus=reading.gpus, cpu_count=host.cpu_count if host else os.cpu_count() or 1,
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
-            running=self._refs(),
+            running=self._refs(), policy=self._policy,
+            credential=await asyncio.to_thread(load_credential, self._credential_path),
         )
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[Msg]) -> None:
@@ -373,6 +398,9 @@ class Agent:
         self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt))
         if self._draining:
             self._finish(run, RunOutcome(exit_code=None, error="node draining", infra=True))
+        elif refused := assign_refusal(self._policy, a):
+            log.warning("refused task %s.%d: %s", *key, refused, extra=extra)
+            self._finish(run, RunOutcome(exit_code=None, error=refused))
         elif executor is None or a.executor not in self.health.usable:
             why = f"executor {a.executor} not offered by node {self._settings.node_name}"
             if executor is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,10 +17,10 @@ from shared.config import (
     env_list,
     env_str,
 )
+from shared.protocol import valid_node_name
 from shared.tasks import EXECUTORS
 
 DEFAULT_COORDINATOR_URL = "ws://localhost:8001"
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEMES = {"ws://": "ws://", "wss://": "wss://", "http://": "ws://", "https://": "wss://"}
 
 
@@ -31,13 +30,20 @@ class ClientSettings:
     role: str = "compute"
     coordinator_url: str = DEFAULT_COORDINATOR_URL  # ws:// or wss://, no trailing "/" or "/ws"
     gpu_enabled: bool = True
-    executors: tuple[str, ...] = ("builtin", "process")  # "builtin" always first
+    executors: tuple[str, ...] = ("builtin", "docker")  # "builtin" always first
     slots: int = 1
     labels: dict[str, str] = field(default_factory=dict)
     token: str = ""
     work_dir: Path = Path("/tmp/gpumesh-work")
     reconnect_max_s: float = 10.0
     output_tail_bytes: int = 16 * 1024
+    state_dir: Path = Path("~/.local/state/gpumesh")  # the node's credential lives here
+    ca_file: Path | None = None  # a private CA that signs the coordinator's certificate
+    allowed_images: tuple[str, ...] = ("*",)  # globs a docker task's image must match
+    allowed_volumes: tuple[str, ...] = ()  # host path prefixes bind mounts must lie under
+    forbidden_env: tuple[str, ...] = ()  # names/globs refused on top of the hook list
+    docker_caps: tuple[str, ...] = ()  # capabilities task containers keep (all others dropped)
+    run_as: str = ""  # process tasks run as this user (the client must be root to switch)
     fence_after_s: float = 20.0  # cut off this long: stop all running work (0: never)
     cgroup: str = "auto"  # per-task cgroup v2 root: auto | off | a directory
     min_free_mb: int = 100  # less free disk in the work dir: the node reports itself unhealthy
@@ -52,8 +58,11 @@ class ClientSettings:
     def from_env(cls, env: Mapping[str, str]) -> ClientSettings:
         """Read every knob; a bad value raises ConfigError naming its variable."""
         node_name = env_str(env, "NODE_NAME", socket.gethostname())
-        if not _NODE_NAME.match(node_name):
-            raise ConfigError("NODE_NAME", node_name, "letters, digits, '.', '_' or '-'")
+        if not valid_node_name(node_name):
+            raise ConfigError(
+                "NODE_NAME", node_name, "1-63 letters, digits, '.', '_' or '-', starting with "
+                "a letter or digit",
+            )
         slots = env_int(env, "MESH_SLOTS", os.cpu_count() or 1)
         if slots < 1:
             raise ConfigError("MESH_SLOTS", str(slots), "a positive integer")
@@ -84,6 +93,13 @@ class ClientSettings:
             work_dir=Path(work_dir),
             reconnect_max_s=reconnect_max_s,
             output_tail_bytes=tail,
+            state_dir=_state_dir(env),
+            ca_file=Path(env["MESH_CA_FILE"]) if env.get("MESH_CA_FILE", "").strip() else None,
+            allowed_images=env_list(env, "MESH_ALLOWED_IMAGES", ("*",)),
+            allowed_volumes=_volume_prefixes(env),
+            forbidden_env=env_list(env, "MESH_FORBIDDEN_ENV", ()),
+            docker_caps=tuple(c.upper() for c in env_list(env, "MESH_DOCKER_CAPS", ())),
+            run_as=env_str(env, "MESH_RUN_AS", ""),
             fence_after_s=fence_after_s,
             cgroup=env_str(env, "MESH_CGROUP", "auto"),
             min_free_mb=min_free_mb,
@@ -104,6 +120,24 @@ def normalize_url(raw: str) -> str:
     raise ConfigError("MESH_COORDINATOR_URL", raw, "a ws://, wss://, http:// or https:// URL")
 
 
+def _state_dir(env: Mapping[str, str]) -> Path:
+    """MESH_STATE_DIR, else $XDG_STATE_HOME/gpumesh, else ~/.local/state/gpumesh."""
+    explicit = env_str(env, "MESH_STATE_DIR", "")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = env_str(env, "XDG_STATE_HOME", "")
+    base = Path(xdg) if xdg else Path(env_str(env, "HOME", str(Path.home()))) / ".local/state"
+    return base / "gpumesh"
+
+
+def _volume_prefixes(env: Mapping[str, str]) -> tuple[str, ...]:
+    prefixes = env_list(env, "MESH_ALLOWED_VOLUMES", ())
+    for p in prefixes:
+        if not p.startswith("/") and "/" in p:
+            raise ConfigError("MESH_ALLOWED_VOLUMES", p, "absolute host paths or volume names")
+    return prefixes
+
+
 def _role(env: Mapping[str, str]) -> str:
     role = env_str(env, "NODE_ROLE", "compute").lower()
     if role not in ("compute", "lead"):
@@ -112,7 +146,7 @@ def _role(env: Mapping[str, str]) -> str:
 
 
 def _executors(env: Mapping[str, str]) -> tuple[str, ...]:
-    names = [n.lower() for n in env_list(env, "MESH_EXECUTORS", ("process",))]
+    names = [n.lower() for n in env_list(env, "MESH_EXECUTORS", ("docker",))]
     for name in names:
         if name not in EXECUTORS:
             raise ConfigError("MESH_EXECUTORS", name, "a comma list of " + ", ".join(EXECUTORS))

@@ -10,6 +10,7 @@ are ignored, so an older peer can read a newer one's messages.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,13 @@ SUPPORTED_PROTOCOLS = frozenset({1})
 MAX_FRAME_BYTES = 1 << 20  # larger frames are closed with 1009 by the WebSocket layer
 
 NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+
+# What a node name may be: it goes into logs, paths, metrics labels and container names.
+NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def valid_node_name(name: str) -> bool:
+    return NODE_NAME_RE.fullmatch(name) is not None
 
 
 class CloseCode(IntEnum):
@@ -82,6 +90,16 @@ class Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
     pass
 
 
+class NodePolicy(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What a node agrees to run; it travels in `register` so placement can respect it."""
+
+    executors: list[str] = []  # the executors it offers
+    allowed_images: list[str] = msgspec.field(default_factory=lambda: ["*"])  # image globs
+    allowed_volumes: list[str] = []  # host path prefixes a bind mount must lie under
+    forbidden_env: list[str] = []  # env names or glob patterns a task may not set
+    capabilities: list[str] = []  # Linux capabilities containers keep (all others dropped)
+
+
 # --- client -> coordinator ---------------------------------------------------------------
 
 
@@ -99,6 +117,8 @@ class Register(Msg, tag="register"):
     slots: NonNegInt = 0  # concurrent CPU tasks; 0 means cpu_count
     labels: dict[str, str] = {}
     running: list[TaskRef] = []
+    credential: str = ""  # the node's own credential, issued on its first registration
+    policy: NodePolicy | None = None  # None: an older client that states no policy
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -158,6 +178,7 @@ class Registered(Msg, tag="registered"):
     heartbeat_interval_s: float = 5.0
     keep: list[TaskRef] = []  # reported tasks whose attempt is current: carry on
     stop: list[TaskRef] = []  # reported tasks that were fenced off: stop and forget them
+    credential: str = ""  # set on a node's first registration: keep it, present it from now on
 
 
 class Assign(Msg, tag="assign"):

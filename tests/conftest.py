@@ -44,9 +44,13 @@ def admin_token(settings: Settings) -> str:
     return settings.admin_token or (settings.data_dir / "admin.token").read_text().strip()
 
 
+# The join token of every test coordinator (in-process and spawned); spawned clients send it.
+TEST_JOIN_TOKEN = "test-join-token"
+
 FAST = Settings(
     host="127.0.0.1",
     port=0,
+    token=TEST_JOIN_TOKEN,
     heartbeat_interval_s=0.5,
     node_timeout_s=3.0,
     reconnect_grace_s=1.5,
@@ -249,7 +253,10 @@ async def spawn_client(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]]:
             GPU_ENABLED=env.pop("GPU_ENABLED", "false"),
             MESH_WORK_DIR=str(tmp_path / f"work-{name}"),
             MESH_RECONNECT_MAX_S="1",
-            **env,
+            **({  # the join token, a state dir of its own (its credential), the process executor
+                "MESH_TOKEN": TEST_JOIN_TOKEN, "MESH_STATE_DIR": str(tmp_path / f"state-{name}"),
+                "MESH_EXECUTORS": "process",
+            } | env),
         )
         proc = Proc(
             [sys.executable, "-m", "gpu_client"], proc_env, tmp_path / f"client-{name}.log"
@@ -281,7 +288,8 @@ async def spawn_coordinator(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]
     def spawn(port: int, data_dir: Path, **env: str) -> Proc:
         proc_env = _base_env(
             MESH_HEARTBEAT_S="0.5", MESH_NODE_TIMEOUT_S="3", MESH_RECONNECT_GRACE_S="1.5",
-            MESH_RESTART_GRACE_S="5", **({"MESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN} | env),
+            MESH_RESTART_GRACE_S="5",
+            **({"MESH_ADMIN_TOKEN": TEST_ADMIN_TOKEN, "MESH_JOIN_TOKEN": TEST_JOIN_TOKEN} | env),
         )
         argv = [
             sys.executable, "-m", "coordinator", "--host", "127.0.0.1", "--port", str(port),

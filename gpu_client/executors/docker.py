@@ -27,7 +27,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -86,8 +86,10 @@ class DockerExecutor:
         kill_grace_s: float = 5.0,
         pull_timeout_s: float = 600.0,
         environment: Mapping[str, str] | None = None,
+        capabilities: Sequence[str] = (),
     ) -> None:
         self._node = node_name
+        self._caps = tuple(capabilities)  # MESH_DOCKER_CAPS: all others are dropped
         self._source = source
         self._tail_bytes = output_tail_bytes
         self._grace = kill_grace_s
@@ -126,7 +128,7 @@ class DockerExecutor:
             return RunOutcome(exit_code=None, error=why, infra=_infra_text(why))
         gpus = await asyncio.to_thread(self._source.read)
         created_at = time.time()
-        spec = container_spec(assign, self._node, gpus, created_at=created_at)
+        spec = container_spec(assign, self._node, gpus, created_at=created_at, caps=self._caps)
         try:
             cid = await asyncio.to_thread(self._create_and_start, spec)
         except DOCKER_ERRORS + (ValueError,) as exc:
@@ -444,4 +446,5 @@ def _since(t: float) -> float:
 
 
 def create(settings: ClientSettings, source: GpuSource) -> DockerExecutor:
-    return DockerExecutor(settings.node_name, source, output_tail_bytes=settings.output_tail_bytes)
+    return DockerExecutor(settings.node_name, source, output_tail_bytes=settings.output_tail_bytes,
+                          capabilities=settings.docker_caps)

@@ -32,7 +32,8 @@ def container_name(node: str, task_id: str, attempt: int) -> str:
 
 
 def container_spec(
-    assign: Assign, node: str, gpus: Sequence[GpuInfo], *, created_at: float | None = None
+    assign: Assign, node: str, gpus: Sequence[GpuInfo], *, created_at: float | None = None,
+    caps: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The keyword arguments handed to `DockerClient.containers.create` for one attempt.
 
@@ -40,6 +41,9 @@ def container_spec(
     naming the allocated devices as the detector names them (UUIDs, MIG instances); AMD GPUs
     get /dev/kfd and /dev/dri with ROCR_VISIBLE_DEVICES; Intel GPUs /dev/dri with
     ZE_AFFINITY_MASK; simulated (`fake`) GPUs only the environment.
+
+    Never privileged: `no-new-privileges`, every capability dropped but the node's `caps`
+    (MESH_DOCKER_CAPS). Volumes were checked against the node's policy before this.
     """
     env = dict(assign.env)
     env.update(gpu_env(assign, gpus))
@@ -58,7 +62,12 @@ def container_spec(
         "name": container_name(node, assign.task_id, assign.attempt),
         "labels": labels,
         "init": True,
+        "privileged": False,
+        "security_opt": ["no-new-privileges"],
+        "cap_drop": ["ALL"],
     }
+    if caps:
+        spec["cap_add"] = list(caps)
     if assign.command:
         spec["entrypoint"] = list(assign.command)
     elif assign.script:

@@ -38,7 +38,6 @@ from typing import Any
 
 from gpu_client.detect import GpuSource
 from gpu_client.executors.base import (
-    GPU_VISIBILITY_VARS,
     Adopted,
     OnOutput,
     OnStarted,
@@ -108,7 +107,9 @@ class ProcessExecutor:
         kill_grace_s: float = 5.0,
         base_env: Mapping[str, str] | None = None,
         cgroup: str = "auto",
+        run_as: str = "",
     ) -> None:
+        self._run_as = run_as  # MESH_RUN_AS: tasks run as this user (needs a root client)
         self._work_dir = work_dir
         self._source = source
         self._tail_bytes = output_tail_bytes
@@ -154,7 +155,9 @@ class ProcessExecutor:
             return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
         meta["cgroup"] = None if cg is None else str(cg)
-        env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read))
+        env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read), d)
+        if self._run_as:
+            await asyncio.to_thread(shutil.chown, d, self._run_as)
         env[MARKER_VAR] = name  # every process of the task inherits it: see tree.py
         launched = await self._launch(d, env, str(cg or ""), argv)
         if isinstance(launched, RunOutcome):
@@ -184,9 +187,9 @@ class ProcessExecutor:
             launcher = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, *argv, cwd=d, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True, user=self._run_as or None,
             )
-        except OSError as exc:
+        except (OSError, KeyError) as exc:  # KeyError: MESH_RUN_AS names no user
             return _infra(f"could not start the task's shell on this node: {exc}")
         self._launching.add(launcher.pid)
         try:
@@ -345,11 +348,21 @@ def _tree_of(meta: dict[str, Any]) -> Tree:
     return Tree(name, Path(cg) if cg else None, pgid, pid)
 
 
-def task_env(base: Mapping[str, str], assign: Assign, gpus: list[Any]) -> dict[str, str]:
-    """The client's environment minus its MESH_* settings and GPU masks, + task env + GPU env."""
-    env = {k: v for k, v in base.items() if not k.startswith("MESH_")}
-    for name in GPU_VISIBILITY_VARS:
-        env.pop(name, None)
+_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_KEPT_VARS = ("PATH", "LANG", "LC_ALL", "TZ")  # all a task gets of the client's environment
+
+
+def task_env(
+    base: Mapping[str, str], assign: Assign, gpus: list[Any], home: Path | None = None
+) -> dict[str, str]:
+    """A clean environment: PATH, LANG, LC_ALL and TZ from the client, HOME = the task's work
+    dir, the task's env, then its GPU visibility vars. Nothing else of the client's (its
+    secrets, its MESH_* settings, its GPU masks) reaches the task."""
+    env = {k: base[k] for k in _KEPT_VARS if base.get(k)}
+    env.setdefault("PATH", _DEFAULT_PATH)
+    env.setdefault("LANG", "C.UTF-8")
+    if home is not None:
+        env["HOME"] = str(home)
     env.update(assign.env)
     env.update(gpu_env(assign, gpus))
     return env
@@ -475,4 +488,4 @@ def _mtime(path: Path) -> float:
 
 def create(settings: ClientSettings, source: GpuSource) -> ProcessExecutor:
     return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes,
-                           cgroup=settings.cgroup)
+                           cgroup=settings.cgroup, run_as=settings.run_as)

@@ -1,0 +1,171 @@
+"""Node identity: the join token, and the credential each node is issued when it first joins.
+
+A node proves it may join with the join token (`MESH_JOIN_TOKEN`, else `<data-dir>/join.token`,
+generated on first start). On its first registration under a name it is issued a credential of
+its own; only the credential's hash is kept, durably, in `<data-dir>/nodes.sqlite3`, and the
+write commits before the `registered` reply that carries the credential goes out. From then on
+a register for that name must present the credential: anyone else is refused (4004 NAME_TAKEN),
+so a second machine using the same `NODE_NAME` can never take over the node's work. An admin
+frees a name with `DELETE /mesh/nodes/{name}` (`gpumesh node forget NAME`).
+
+Secrets are compared as bytes in constant time; SQLite runs on one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+JOIN_TOKEN_FILE = "join.token"
+DB_FILE = "nodes.sqlite3"
+
+
+def _hash(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of two secrets as bytes: any text, never an exception."""
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass")
+    )
+
+
+def ensure_join_token(data_dir: Path, configured: str) -> tuple[str, Path | None]:
+    """The join token: `configured` if set; else the one in `<data-dir>/join.token`, created
+    (mode 0600, O_EXCL) on first start. Blocking: call it through asyncio.to_thread."""
+    if configured:
+        return configured, None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / JOIN_TOKEN_FILE
+    token = secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        known = path.read_text().strip()
+        if known:
+            return known, path
+        raise RuntimeError(f"{path} is empty: delete it to generate a new join token") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return token, path
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    issued: str = ""  # a new credential to hand to the node in `registered`; "" if it had one
+    rejoined: bool = False  # it presented a credential this coordinator does not know
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+
+
+class NodeIdentities:
+    """Which credential each node name belongs to (hashes only), and the join token."""
+
+    def __init__(self, path: Path, join_token: str) -> None:
+        self._path = path
+        self._join = join_token
+        self._hashes: dict[str, bytes] = {}
+        self._db: sqlite3.Connection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-db")
+
+    @classmethod
+    async def open(cls, data_dir: Path, configured_token: str) -> NodeIdentities:
+        token, path = await asyncio.to_thread(ensure_join_token, data_dir, configured_token)
+        if path is not None:
+            log.warning("nodes join with the token in %s (give it to clients as MESH_TOKEN)", path)
+        ids = cls(data_dir / DB_FILE, token)
+        await ids._run(ids._open_db)
+        return ids
+
+    async def close(self) -> None:
+        await self._run(self._close_db)
+        self._pool.shutdown(wait=True)
+
+    async def _run(self, fn: object, *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+
+    # --- on the database thread ------------------------------------------------------------
+
+    def _open_db(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # rare writes; a credential must survive power loss
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS node_credentials ("
+            " name TEXT PRIMARY KEY, hash BLOB NOT NULL, joined_at REAL NOT NULL)"
+        )
+        self._hashes = {n: bytes(h) for n, h in db.execute("SELECT name, hash FROM node_credentials")}
+        self._db = db
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _insert(self, name: str, digest: bytes) -> None:
+        assert self._db is not None
+        self._db.execute(
+            "INSERT OR REPLACE INTO node_credentials (name, hash, joined_at) VALUES (?, ?, ?)",
+            (name, digest, time.time()),
+        )
+
+    def _delete(self, name: str) -> None:
+        assert self._db is not None
+        self._db.execute("DELETE FROM node_credentials WHERE name = ?", (name,))
+
+    # --- on the event loop -----------------------------------------------------------------
+
+    def join_ok(self, token: str) -> bool:
+        return _same(token, self._join)
+
+    def known(self, name: str) -> bool:
+        return name in self._hashes
+
+    async def admit(self, name: str, credential: str) -> Admitted | Refused:
+        """Check a register's credential for `name`; on a first join, issue one and store its
+        hash durably before returning (so the reply that carries it shows committed state)."""
+        known = self._hashes.get(name)
+        if known is not None:
+            if credential and hmac.compare_digest(_hash(credential), known):
+                return Admitted()
+            return Refused(
+                f"node name {name!r} belongs to another node's credential: pick another "
+                "NODE_NAME, or have an admin run `gpumesh node forget "
+                f"{name}` if that node is gone"
+            )
+        issued = secrets.token_urlsafe(32)
+        digest = _hash(issued)
+        self._hashes[name] = digest  # claimed now: a racing register for the name is refused
+        try:
+            await asyncio.shield(self._run(self._insert, name, digest))
+        except (sqlite3.Error, OSError):
+            if self._hashes.get(name) == digest:
+                del self._hashes[name]
+            raise
+        return Admitted(issued=issued, rejoined=bool(credential))
+
+    async def forget(self, name: str) -> bool:
+        """Drop `name`'s credential (durably); False if it had none."""
+        if name not in self._hashes:
+            return False
+        await asyncio.shield(self._run(self._delete, name))
+        self._hashes.pop(name, None)
+        return True

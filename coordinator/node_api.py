@@ -1,0 +1,52 @@
+"""`DELETE /mesh/nodes/{name}`: an admin forgets a node and its credential.
+
+A node that holds tasks is refused with 409 (drain it or cancel its tasks first): forgetting
+it would leave its work with a node the mesh no longer knows. A connected idle node is
+closed with 4004 (fatal for its client); its name is free for the next node that joins.
+The auth middleware lets only admin tokens reach this route.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.requests import Request
+from starlette.routing import Route
+
+from coordinator.api import JSON, error
+from coordinator.identity import NodeIdentities
+from coordinator.mesh import Mesh
+from shared.protocol import valid_node_name
+
+log = logging.getLogger(__name__)
+
+
+async def forget_node(request: Request) -> JSON:
+    name = request.path_params["name"]
+    if not valid_node_name(name):
+        return error(404, "unknown node", f"no node named {name!r}")
+    mesh: Mesh = request.app.state.mesh
+    ids: NodeIdentities = request.app.state.identities
+    node = mesh.nodes.get(name)
+    if node is not None and node.tasks:
+        return error(
+            409, "node busy",
+            f"node {name!r} holds {len(node.tasks)} task(s); cancel them or wait for them to "
+            "finish, then forget it",
+        )
+    registered = mesh.forget_node(name, "node forgotten by an admin")
+    had_credential = await ids.forget(name)
+    if not registered and not had_credential:
+        return error(404, "unknown node", f"no node named {name!r}")
+    audit = getattr(request.app.state, "audit", None)
+    if audit is not None:
+        principal = getattr(request.state, "principal", None) or "admin"
+        await audit.record(principal, "node.forget", name,
+                           {"was_registered": registered, "had_credential": had_credential})
+    else:
+        log.info("audit action=node.forget node=%s", name, extra={"node": name})
+    return JSON({"node": name, "forgotten": True, "was_registered": registered,
+                 "had_credential": had_credential})
+
+
+node_routes = [Route("/mesh/nodes/{name}", forget_node, methods=["DELETE"])]

@@ -1,0 +1,45 @@
+"""The node's credential: issued by the coordinator on the first registration, kept here.
+
+One file per coordinator and node name in the state dir (`MESH_STATE_DIR`, default
+`$XDG_STATE_HOME/gpumesh` or `~/.local/state/gpumesh`), mode 0600, replaced atomically.
+Blocking file I/O: call through asyncio.to_thread.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def credential_path(state_dir: Path, coordinator_url: str, node_name: str) -> Path:
+    """`<state>/credentials/<host_port>/<node>.credential`: a name per coordinator and node."""
+    where = coordinator_url.split("://", 1)[-1]
+    return state_dir / "credentials" / _UNSAFE.sub("_", where) / f"{node_name}.credential"
+
+
+def load_credential(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def save_credential(path: Path, credential: str) -> None:
+    """Write it durably with mode 0600 (the directory 0700), replacing any older one."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(credential + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
