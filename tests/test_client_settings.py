@@ -19,7 +19,9 @@ def test_defaults() -> None:
     assert s.coordinator_url == "ws://localhost:8001"
     assert s.ws_url == f"ws://localhost:8001/ws/{s.node_name}"
     assert s.gpu_enabled is True
-    assert s.executors == ("builtin", "process")
+    assert s.executors == ("builtin", "docker")  # the process executor is opt-in
+    assert s.allowed_images == ("*",) and s.allowed_volumes == () and s.run_as == ""
+    assert s.ca_file is None and s.state_dir.name == "gpumesh"
     assert s.slots == (os.cpu_count() or 1)
     assert s.labels == {} and s.token == ""
     assert s.work_dir == Path(f"/tmp/gpumesh-work/{s.node_name}")
@@ -44,6 +46,24 @@ def test_everything_set() -> None:
     assert s.slots == 3 and s.labels == {"zone": "eu", "owner": "lab"} and s.token == "t0k"
     assert s.work_dir == Path("/var/lib/gm")
     assert s.reconnect_max_s == 2.5 and s.output_tail_bytes == 100
+
+
+def test_policy_and_identity_settings(tmp_path: Path) -> None:
+    s = ClientSettings.from_env({
+        "MESH_STATE_DIR": str(tmp_path), "MESH_CA_FILE": "/etc/gm/ca.pem",
+        "MESH_ALLOWED_IMAGES": "ghcr.io/lab/*, python:3.11-slim",
+        "MESH_ALLOWED_VOLUMES": "/data/models,hf-cache", "MESH_FORBIDDEN_ENV": "AWS_*",
+        "MESH_DOCKER_CAPS": "sys_ptrace", "MESH_RUN_AS": "nobody",
+    })
+    assert s.state_dir == tmp_path and s.ca_file == Path("/etc/gm/ca.pem")
+    assert s.allowed_images == ("ghcr.io/lab/*", "python:3.11-slim")
+    assert s.allowed_volumes == ("/data/models", "hf-cache") and s.forbidden_env == ("AWS_*",)
+    assert s.docker_caps == ("SYS_PTRACE",) and s.run_as == "nobody"
+    assert ClientSettings.from_env({"XDG_STATE_HOME": "/x"}).state_dir == Path("/x/gpumesh")
+    with pytest.raises(ConfigError):
+        ClientSettings.from_env({"MESH_ALLOWED_VOLUMES": "data/models"})
+    with pytest.raises(ConfigError):
+        ClientSettings.from_env({"NODE_NAME": "x" * 64})
 
 
 @pytest.mark.parametrize(

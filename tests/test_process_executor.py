@@ -106,7 +106,8 @@ async def test_env_and_gpu_env(tmp_path: Path) -> None:
     outcome, _ = await run(ex, assign(script=script, env={"FOO": "bar"}, gpu_indices=[1],
                                       gpu_vendor="nvidia"))
     env = dict(line.split("=", 1) for line in outcome.output.splitlines() if "=" in line)
-    assert env["FOO"] == "bar" and env["KEEP"] == "yes"
+    assert env["FOO"] == "bar" and "KEEP" not in env  # a clean env: nothing of the client's
+    assert env["HOME"].startswith(str(tmp_path)) and env["PATH"] == os.environ["PATH"]
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["MESH_TASK_ID"] == "t1" and env["MESH_ATTEMPT"] == "1"
     assert env["MESH_GPU_INDICES"] == "1"
