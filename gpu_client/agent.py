@@ -137,7 +137,7 @@ class Agent:
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.registrations = 0  # sessions that got `registered`; tests wait on it
-        self._policy = node_policy(settings, settings.executors)
+        self._policy = node_policy(settings, self._executors)  # what it was built with
         self._credential_path = credential_path(
             settings.state_dir, settings.coordinator_url, settings.node_name
         )
@@ -398,14 +398,14 @@ class Agent:
         self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt))
         if self._draining:
             self._finish(run, RunOutcome(exit_code=None, error="node draining", infra=True))
-        elif refused := assign_refusal(self._policy, a):
-            log.warning("refused task %s.%d: %s", *key, refused, extra=extra)
-            self._finish(run, RunOutcome(exit_code=None, error=refused))
         elif executor is None or a.executor not in self.health.usable:
             why = f"executor {a.executor} not offered by node {self._settings.node_name}"
             if executor is not None:
                 why = f"executor {a.executor} unavailable on node {self._settings.node_name} now"
             self._finish(run, RunOutcome(exit_code=None, error=why, infra=True))
+        elif refused := assign_refusal(self._policy, a):
+            log.warning("refused task %s.%d: %s", *key, refused, extra=extra)
+            self._finish(run, RunOutcome(exit_code=None, error=refused))
         else:
             log.info("running task %s.%d with %s", *key, a.executor, extra=extra)
             work = partial(executor.run, a, lambda: self._on_started(run))
