@@ -47,7 +47,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=igno
 RUN groupadd --system --gid 10001 gpumesh \
     && useradd --system --uid 10001 --gid gpumesh --home-dir /home/gpumesh --create-home \
         --shell /usr/sbin/nologin gpumesh \
-    && mkdir -p /data /run/gpumesh-metrics && chown gpumesh:gpumesh /data /run/gpumesh-metrics
+    && mkdir -p /data /run/gpumesh-metrics /join /state \
+    && chown gpumesh:gpumesh /data /run/gpumesh-metrics /join /state
 COPY --from=wheels /wheels /tmp/wheels
 RUN python3 -m venv /opt/gpumesh \
     && /opt/gpumesh/bin/pip install --no-index --find-links /tmp/wheels /tmp/wheels/*.whl

@@ -59,7 +59,9 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         )
         await store.open()
         auth_store = await open_auth(app.state, settings)
-        identities = await NodeIdentities.open(settings.data_dir, settings.token)
+        identities = await NodeIdentities.open(
+            settings.data_dir, settings.token, settings.join_token_file
+        )
         app.state.identities = identities
         mesh = Mesh(store, settings, metrics)
         connections = Connections()

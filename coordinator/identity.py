@@ -21,6 +21,7 @@ import os
 import secrets
 import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +43,16 @@ def _same(given: str, expected: str) -> bool:
     )
 
 
-def ensure_join_token(data_dir: Path, configured: str) -> tuple[str, Path | None]:
-    """The join token: `configured` if set; else the one in `<data-dir>/join.token`, created
-    (mode 0600, O_EXCL) on first start. Blocking: call it through asyncio.to_thread."""
+def ensure_join_token(
+    data_dir: Path, configured: str, path: Path | None = None
+) -> tuple[str, Path | None]:
+    """The join token: `configured` if set; else the one in `path` (default
+    `<data-dir>/join.token`), created (mode 0600, O_EXCL) on first start. Blocking: call it
+    through asyncio.to_thread."""
     if configured:
         return configured, None
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / JOIN_TOKEN_FILE
+    path = path or data_dir / JOIN_TOKEN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -86,8 +90,12 @@ class NodeIdentities:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-db")
 
     @classmethod
-    async def open(cls, data_dir: Path, configured_token: str) -> NodeIdentities:
-        token, path = await asyncio.to_thread(ensure_join_token, data_dir, configured_token)
+    async def open(
+        cls, data_dir: Path, configured_token: str, token_file: Path | None = None
+    ) -> NodeIdentities:
+        token, path = await asyncio.to_thread(
+            ensure_join_token, data_dir, configured_token, token_file
+        )
         if path is not None:
             log.warning("nodes join with the token in %s (give it to clients as MESH_TOKEN)", path)
         ids = cls(data_dir / DB_FILE, token)
@@ -98,8 +106,8 @@ class NodeIdentities:
         await self._run(self._close_db)
         self._pool.shutdown(wait=True)
 
-    async def _run(self, fn: object, *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)  # type: ignore[arg-type]
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # --- on the database thread ------------------------------------------------------------
 
@@ -112,7 +120,8 @@ class NodeIdentities:
             "CREATE TABLE IF NOT EXISTS node_credentials ("
             " name TEXT PRIMARY KEY, hash BLOB NOT NULL, joined_at REAL NOT NULL)"
         )
-        self._hashes = {n: bytes(h) for n, h in db.execute("SELECT name, hash FROM node_credentials")}
+        rows = db.execute("SELECT name, hash FROM node_credentials")
+        self._hashes = {name: bytes(digest) for name, digest in rows}
         self._db = db
 
     def _close_db(self) -> None:

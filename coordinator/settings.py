@@ -17,6 +17,7 @@ class Settings:
     data_dir: Path = Path("./mesh-data")
     name: str = "gpumesh"
     token: str = ""  # the join token nodes present; "" = the one in <data-dir>/join.token
+    join_token_file: Path | None = None  # where a generated join token goes; None: <data-dir>
     tls_cert: Path | None = None  # with tls_key: serve HTTPS and WSS
     tls_key: Path | None = None
     heartbeat_interval_s: float = 5.0
@@ -58,6 +59,9 @@ class Settings:
             data_dir=Path(env_str(env, "MESH_DATA_DIR", str(d.data_dir))),
             name=env_str(env, "NODE_NAME", d.name),
             token=env_str(env, "MESH_JOIN_TOKEN", "") or env_str(env, "MESH_TOKEN", ""),
+            join_token_file=(
+                Path(env["MESH_JOIN_TOKEN_FILE"]) if env.get("MESH_JOIN_TOKEN_FILE") else None
+            ),
             tls_cert=Path(env["MESH_TLS_CERT"]) if env.get("MESH_TLS_CERT") else None,
             tls_key=Path(env["MESH_TLS_KEY"]) if env.get("MESH_TLS_KEY") else None,
             heartbeat_interval_s=env_float(env, "MESH_HEARTBEAT_S", d.heartbeat_interval_s),

@@ -1,9 +1,11 @@
 """The node WebSocket: decode frames, call the Mesh, send what it returns. No state here.
 
 Close codes are `shared.protocol.CloseCode`. A frame that does not decode gets an `error`
-reply and the connection carries on; a first frame that is not `register`, or a bad token,
-closes with 1008; an unsupported protocol version with 4002. Oversize frames (over
-MAX_FRAME_BYTES) and non-UTF-8 text are closed by the WebSocket layer with 1009 / 1007.
+reply and the connection carries on; an invalid node name, a first frame that is not
+`register`, or a bad join token closes with 1008; an unsupported protocol version with 4002;
+a name that belongs to another node's credential with 4004 (see coordinator/identity.py).
+Oversize frames (over MAX_FRAME_BYTES) and non-UTF-8 text are closed by the WebSocket layer
+with 1009 / 1007.
 """
 
 from __future__ import annotations

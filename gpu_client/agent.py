@@ -24,7 +24,12 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from gpu_client.credential import credential_path, load_credential, save_credential
+from gpu_client.credential import (
+    credential_path,
+    join_token,
+    load_credential,
+    save_credential,
+)
 from gpu_client.detect import GpuSource
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
@@ -286,12 +291,13 @@ class Agent:
         reading = await self.telemetry.reading(REGISTER_TIMEOUT_S)
         host = reading.host
         return Register(
-            token=s.token, hostname=socket.gethostname(), role=s.role, version=__version__,
+            hostname=socket.gethostname(), role=s.role, version=__version__,
             gpus=reading.gpus, cpu_count=host.cpu_count if host else os.cpu_count() or 1,
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
             running=self._refs(), policy=self._policy,
             credential=await asyncio.to_thread(load_credential, self._credential_path),
+            token=await asyncio.to_thread(join_token, s.token, s.token_file),
         )
 
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[Msg]) -> None:

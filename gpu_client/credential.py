@@ -20,6 +20,14 @@ def credential_path(state_dir: Path, coordinator_url: str, node_name: str) -> Pa
     return state_dir / "credentials" / _UNSAFE.sub("_", where) / f"{node_name}.credential"
 
 
+def join_token(token: str, token_file: Path | None) -> str:
+    """MESH_TOKEN, else the contents of MESH_TOKEN_FILE (read at each register: a coordinator
+    starting beside this client may write it a moment later), else ""."""
+    if token or token_file is None:
+        return token
+    return load_credential(token_file)
+
+
 def load_credential(path: Path) -> str:
     try:
         return path.read_text().strip()

@@ -37,6 +37,7 @@ class ClientSettings:
     work_dir: Path = Path("/tmp/gpumesh-work")
     reconnect_max_s: float = 10.0
     output_tail_bytes: int = 16 * 1024
+    token_file: Path | None = None  # read the join token from here when MESH_TOKEN is unset
     state_dir: Path = Path("~/.local/state/gpumesh")  # the node's credential lives here
     ca_file: Path | None = None  # a private CA that signs the coordinator's certificate
     allowed_images: tuple[str, ...] = ("*",)  # globs a docker task's image must match
@@ -57,7 +58,7 @@ class ClientSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ClientSettings:
         """Read every knob; a bad value raises ConfigError naming its variable."""
-        node_name = env_str(env, "NODE_NAME", socket.gethostname())
+        node_name = env_str(env, "NODE_NAME", "") or _name_from_file(env) or socket.gethostname()
         if not valid_node_name(node_name):
             raise ConfigError(
                 "NODE_NAME", node_name, "1-63 letters, digits, '.', '_' or '-', starting with "
@@ -93,6 +94,7 @@ class ClientSettings:
             work_dir=Path(work_dir),
             reconnect_max_s=reconnect_max_s,
             output_tail_bytes=tail,
+            token_file=Path(env["MESH_TOKEN_FILE"]) if env.get("MESH_TOKEN_FILE") else None,
             state_dir=_state_dir(env),
             ca_file=Path(env["MESH_CA_FILE"]) if env.get("MESH_CA_FILE", "").strip() else None,
             allowed_images=env_list(env, "MESH_ALLOWED_IMAGES", ("*",)),
@@ -118,6 +120,18 @@ def normalize_url(raw: str) -> str:
             if rest and not rest.startswith("/"):
                 return scheme + rest
     raise ConfigError("MESH_COORDINATOR_URL", raw, "a ws://, wss://, http:// or https:// URL")
+
+
+def _name_from_file(env: Mapping[str, str]) -> str:
+    """The first line of MESH_NODE_NAME_FILE (compose mounts the host's /etc/hostname there)."""
+    path = env_str(env, "MESH_NODE_NAME_FILE", "")
+    if not path:
+        return ""
+    try:
+        lines = Path(path).read_text().split()
+    except OSError:
+        return ""
+    return lines[0] if lines else ""
 
 
 def _state_dir(env: Mapping[str, str]) -> Path:

@@ -60,6 +60,14 @@ def test_policy_and_identity_settings(tmp_path: Path) -> None:
     assert s.allowed_volumes == ("/data/models", "hf-cache") and s.forbidden_env == ("AWS_*",)
     assert s.docker_caps == ("SYS_PTRACE",) and s.run_as == "nobody"
     assert ClientSettings.from_env({"XDG_STATE_HOME": "/x"}).state_dir == Path("/x/gpumesh")
+    name_file = tmp_path / "hostname"
+    name_file.write_text("rack1-h100-3\n")
+    assert ClientSettings.from_env({"MESH_NODE_NAME_FILE": str(name_file)}).node_name == (
+        "rack1-h100-3"
+    )
+    assert ClientSettings.from_env(
+        {"NODE_NAME": "n", "MESH_NODE_NAME_FILE": str(name_file)}
+    ).node_name == "n"
     with pytest.raises(ConfigError):
         ClientSettings.from_env({"MESH_ALLOWED_VOLUMES": "data/models"})
     with pytest.raises(ConfigError):

@@ -187,9 +187,15 @@ async def test_join_token_is_generated_into_the_data_dir(
         token = path.read_text().strip()
         assert len(token) >= 32
         spawn_client("joiner", live.ws_url, MESH_TOKEN=token)
+        spawn_client("filed", live.ws_url, MESH_TOKEN="", MESH_TOKEN_FILE=str(path))
         await wait_until(lambda: _online(live, "joiner"), 20, "joiner online")
+        await wait_until(lambda: _online(live, "filed"), 20, "the MESH_TOKEN_FILE client online")
         refused = spawn_client("stranger", live.ws_url)  # the tests' default token: wrong here
         assert await _exit_code(refused) == 2, refused.output()
     async with run_coordinator(replace(settings, token="")) as again:  # same file on restart
         assert (again.settings.data_dir / "join.token").read_text().strip() == token
         assert again.mesh is not None
+    elsewhere = settings.data_dir.parent / "join" / "join.token"  # MESH_JOIN_TOKEN_FILE
+    async with run_coordinator(replace(settings, token="", join_token_file=elsewhere)) as live:
+        assert stat.S_IMODE(elsewhere.stat().st_mode) == 0o600
+        assert live.mesh is not None
