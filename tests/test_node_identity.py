@@ -79,6 +79,9 @@ async def test_impostor_is_refused_and_the_real_node_keeps_its_work(
     doc = await coordinator.wait_finished(task_id)
     assert doc["status"] == "completed", doc
     assert real.popen is not None and real.popen.poll() is None
+    trail = (await coordinator.http.get("/admin/audit", params={"limit": "100"})).json()
+    seen = [(r["action"], r["target"]) for r in trail["records"]]
+    assert ("node.admit", "n1") in seen and ("node.refuse", "n1") in seen, seen
 
 
 async def test_restarted_client_reregisters_with_its_saved_credential(

@@ -4,10 +4,12 @@ clean process environments and locked-down containers."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from coordinator.model import Node, Task
 from coordinator.placement import place
@@ -19,6 +21,7 @@ from shared.policy import HOOK_ENV, PolicyAsk, refusal
 from shared.protocol import Assign, GpuInfo, NodePolicy
 from shared.tasks import Requirements, TaskSubmit
 from tests.conftest import LiveCoordinator, wait_until
+from tests.docker_images import busybox_image, docker_unavailable
 
 DEFAULT = node_policy(ClientSettings(node_name="n"), ("builtin", "process", "docker"))
 
@@ -161,3 +164,24 @@ async def test_process_task_does_not_see_the_client_env(
     assert doc["status"] == "completed", doc
     assert "VISIBLE=yes" in out and "hunter2" not in out and "MESH_TOKEN" not in out
     assert f"HOME={os.sep}" in out and "work-p3" in out
+
+
+@pytest.mark.docker
+@pytest.mark.skipif(bool(docker_unavailable()), reason=docker_unavailable() or "engine answers")
+async def test_containers_run_without_capabilities_and_images_are_allowed_by_glob(
+    coordinator: LiveCoordinator, spawn_client: Any
+) -> None:
+    node = f"pd-{uuid.uuid4().hex[:6]}"
+    spawn_client(node, coordinator.ws_url, MESH_EXECUTORS="docker",
+                 MESH_ALLOWED_IMAGES="gpumesh-test-*")
+    await wait_until(lambda: node in coordinator.mesh.nodes, 30, "docker node registered")
+    ok = await coordinator.submit(task_type="custom", image=busybox_image(),
+                                  script="grep -E '^(CapEff|NoNewPrivs)' /proc/self/status")
+    doc = await coordinator.wait_finished(ok, 60)
+    assert doc["status"] == "completed", doc
+    assert "CapEff:\t0000000000000000" in doc["result"]["output"]
+    assert "NoNewPrivs:\t1" in doc["result"]["output"]
+    evil = await coordinator.submit(task_type="custom", image="evil/miner:latest", script="true")
+    why = await wait_until(lambda: _queued_reason(coordinator, evil), 10, "image reason")
+    assert "evil/miner:latest" in why and "gpumesh-test-*" in why
+    assert (await coordinator.http.delete(f"/tasks/{evil}")).status_code == 200
