@@ -74,7 +74,8 @@ async def test_docker_task_output_streams_to_the_logs_endpoint_while_it_runs(
     tmp_path: Path,
 ) -> None:
     a = names("a")
-    spawn_client(a, coordinator.ws_url, **DOCKER)
+    # Bind mounts are refused unless the node allows their host path (node policy).
+    spawn_client(a, coordinator.ws_url, **DOCKER, MESH_ALLOWED_VOLUMES=str(tmp_path))
     await online(coordinator, a)
     assert coordinator.mesh.nodes[a].executors >= {"docker", "process"}
     task_id = await submit_box(
@@ -146,7 +147,8 @@ async def test_client_kill9_readopts_its_container_and_finishes_the_same_attempt
 ) -> None:
     a = names("a")
     async with run_coordinator(replace(settings, reconnect_grace_s=20)) as live:
-        first = spawn_client(a, live.ws_url, **DOCKER)
+        allowed = {**DOCKER, "MESH_ALLOWED_VOLUMES": str(tmp_path)}  # node policy
+        first = spawn_client(a, live.ws_url, **allowed)
         await online(live, a)
         task_id = await submit_box(
             live, volumes=[f"{tmp_path}:/x"],
@@ -155,7 +157,7 @@ async def test_client_kill9_readopts_its_container_and_finishes_the_same_attempt
         await wait_until(lambda: running(a, task_id), 20, "the container running")
         first.kill9()
         assert running(a, task_id)  # the container outlives its client
-        spawn_client(a, live.ws_url, **DOCKER)
+        spawn_client(a, live.ws_url, **allowed)
         await wait_until(lambda: live.mesh.nodes[a].epoch >= 2 and live.mesh.nodes[a].online,
                          20, "the client back")
         (tmp_path / "go").touch()
