@@ -3,7 +3,11 @@ clean process environments and locked-down containers."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import pwd
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,8 @@ import pytest
 from coordinator.model import Node, Task
 from coordinator.placement import place
 from gpu_client.executors.docker_spec import container_spec
-from gpu_client.executors.process import task_env
+from gpu_client.detect import FakeGpus
+from gpu_client.executors.process import ProcessExecutor, task_env
 from gpu_client.policy import assign_refusal, node_policy
 from gpu_client.settings import ClientSettings
 from shared.policy import HOOK_ENV, PolicyAsk, refusal
@@ -185,3 +190,20 @@ async def test_containers_run_without_capabilities_and_images_are_allowed_by_glo
     why = await wait_until(lambda: _queued_reason(coordinator, evil), 10, "image reason")
     assert "evil/miner:latest" in why and "gpumesh-test-*" in why
     assert (await coordinator.http.delete(f"/tasks/{evil}")).status_code == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root client")
+async def test_process_task_runs_as_mesh_run_as_user() -> None:
+    nobody = pwd.getpwnam("nobody")
+    top = Path(tempfile.mkdtemp(prefix="gpumesh-runas-"))  # not under pytest's 0700 tmp
+    try:
+        top.chmod(0o755)
+        ex = ProcessExecutor(top / "work", FakeGpus.parse("1xA100-80GB"), run_as="nobody",
+                             kill_grace_s=1.0)
+        a = Assign(task_id="t1", attempt=1, task_type="custom", executor="process",
+                   script="id -u; touch mine && echo wrote")
+        out = await asyncio.wait_for(ex.run(a, lambda: None, lambda _: None), 20)
+        assert out.exit_code == 0, out
+        assert out.output.split() == [str(nobody.pw_uid), "wrote"]
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
