@@ -93,8 +93,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         "NODE_NAME": env.get("NODE_NAME") or socket.gethostname(),
         "NODE_ROLE": "compute",
         "MESH_COORDINATOR_URL": f"ws://127.0.0.1:{args.port}",
-        "MESH_EXECUTORS": env.get("MESH_EXECUTORS", "process,docker"),
+        "MESH_EXECUTORS": env.get("MESH_EXECUTORS", "process,docker"),  # opted in: own desk
+        # the coordinator wrote its join token there; the client's credential lives beside it
+        "MESH_TOKEN_FILE": env.get("MESH_TOKEN_FILE", str(Path(args.data_dir) / "join.token")),
+        "MESH_STATE_DIR": env.get("MESH_STATE_DIR", str(Path(args.data_dir) / "client-state")),
     }
+    if env.get("MESH_JOIN_TOKEN"):
+        client_env["MESH_TOKEN"] = env["MESH_JOIN_TOKEN"]
     client = subprocess.Popen([sys.executable, "-m", "gpu_client"], env=client_env)
     print(
         f"gpumesh is up: coordinator {url} (data in {args.data_dir}), "

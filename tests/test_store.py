@@ -7,9 +7,10 @@ import time
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from coordinator.model import Task, TaskState
-from coordinator.store import Store, insert_of, update_of
+from coordinator.store import ShortWrite, Store, StoreBroken, StoreError, insert_of, update_of
 
 
 def make_task(i: int, state: TaskState = TaskState.QUEUED) -> Task:
@@ -42,11 +43,22 @@ async def test_guarded_update_applies_only_from_the_expected_state(tmp_path: Pat
         await store.write(insert_of(t))
         t.state, t.attempt, t.node = TaskState.ASSIGNED, 1, "a"
         await store.write(update_of(t, TaskState.QUEUED, 0))
-        # A stale writer that thinks the task is still queued changes nothing.
+        # A stale writer that thinks the task is still queued changes nothing, and is told:
+        # the short write fails, as does everything after it until the store is reset.
+        failures: list[StoreError] = []
+        store.on_failure = failures.append
         t.state, t.attempt = TaskState.CANCELLED, 0
-        await store.write(update_of(t, TaskState.QUEUED, 0))
+        with pytest.raises(ShortWrite, match="matched 0 rows"):
+            await store.write(update_of(t, TaskState.QUEUED, 0))
+        assert len(failures) == 1
+        with pytest.raises(StoreBroken):
+            await store.write(insert_of(make_task(2)))
         got = await store.get("t1")
         assert got is not None and got.state is TaskState.ASSIGNED and got.attempt == 1
+        assert await store.get("t2") is None
+        await store.reset()
+        await store.write(insert_of(make_task(2)))
+        assert await store.get("t2") is not None
     finally:
         await store.close()
 

@@ -278,7 +278,7 @@ class DockerExecutor:
         if not done:
             return f"{missing}; pulling it took longer than {self._pull_timeout:g}s"
         exc = pull.exception()
-        if isinstance(exc, RequestException):
+        if _engine_gone(exc):
             return self._unreachable(exc, "while pulling")
         if exc is not None:
             return f"{missing}; pulling it failed: {_explain(exc)}"
@@ -406,14 +406,23 @@ def _probe_socket(env: Mapping[str, str]) -> None:
 
 def node_fault(exc: BaseException) -> bool:
     """Is a Docker error the node's (engine gone, disk full), not the task's (bad image, spec)?"""
-    if isinstance(exc, RequestException):
+    if _engine_gone(exc):
         return True  # connection refused, reset, timed out: the engine is gone
     return _infra_text(_explain(exc))
 
 
+def _engine_gone(exc: BaseException | None) -> bool:
+    """No answer from the engine. An APIError is an HTTPError, so a RequestException too,
+    but it is the engine answering (no such image, registry unreachable, bad spec)."""
+    return isinstance(exc, RequestException) and not isinstance(exc, APIError)
+
+
 def _infra_text(why: str) -> bool:
+    # The engine itself gone (our `_unreachable` wording) or its disk full is the node's
+    # fault. A pull that fails (no such image, registry down or unreachable) is the task's:
+    # one misspelt image must not quarantine every node it is tried on.
     low = why.lower()
-    return "no space left on device" in low or "unreachable" in low
+    return "no space left on device" in low or low.startswith("docker engine on node")
 
 
 def _explain(exc: BaseException) -> str:
