@@ -15,6 +15,7 @@ from coordinator.audit import MAX_PAGE, Audit
 from coordinator.auth import ADMIN_TOKEN_FILE, ROLES, Principal, TokenBook, principal_of
 from coordinator.authstore import AuthStore
 from coordinator.settings import Settings
+from coordinator.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,12 @@ admin_routes = [
 ]
 
 
-async def open_auth(state: Any, settings: Settings) -> AuthStore:
-    """Open auth.sqlite3 and put `tokens` (None with MESH_AUTH=off) and `audit` on app.state."""
+async def open_auth(state: Any, settings: Settings, mesh_store: Store) -> AuthStore:
+    """Open auth.sqlite3 and put `tokens` (None with MESH_AUTH=off) and `audit` (kept in the
+    mesh's store, so a change and its record commit together) on app.state."""
     store = AuthStore(settings.data_dir / "auth.sqlite3", settings.sqlite_synchronous)
     await store.open()
-    state.audit = Audit(store)
+    state.audit = Audit(mesh_store)
     state.tokens = None
     if settings.auth == "off":
         log.warning(

@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from coordinator.audit import Audit
 from coordinator.auth import principal_of
-from coordinator.authstore import AuditError
 from coordinator.edge import (
     MAX_OFFSET,
     BodyTooLarge,
@@ -33,7 +33,7 @@ from coordinator.edge import (
 )
 from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
 from coordinator.model import Task, TaskState
-from coordinator.store import StoreError
+from coordinator.store import AuditInsert, StoreError
 from coordinator.templates import TemplateError, apply_template
 from coordinator.views import mesh_status, node_view, task_view
 from shared import __version__
@@ -89,15 +89,11 @@ def visible(request: Request) -> Callable[[str], bool]:
     return (lambda tenant: True) if only is None else (lambda tenant: tenant == only)
 
 
-async def audited(request: Request, action: str, task_ids: list[str]) -> None:
-    """An audit record for a change that is already committed; a failure here is logged."""
+def audit_row(request: Request, action: str, task_ids: list[str]) -> AuditInsert:
+    """The audit record of a change, committed in the same transaction as the change."""
     target = task_ids[0] if len(task_ids) == 1 else f"{len(task_ids)} tasks"
-    try:
-        await request.app.state.audit.record(
-            principal_of(request), action, target, {"task_ids": task_ids}
-        )
-    except AuditError:
-        log.exception("audit record for %s %s was not stored", action, target)
+    audit: Audit = request.app.state.audit
+    return audit.row(principal_of(request), action, target, {"task_ids": task_ids})
 
 
 async def index(request: Request) -> JSON:
@@ -119,15 +115,21 @@ async def index(request: Request) -> JSON:
 async def health(request: Request) -> JSON:
     mesh = _mesh(request)
     online = sum(1 for n in mesh.nodes.values() if n.online)
+    if mesh.broken:  # rebuilding from the store: not ready, say why (503 for load balancers)
+        return JSON({"status": "rebuilding", "version": __version__, "online_nodes": online,
+                     "reason": mesh.broken}, status_code=503)
     return JSON({"status": "healthy", "version": __version__, "online_nodes": online})
 
 
 async def status(request: Request) -> JSON:
-    return JSON(mesh_status(_mesh(request)))
+    mesh = _mesh(request)
+    await mesh.settled()
+    return JSON(mesh_status(mesh))
 
 
 async def nodes(request: Request) -> JSON:
     mesh = _mesh(request)
+    await mesh.settled()
     views = {name: node_view(n, detail=True) for name, n in sorted(mesh.nodes.items())}
     return JSON({"nodes": views, "count": len(views)})
 
@@ -175,10 +177,11 @@ async def submit(request: Request) -> JSON:
     if who.role != "admin":  # a tenant's token stamps its tenant; the body cannot choose
         specs = [(msgspec.structs.replace(s, tenant=who.tenant), p) for s, p in specs]
     try:
-        tasks = await _mesh(request).submit(specs)
+        tasks = await _mesh(request).submit(
+            specs, also=lambda ts: audit_row(request, "task.submit", [t.id for t in ts])
+        )
     except StoreError as exc:
         return error(503, "not stored", str(exc))
-    await audited(request, "task.submit", [t.id for t in tasks])
     accepted = [{"task_id": t.id, "status": "queued"} for t in tasks]
     if batch:
         return JSON({"tasks": accepted, "count": len(accepted)})
@@ -190,6 +193,7 @@ async def active(request: Request) -> Response:
     store in chunks, so a 1,000,000-task backlog never holds the loop for long (edge.py)."""
     mesh = _mesh(request)
     see = visible(request)
+    await mesh.settled()  # the snapshot below holds no transition still being written
 
     def lookup(task_id: str) -> Task | None:
         t = mesh.tasks.get(task_id)
@@ -247,12 +251,13 @@ async def cancel(request: Request) -> JSON:
     if known is not None and not principal_of(request).sees(known.tenant):
         return error(404, "unknown task", f"no task {task_id}")
     try:
-        t = await _mesh(request).cancel(task_id)
+        t = await _mesh(request).cancel(
+            task_id, also=audit_row(request, "task.cancel", [task_id])
+        )
     except UnknownTask:
         return error(404, "unknown task", f"no task {task_id}")
     except AlreadyFinished as exc:
         return error(409, "already finished", str(exc))
-    await audited(request, "task.cancel", [t.id])
     return JSON(task_view(t))
 
 

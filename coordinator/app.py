@@ -20,8 +20,8 @@ from coordinator.api import error, routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
-from coordinator.node_api import node_routes
 from coordinator.metrics import MeshMetrics
+from coordinator.node_api import node_routes
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError
 from coordinator.templates import load_templates
@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             on_commit=metrics.store_committed,
         )
         await store.open()
-        auth_store = await open_auth(app.state, settings)
+        auth_store = await open_auth(app.state, settings, store)
         identities = await NodeIdentities.open(
             settings.data_dir, settings.token, settings.join_token_file
         )

@@ -1,4 +1,5 @@
-"""API tokens and the audit trail in their own small SQLite file, `<data-dir>/auth.sqlite3`.
+"""API tokens in their own small SQLite file, `<data-dir>/auth.sqlite3` (the audit trail is in
+the mesh store, beside the changes it records: coordinator/audit.py).
 
 Every statement runs on one dedicated thread with one connection, so nothing here blocks the
 event loop and writes apply in the order they were made. A token change returns only after it
@@ -19,8 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
 T = TypeVar("T")
 
 SCHEMA = """
@@ -32,16 +31,6 @@ CREATE TABLE IF NOT EXISTS tokens (
     name TEXT NOT NULL,
     created_at REAL NOT NULL,
     revoked_at REAL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    actor TEXT NOT NULL,
-    token_id TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    action TEXT NOT NULL,
-    target TEXT NOT NULL,
-    detail BLOB NOT NULL
 );
 """
 
@@ -65,24 +54,11 @@ class TokenRow:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRow:
-    at: float
-    actor: str  # "token:<id>", "node:<name>", "anonymous" (MESH_AUTH=off) or "coordinator"
-    token_id: str
-    tenant: str
-    action: str
-    target: str
-    detail: dict[str, Any]
-
-
 class AuthStore:
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path, self.synchronous = path, synchronous
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="authstore")
         self._conn: sqlite3.Connection | None = None
-        self._pending: list[tuple[AuditRow, asyncio.Future[None]]] = []
-        self._flushing: asyncio.Task[None] | None = None
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -103,8 +79,6 @@ class AuthStore:
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)
 
     async def close(self) -> None:
-        if self._flushing is not None:
-            await asyncio.shield(self._flushing)
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await asyncio.get_running_loop().run_in_executor(self._pool, conn.close)
@@ -151,67 +125,3 @@ class AuthStore:
             return None if r is None else TokenRow(*r)
 
         return await self._run(q)
-
-    # --- audit -----------------------------------------------------------------------------
-
-    def record(self, row: AuditRow) -> asyncio.Future[None]:
-        """Queue an audit row; the future resolves once it is committed (group commit)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((row, fut))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush(), name="audit-flush")
-        return fut
-
-    async def _flush(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                rows = [
-                    (r.at, r.actor, r.token_id, r.tenant, r.action, r.target,
-                     orjson.dumps(r.detail))
-                    for r, _ in batch
-                ]
-
-                def q(conn: sqlite3.Connection, rows: list[tuple[Any, ...]] = rows) -> None:
-                    with conn:
-                        conn.execute("BEGIN IMMEDIATE")
-                        conn.executemany(
-                            "INSERT INTO audit (at, actor, token_id, tenant, action, target, "
-                            "detail) VALUES (?, ?, ?, ?, ?, ?, ?)", rows,
-                        )
-
-                try:
-                    await self._run(q)
-                except (sqlite3.Error, orjson.JSONEncodeError) as exc:
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(AuditError(str(exc)))
-                    continue
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_result(None)
-        finally:
-            self._flushing = None
-
-    async def audit_page(
-        self, after: int, limit: int, tenant: str | None = None
-    ) -> list[dict[str, Any]]:
-        """Audit rows with seq > `after`, oldest first: page on with the last row's seq."""
-
-        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            sql = ("SELECT seq, at, actor, token_id, tenant, action, target, detail FROM audit "
-                   "WHERE seq > ?")
-            args: list[Any] = [after]
-            if tenant is not None:
-                sql += " AND tenant = ?"
-                args.append(tenant)
-            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit))
-            keys = ("seq", "at", "actor", "token_id", "tenant", "action", "target")
-            return [dict(zip(keys, r[:7], strict=True)) | {"detail": orjson.loads(r[7])}
-                    for r in rows]
-
-        return await self._run(q)
-
-
-class AuditError(RuntimeError):
-    """An audit row could not be committed."""

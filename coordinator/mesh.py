@@ -39,7 +39,7 @@ from coordinator.nodes import account_energy, apply_heartbeat, apply_register, g
 from coordinator.placement import NoFit, PlacementIndex, place
 from coordinator.queue import TaskQueue
 from coordinator.settings import Settings
-from coordinator.store import Store, StoreError, insert_of, update_of
+from coordinator.store import Store, StoreError, Write, insert_of, update_of
 from coordinator.wake import class_wake_key, node_wake_keys, vram_freed
 from shared.protocol import (
     Ack,
@@ -245,7 +245,9 @@ class Mesh(NodeFaults):
 
     def _serving(self) -> None:
         if self.broken:
-            raise MeshUnavailable(f"coordinator is rebuilding after a store failure: {self.broken}")
+            raise MeshUnavailable(
+                f"coordinator is rebuilding after a store failure: {self.broken}"
+            )
 
     # --- the transition table ----------------------------------------------------------
 
@@ -388,7 +390,10 @@ class Mesh(NodeFaults):
         self.metrics.task_submitted(t.task_type)
         return t
 
-    async def submit(self, specs: list[tuple[TaskSubmit, dict[str, Any]]]) -> list[Task]:
+    async def submit(
+        self, specs: list[tuple[TaskSubmit, dict[str, Any]]],
+        also: Callable[[list[Task]], Write] | None = None,
+    ) -> list[Task]:
         """Accept tasks, all or none; returns once every one of them is durable.
 
         The inserts are queued in one turn of the loop, so they share one transaction: a
@@ -405,10 +410,14 @@ class Mesh(NodeFaults):
         writes = [self.store.write(op) for op in ops]
         for t, w in zip(tasks, writes, strict=True):
             t.pending = w
+        if also is not None:  # e.g. the audit record: same turn, so the same transaction
+            writes.append(self.store.write(also(tasks)))
         await asyncio.shield(asyncio.gather(*writes))
         return tasks
 
-    async def cancel(self, task_id: str, reason: str = "cancelled by user") -> Task:
+    async def cancel(
+        self, task_id: str, reason: str = "cancelled by user", also: Write | None = None
+    ) -> Task:
         self._serving()
         if task_id not in self.tasks and not self.loaded.is_set():
             await self.loaded.wait()  # it may be a queued task still loading
@@ -420,7 +429,10 @@ class Mesh(NodeFaults):
             raise AlreadyFinished(known)
         node = self.nodes.get(t.node) if t.node else None
         attempt = t.attempt
-        await asyncio.shield(self._transition(t, CANC, cause=reason, error=reason))
+        writes = [self._transition(t, CANC, cause=reason, error=reason)]
+        if also is not None:  # the same turn as the transition: the same transaction
+            writes.append(self.store.write(also))
+        await asyncio.shield(asyncio.gather(*writes))
         if node is not None and node.link is not None:
             node.link.send(Cancel(task_id=t.id, attempt=attempt, reason=reason))
         return t

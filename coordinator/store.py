@@ -58,9 +58,17 @@ CREATE INDEX IF NOT EXISTS tasks_open ON tasks(seq)
     WHERE state IN ('queued', 'assigned', 'running', 'lost');
 CREATE INDEX IF NOT EXISTS tasks_active ON tasks(seq)
     WHERE state IN ('assigned', 'running', 'lost');
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    token_id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS tasks_finished ON tasks(finished_at DESC)
-    WHERE finished_at IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_finished_key ON tasks(finished_at DESC, id DESC)
     WHERE finished_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_finished_key ON tasks(finished_at DESC, id DESC)
     WHERE finished_at IS NOT NULL;
@@ -72,6 +80,10 @@ _COLUMNS = (
     "result, error"
 )
 _INSERT = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 20)})"
+_AUDIT = (
+    "INSERT INTO audit (at, actor, token_id, tenant, action, target, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
 _UPDATE = (
     "UPDATE tasks SET state=?, attempt=?, node=?, gpu_indices=?, assigned_at=?, started_at=?, "
     "finished_at=?, result=?, error=? WHERE id=? AND state=? AND attempt=?"
@@ -113,11 +125,18 @@ class Update:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditInsert:
+    """One audit record: (at, actor, token_id, tenant, action, target, detail JSON)."""
+
+    values: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Barrier:
     """Writes nothing: its future resolves once every write queued before it committed."""
 
 
-Write = Insert | Update | Barrier
+Write = Insert | Update | AuditInsert | Barrier
 
 
 def insert_of(t: Task) -> Insert:
@@ -262,7 +281,7 @@ class Store:
                 started = time.perf_counter()
                 try:
                     await loop.run_in_executor(self._writer, self._commit, ops)
-                except Exception as exc:  # engine, encoding or short write: all fatal
+                except Exception as exc:  # noqa: BLE001 - engine, encoding, short write: fatal
                     self._fail(batch, exc)
                     return
                 if self._on_commit is not None:
@@ -295,6 +314,9 @@ class Store:
             for op in ops:
                 if isinstance(op, Insert):
                     conn.execute(_INSERT, op.task)
+                    continue
+                if isinstance(op, AuditInsert):
+                    conn.execute(_AUDIT, op.values)
                     continue
                 cur = conn.execute(_UPDATE, (*op.values, op.task_id, op.prev_state,
                                              op.prev_attempt))
@@ -419,33 +441,6 @@ class Store:
         tasks: list[Task] = await self._read(q)
         return tasks
 
-    async def finished_page(
-        self, limit: int, after: tuple[float, str] | None = None, offset: int = 0,
-        tenant: str | None = None,
-    ) -> list[Task]:
-        """Finished tasks newest first, by key: those after `after` (finished_at, id), the
-        last row of the previous page. Index-backed (tasks_finished_key): a page costs the
-        same however deep it is. `offset` is for the seed's paging and is capped by the API."""
-
-        def q(conn: sqlite3.Connection) -> list[Task]:
-            where, args = ["finished_at IS NOT NULL"], []
-            if after is not None:
-                where.append("(finished_at, id) < (?, ?)")
-                args += [after[0], after[1]]
-            if tenant is not None:
-                where.append("tenant = ?")
-                args.append(tenant)
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM tasks INDEXED BY tasks_finished_key "
-                f"WHERE {' AND '.join(where)} ORDER BY finished_at DESC, id DESC "
-                "LIMIT ? OFFSET ?",
-                (*args, limit, offset),
-            )
-            return [task_from_row(r) for r in rows]
-
-        tasks: list[Task] = await self._read(q)
-        return tasks
-
     async def open_ids(self, after_seq: int, limit: int) -> list[tuple[int, str]]:
         """(seq, id) of unfinished tasks with seq > `after_seq`, in seq order, from the
         tasks_open index: `/tasks/active` walks the backlog in chunks off the event loop."""
@@ -460,6 +455,26 @@ class Store:
 
         rows: list[tuple[int, str]] = await self._read(q)
         return rows
+
+    async def audit_page(
+        self, after: int, limit: int, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Audit rows with seq > `after`, oldest first: page on with the last row's seq."""
+
+        def q(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            sql = ("SELECT seq, at, actor, token_id, tenant, action, target, detail FROM audit "
+                   "WHERE seq > ?")
+            args: list[Any] = [after]
+            if tenant is not None:
+                sql += " AND tenant = ?"
+                args.append(tenant)
+            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", (*args, limit))
+            keys = ("seq", "at", "actor", "token_id", "tenant", "action", "target")
+            return [dict(zip(keys, r[:7], strict=True)) | {"detail": orjson.loads(r[7])}
+                    for r in rows]
+
+        page: list[dict[str, Any]] = await self._read(q)
+        return page
 
 
 def _close(conn: sqlite3.Connection | None) -> None:

@@ -17,8 +17,8 @@ import pytest
 
 from coordinator.model import Node, Task
 from coordinator.placement import place
-from gpu_client.executors.docker_spec import container_spec
 from gpu_client.detect import FakeGpus
+from gpu_client.executors.docker_spec import container_spec
 from gpu_client.executors.process import ProcessExecutor, task_env
 from gpu_client.policy import assign_refusal, node_policy
 from gpu_client.settings import ClientSettings

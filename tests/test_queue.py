@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from msgspec import structs
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec import structs
 
 import coordinator.mesh as mesh_module
 from coordinator.mesh import Mesh
