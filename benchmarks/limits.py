@@ -113,15 +113,19 @@ def start_coordinator(root: Path, port: int, data: Path) -> subprocess.Popen[byt
     raise RuntimeError("coordinator did not start")
 
 
-def big_post(port: int, mb: int, pid: int) -> dict[str, Any]:
-    """Send a chunked `mb` MB body, sampling the coordinator's RSS as it goes."""
+def big_post(port: int, mb: int, pid: int, chunked: bool) -> dict[str, Any]:
+    """Send an `mb` MB body (declared, or chunked with no length), sampling the
+    coordinator's RSS as it goes."""
     peak = rss_mb(pid)
     sent = 0
     status = b""
+    framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % (mb << 20)
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /tasks/submit HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
-                  b"\r\nContent-Length: %d\r\n\r\n" % (mb << 20))
+                  b"\r\n%s\r\n\r\n" % framing)
         chunk = b"x" * (1 << 20)
+        if chunked:
+            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
         try:
             for _ in range(mb):
                 s.sendall(chunk)
@@ -139,51 +143,108 @@ def big_post(port: int, mb: int, pid: int) -> dict[str, Any]:
             "peak_rss_mb": round(max(peak, rss_mb(pid)), 1)}
 
 
-async def deaf_peer(port: int, seconds: float, pid: int) -> dict[str, Any]:
-    """A node that registers, then sends bad frames and never reads."""
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import ConnectionClosed
+class DeafPeer:
+    """A WebSocket client that never reads after the handshake: raw frames on a socket
+    with a small receive buffer (a library client keeps reading into its own memory)."""
 
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    peak, frames, closed = rss_mb(pid), 0, None
-    async with connect(f"ws://127.0.0.1:{port}/ws/deaf", sock=sock, max_queue=1) as ws:
-        await ws.send(json.dumps({"type": "register", "token": "bench", "executors": []}))
-        deadline = time.monotonic() + seconds
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.connect(("127.0.0.1", port))
+        self.sock.settimeout(30)  # a send that blocks this long: the server stopped reading
+        self.sock.sendall(
+            b"GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % path.encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.sock.recv(1)  # byte by byte: not one byte past the handshake
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(head.decode(errors="replace"))
+
+    def send(self, text: str) -> None:
+        data = text.encode()
+        n = len(data)
+        size = bytes([0x80 | n]) if n < 126 else (
+            bytes([0x80 | 126]) + n.to_bytes(2, "big") if n < 1 << 16
+            else bytes([0x80 | 127]) + n.to_bytes(8, "big"))
+        self.sock.sendall(b"\x81" + size + b"\0\0\0\0" + data)  # masked with a zero key
+
+    def close_code(self, timeout: float) -> int | str:
+        """Read everything now; the close frame's code, or how the connection ended."""
+        self.sock.settimeout(timeout)
+        buf = b""
         try:
-            while time.monotonic() < deadline:
-                for _ in range(200):
-                    await ws.send('{"type": "nonsense", "pad": "' + "x" * 200 + '"}')
-                    frames += 1
-                await asyncio.sleep(0)
-                peak = max(peak, rss_mb(pid))
-        except ConnectionClosed:
-            pass
-        try:
-            while True:
-                await asyncio.wait_for(ws.recv(), 15)
-        except ConnectionClosed as exc:
-            closed = exc.rcvd.code if exc.rcvd else None
+            while chunk := self.sock.recv(1 << 16):
+                buf += chunk
         except TimeoutError:
-            closed = "still open"
-    return {"frames_sent": frames, "peak_rss_mb": round(peak, 1), "close_code": closed}
+            return "still open"
+        except OSError:
+            pass
+        i = buf.rfind(b"\x88")  # the close frame: 0x88, length, 2-byte code
+        if i >= 0 and len(buf) >= i + 4:
+            return int.from_bytes(buf[i + 2:i + 4], "big")
+        return "dropped without a close frame"
+
+
+def deaf_peer(port: int, seconds: float, pid: int) -> dict[str, Any]:
+    """A node that registers, then sends bad frames and never reads."""
+    peer = DeafPeer(port, "/ws/deaf")
+    peer.send(json.dumps({"type": "register", "token": "bench", "executors": []}))
+    peak, frames = rss_mb(pid), 0
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            for _ in range(200):
+                peer.send('{"type": "nonsense", "pad": "' + "x" * 200 + '"}')
+                frames += 1
+            peak = max(peak, rss_mb(pid))
+    except OSError:
+        pass
+    return {"frames_sent": frames, "peak_rss_mb": round(peak, 1),
+            "close_code": peer.close_code(20)}
+
+
+def deaf_node(port: int, tasks: int, kb: int, pid: int) -> dict[str, Any]:
+    """A node with `tasks` slots that registers and never reads, while `tasks` tasks with
+    `kb` KB of params each are submitted: their `assign` frames have nowhere to go."""
+    import httpx
+
+    peer = DeafPeer(port, "/ws/deaf-node")
+    peer.send(json.dumps({"type": "register", "token": "bench", "executors": ["builtin"],
+                          "cpu_count": 1, "slots": tasks}))
+    peak = rss_mb(pid)
+    per_batch = max(1, (3 << 20) // (kb << 10))
+    body = [{"task_type": "test", "pad": "x" * (kb << 10)}] * per_batch
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        for _ in range(0, tasks, per_batch):
+            http.post("/tasks/submit", json=body)
+            peak = max(peak, rss_mb(pid))
+    for _ in range(30):  # let dispatch and the writer settle
+        time.sleep(0.1)
+        peak = max(peak, rss_mb(pid))
+    return {"tasks": tasks, "assign_kb": kb, "peak_rss_mb": round(peak, 1),
+            "close_code": peer.close_code(20)}
 
 
 def rss(root: Path, body_mb: int, deaf_s: float) -> dict[str, Any]:
     out: dict[str, Any] = {"root": str(root)}
     with tempfile.TemporaryDirectory() as tmp:
-        for what in ("body", "deaf"):
+        for what in ("body", "chunked body", "deaf", "deaf node"):
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            proc = start_coordinator(root, port, Path(tmp) / what)
+            proc = start_coordinator(root, port, Path(tmp) / what.replace(" ", "-"))
             try:
                 time.sleep(1)
                 base = rss_mb(proc.pid)
-                if what == "body":
-                    res = big_post(port, body_mb, proc.pid)
+                if what in ("body", "chunked body"):
+                    res = big_post(port, body_mb, proc.pid, chunked=what != "body")
+                elif what == "deaf":
+                    res = deaf_peer(port, deaf_s, proc.pid)
                 else:
-                    res = asyncio.run(deaf_peer(port, deaf_s, proc.pid))
+                    res = deaf_node(port, 4000, 40, proc.pid)
                 out[what] = {"rss_before_mb": round(base, 1), **res,
                              "rss_after_mb": round(rss_mb(proc.pid), 1)}
             finally:

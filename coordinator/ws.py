@@ -117,13 +117,34 @@ class WsLink:
 
 def _abort(ws: WebSocket) -> None:
     """Drop a connection whose peer does not read even the close frame. ASGI offers no
-    abort, so this reaches uvicorn's protocol object through the `send` it gave us."""
-    transport = getattr(getattr(ws._send, "__self__", None), "transport", None)
-    if transport is not None and not transport.is_closing():
+    abort, so this finds the server's transport behind the `send` callable it was given
+    (uvicorn's protocol object, possibly wrapped in middleware closures). Without it the
+    socket lingers with at most the transport's and the kernel's buffers held."""
+    transport = _transport_of(ws._send)
+    if transport is None:
+        log.warning("cannot abort %r: no transport found behind its send", ws.url.path)
+        return
+    if not transport.is_closing():
         log.warning("aborting %r: the peer did not read its close frame", ws.url.path)
-        transport.abort()
-    elif transport is not None:
-        transport.abort()  # closing, but its buffer may never drain: let it go now
+    transport.abort()  # also one closing gracefully: its buffer may never drain
+
+
+def _transport_of(send: object) -> asyncio.Transport | None:
+    todo, looked = [send], 0
+    while todo and looked < 32:
+        fn = todo.pop()
+        looked += 1
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        if isinstance(transport, asyncio.BaseTransport):
+            return transport  # type: ignore[return-value]
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(value):
+                todo.append(value)
+    return None
 
 
 class Connections:

@@ -321,3 +321,20 @@ async def test_offline_nodes_are_forgotten(settings: Settings) -> None:
         ws = await _node(live, "passing")  # it may come back as new
         assert live.mesh.nodes["passing"].online
         await ws.close()
+
+
+async def test_register_past_the_limits_is_refused_naming_the_field(
+    coordinator: LiveCoordinator,
+) -> None:
+    labels = {f"k{i}": "v" for i in range(100)}
+    async with connect(f"{coordinator.ws_url}/ws/labelled") as ws:
+        await ws.send(json.dumps({**REGISTER, "token": coordinator.settings.token,
+                                  "labels": labels}))
+        err = json.loads(await ws.recv())
+        assert err["type"] == "error" and err["reason"] == (
+            "register refused: $.labels: more than 64 labels"
+        )
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+        assert info.value.rcvd is not None and info.value.rcvd.code == 1008
+    assert "labelled" not in coordinator.mesh.nodes
