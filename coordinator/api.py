@@ -41,7 +41,6 @@ from shared.tasks import TASK_TYPES, split_submission
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 4 << 20
 MAX_BATCH = 10_000
 
 
