@@ -182,6 +182,8 @@ class DeafPeer:
             return "still open"
         except OSError:
             pass
+        finally:
+            self.sock.close()
         i = buf.rfind(b"\x88")  # the close frame: 0x88, length, 2-byte code
         if i >= 0 and len(buf) >= i + 4:
             return int.from_bytes(buf[i + 2:i + 4], "big")
