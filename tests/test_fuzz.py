@@ -68,7 +68,8 @@ plausible = st.fixed_dictionaries(
     optional={
         "priority": st.integers(0, 10), "name": st.text(max_size=300),
         "prompt": values | nested(), "seed": st.integers(min_value=2**62, max_value=2**64 - 1),
-        "cfg": nested(), "pad": st.sampled_from([10, 1000, MAX_FRAME_BYTES - 40, MAX_FRAME_BYTES + 10])
+        "cfg": nested(),
+        "pad": st.sampled_from([10, 1000, MAX_FRAME_BYTES - 40, MAX_FRAME_BYTES + 10])
         .map(lambda n: "p" * n),
     },
 )

@@ -240,7 +240,8 @@ async def test_oversize_result_is_refused_and_the_connection_lives(
     await ws.send(json.dumps(bad))
     err = await _next(ws, "error")
     assert err["code"] == "too_large" and err["task_id"] == task_id
-    assert err["reason"].startswith("$.result.data.deep") and "nesting deeper than 32" in err["reason"]
+    assert err["reason"].startswith("$.result.data.deep")
+    assert "nesting deeper than 32" in err["reason"]
     assert coordinator.mesh.tasks[task_id].state is TaskState.ASSIGNED  # nothing changed
     await ws.send(json.dumps({"type": "heartbeat", "health": "h" * 5000}))
     assert "$.health" in (await _next(ws, "error"))["reason"]
