@@ -181,7 +181,10 @@ async def test_fuzz_client_frames_beside_a_real_client(
         await _drain(ws, replies.append)
     errors = [r for r in replies if r.get("type") == "error"]
     assert errors and all(e.get("reason") for e in errors)
-    assert all(r.get("type") in ("error", "cancel", "ack") for r in replies), replies[:5]
+    # refusals, stale-attempt cancels, perhaps a drain if its health reads bad; never work
+    assert all(r.get("type") in ("error", "cancel", "ack", "drain") for r in replies), [
+        r for r in replies if r.get("type") not in ("error", "cancel", "ack", "drain")
+    ][:3]
     # the fuzzing node is still connected and answered
     await ws.send("{not json")
     while (json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != "error":
