@@ -193,6 +193,10 @@ async def active(request: Request) -> Response:
     mesh = _mesh(request)
     see = visible(request)
     await mesh.settled()  # the snapshot below holds no transition still being written
+    if not mesh.loaded.is_set():
+        # After a restart queued tasks stream into memory; until they are all there an id
+        # read from the store could be missed, and the seed's client reads "missing" as done.
+        await mesh.loaded.wait()
 
     def lookup(task_id: str) -> Task | None:
         t = mesh.tasks.get(task_id)
