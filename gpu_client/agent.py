@@ -205,6 +205,8 @@ class Agent:
 
     async def _adopt(self) -> None:
         for executor in self._executors.values():
+            if not await executor.available():
+                continue  # nothing to ask it now (Docker down, work dir unusable)
             for found in await executor.adopt():
                 run = self._new_run(found.task_id, found.attempt, executor)
                 run.started.set()

@@ -428,3 +428,24 @@ async def test_a_node_with_a_broken_work_dir_is_quarantined_then_back(
         pinned = await live.submit(task_type="custom", script="echo back")
         doc = await live.wait_finished(pinned, 30)
         assert doc["status"] == "completed" and doc["node"] == "bad", doc
+
+
+@pytest.mark.slow
+async def test_a_node_that_starts_with_a_broken_work_dir_offers_process_once_mended(
+    coordinator: LiveCoordinator, spawn_client: Spawn, tmp_path: Path
+) -> None:
+    """The executor is not dropped for good at start: the health probe offers it once the
+    work dir is usable (a black hole the other way round: a node that never takes work)."""
+    work = tmp_path / "work-late"  # the client fixture's MESH_WORK_DIR for node "late"
+    work.write_text("not a directory")
+    spawn_client("late", coordinator.ws_url, MESH_PROBE_INTERVAL_S="0.5")
+    mesh = coordinator.mesh
+    await wait_until(lambda: "late" in mesh.nodes and mesh.nodes["late"].online, 20, "online")
+    node = mesh.nodes["late"]
+    assert "process" not in node.executors or node.health, (node.executors, node.health)
+    task_id = await coordinator.submit(task_type="custom", script="echo mended")
+    work.unlink()
+    work.mkdir()
+    doc = await coordinator.wait_finished(task_id, 30)
+    assert doc["status"] == "completed" and doc["node"] == "late", doc
+    assert "process" in node.executors

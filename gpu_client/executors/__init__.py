@@ -15,9 +15,12 @@ __all__ = ["Adopted", "Executor", "RunOutcome", "gpu_env", "load_executors"]
 
 
 async def load_executors(settings: ClientSettings, source: GpuSource) -> dict[str, Executor]:
-    """The executors this node offers: each in `settings.executors` that loads and is available.
+    """The executors this node may offer: each in `settings.executors` that loads.
 
-    Executor `x` lives in module `gpu_client.executors.x`, which has `create(settings, source)`.
+    One that is not available now (Docker not running, the work dir unusable) is kept: the
+    agent's health probe offers it as soon as `available()` says yes, so a node that starts
+    before its Docker daemon, or with a broken work dir later mended, is not short of it for
+    good. Executor `x` lives in module `gpu_client.executors.x` (`create(settings, source)`).
     """
     offered: dict[str, Executor] = {}
     for name in settings.executors:
@@ -27,8 +30,8 @@ async def load_executors(settings: ClientSettings, source: GpuSource) -> dict[st
             log.warning("executor %s not offered: %s", name, exc)
             continue
         executor: Executor = module.create(settings, source)
-        if await executor.available():
-            offered[name] = executor
-        else:
-            log.warning("executor %s not offered: not available on this node", name)
+        offered[name] = executor
+        if not await executor.available():
+            log.warning("executor %s not available now; offered once a probe finds it "
+                        "working (every MESH_PROBE_INTERVAL_S)", name)
     return offered
