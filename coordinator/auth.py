@@ -14,6 +14,7 @@ is read, and refuses WebSocket handshakes from browser origins that are not allo
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -121,7 +122,7 @@ class TokenBook:
 
         An existing file is kept; if auth.sqlite3 lost its token, the token is known again."""
         try:
-            known = path.read_text().strip()
+            known = (await asyncio.to_thread(path.read_text)).strip()
         except FileNotFoundError:
             known = ""
         if known:

@@ -30,7 +30,7 @@ from typing import Any
 
 import msgspec
 
-from coordinator.faults import LoopWatch, NodeFaults
+from coordinator.faults import LoopWatch
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
 from coordinator.metrics import MeshMetrics
@@ -79,7 +79,7 @@ class AlreadyFinished(RuntimeError):
         self.task = task
 
 
-class Mesh(NodeSide, NodeFaults):
+class Mesh(NodeSide):
     def __init__(
         self, store: Store, settings: Settings, metrics: MeshMetrics | None = None
     ) -> None:

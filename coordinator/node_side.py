@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from coordinator.faults import NodeFaults
 from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
 from coordinator.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
 from coordinator.wake import vram_freed
@@ -34,11 +34,6 @@ from shared.protocol import (
 )
 
 if TYPE_CHECKING:
-    from coordinator.faults import LoopWatch
-    from coordinator.logs import TaskLogs
-    from coordinator.metrics import MeshMetrics
-    from coordinator.placement import PlacementIndex
-    from coordinator.settings import Settings
     from coordinator.store import Store
 
 log = logging.getLogger("coordinator.mesh")
@@ -47,27 +42,14 @@ Q, A, R = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING
 DONE, FAIL, LOST = TaskState.COMPLETED, TaskState.FAILED, TaskState.LOST
 
 
-class NodeSide:
-    """Mixed into the Mesh: what nodes do to it (join, leave, report) and node loss."""
+class NodeSide(NodeFaults):
+    """Mixed into the Mesh: what nodes do to it (join, leave, report) and node loss. The
+    Mesh state it reads is declared on NodeFaults; only what that lacks is declared here."""
 
     if TYPE_CHECKING:
-        settings: Settings
         store: Store
-        metrics: MeshMetrics
-        tasks: dict[str, Task]
-        finished: Mapping[str, Task]
-        nodes: dict[str, Node]
-        index: PlacementIndex
-        logs: TaskLogs
-        loop_watch: LoopWatch
         broken: str
-        _wake: asyncio.Event
         _background: set[asyncio.Task[None]]
-
-        def _transition(
-            self, t: Task, to: TaskState, *, cause: str, **change: Any
-        ) -> asyncio.Future[None]: ...
-        def _node_changed(self, node: Node) -> None: ...
 
     # --- node loss ---------------------------------------------------------------------
 
