@@ -1,7 +1,7 @@
 """Nodes that fail well (issue 11): a Docker daemon stopped and restarted under a node.
 
-A private `dockerd` of its own (own socket, data root, exec root, pid file; no bridge, no
-iptables) runs under a real `python -m gpu_client`, so the machine's engine that the other
+A private `dockerd` of its own (own socket, data root, exec root, pid file, its own bridge
+interface, no iptables) runs under a real `python -m gpu_client`, so the machine's engine that the other
 docker tests use is never touched. Stopping it must take `docker` out of what the node
 offers (its heartbeats), a docker task submitted meanwhile must wait in the queue (not fail,
 not be sent to the node), and once the daemon is back the node offers docker again and the
@@ -35,6 +35,8 @@ def _why_not() -> str:
         return "no dockerd installed to run a private engine (apt-get install docker.io)"
     if os.geteuid() != 0:
         return "a private dockerd needs root"
+    if shutil.which("ip") is None:
+        return "no `ip` (iproute2) to give the private dockerd a bridge of its own"
     if _busybox() is None:
         return "no static busybox to build the test image (apt-get install busybox-static)"
     return ""
@@ -57,13 +59,25 @@ class PrivateDockerd:
         self.host = f"unix://{self.sock}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # A bridge of its own: `--bridge=none` makes dockerd delete the host's docker0,
+        # which took the machine's main engine's networking down for every later test.
+        self.bridge = "gmb" + root.name[-8:]
+
+    def _make_bridge(self) -> None:
+        if Path(f"/sys/class/net/{self.bridge}").exists():
+            return
+        for argv in (["ip", "link", "add", self.bridge, "type", "bridge"],
+                     ["ip", "addr", "add", "10.213.77.1/24", "dev", self.bridge],
+                     ["ip", "link", "set", self.bridge, "up"]):
+            subprocess.run(argv, check=True, capture_output=True, timeout=10)
 
     def start(self, timeout: float = 30) -> None:
+        self._make_bridge()
         self.starts += 1
         argv = [
             "dockerd", "-H", self.host, "--data-root", str(self.root / "data"),
             "--exec-root", str(self.root / "x"), "--pidfile", str(self.root / "d.pid"),
-            "--bridge=none", "--iptables=false", "--ip6tables=false",
+            f"--bridge={self.bridge}", "--iptables=false", "--ip6tables=false",
         ]
         with (self.root / f"dockerd-{self.starts}.log").open("ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
@@ -108,6 +122,7 @@ class PrivateDockerd:
         for mount in reversed(self._mounts()):
             subprocess.run(["umount", "-l", mount], capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=10)
 
     def _leftover_pids(self) -> list[int]:
         pids = []
