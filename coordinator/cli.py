@@ -160,6 +160,11 @@ def cmd_token(args: argparse.Namespace) -> int:
         doc = _request("GET", f"{args.url}/admin/tokens")
     else:
         doc = _request("DELETE", f"{args.url}/admin/tokens/{urllib.parse.quote(args.id)}")
+    return _show(doc)
+
+
+def _show(doc: Any) -> int:
+    """Print an answer for a person; exit 1 when it is an `{"error", "reason"}`."""
     print(json.dumps(doc, indent=2))
     return 1 if "error" in doc else 0
 
@@ -181,8 +186,7 @@ def _token_parsers(sub: Any) -> None:
 
 def cmd_node(args: argparse.Namespace) -> int:
     doc = _request("DELETE", f"{args.url}/mesh/nodes/{urllib.parse.quote(args.name, safe='')}")
-    print(json.dumps(doc, indent=2))
-    return 1 if "error" in doc else 0
+    return _show(doc)
 
 
 def _node_parsers(sub: Any) -> None:

@@ -170,11 +170,15 @@ class Mesh(NodeSide):
         if self._rebuilding is not None:
             self._rebuilding.cancel()
         await self._stop_loops()
+        self._let_nodes_go(1001, "coordinator shutting down")
+
+    def _let_nodes_go(self, code: int, reason: str) -> None:
+        """Cancel every grace timer and close every node link (`code`, `reason`)."""
         for node in self.nodes.values():
             if node.grace is not None:
                 node.grace.cancel()
             if node.link is not None:
-                node.link.close(1001, "coordinator shutting down")
+                node.link.close(code, reason)
 
     # --- crash-only: a failed write rebuilds memory from the store ---------------------
 
@@ -191,11 +195,7 @@ class Mesh(NodeSide):
     async def _rebuild(self) -> None:
         """Forget memory, close every node connection, reload what the store committed."""
         await self._stop_loops()
-        for node in self.nodes.values():
-            if node.grace is not None:
-                node.grace.cancel()
-            if node.link is not None:
-                node.link.close(1011, "coordinator rebuilding its state from the store")
+        self._let_nodes_go(1011, "coordinator rebuilding its state from the store")
         done = self._done
         delay = 0.05
         while True:

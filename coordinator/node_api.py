@@ -8,17 +8,15 @@ The auth middleware lets only admin tokens reach this route.
 
 from __future__ import annotations
 
-import logging
-
 from starlette.requests import Request
 from starlette.routing import Route
 
 from coordinator.api import JSON, error
+from coordinator.audit import Audit
+from coordinator.auth import principal_of
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from shared.protocol import valid_node_name
-
-log = logging.getLogger(__name__)
 
 
 async def forget_node(request: Request) -> JSON:
@@ -38,13 +36,9 @@ async def forget_node(request: Request) -> JSON:
     had_credential = await ids.forget(name)
     if not registered and not had_credential:
         return error(404, "unknown node", f"no node named {name!r}")
-    audit = getattr(request.app.state, "audit", None)
-    if audit is not None:
-        principal = getattr(request.state, "principal", None) or "admin"
-        await audit.record(principal, "node.forget", name,
-                           {"was_registered": registered, "had_credential": had_credential})
-    else:
-        log.info("audit action=node.forget node=%s", name, extra={"node": name})
+    audit: Audit = request.app.state.audit
+    await audit.record(principal_of(request), "node.forget", name,
+                       {"was_registered": registered, "had_credential": had_credential})
     return JSON({"node": name, "forgotten": True, "was_registered": registered,
                  "had_credential": had_credential})
 

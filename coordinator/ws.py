@@ -18,8 +18,10 @@ from typing import Any
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from coordinator.audit import Audit
 from coordinator.identity import NodeIdentities, Refused
 from coordinator.mesh import Mesh
+from coordinator.store import StoreError
 from shared.limits import MAX_NAME, Throttled, message_refusal
 from shared.protocol import (
     SUPPORTED_PROTOCOLS,
@@ -197,15 +199,12 @@ async def node_socket(ws: WebSocket) -> None:
 
 
 async def _audit(ws: WebSocket, name: str, action: str, detail: dict[str, Any]) -> None:
-    """Record a node admission or refusal in the audit trail, when the app keeps one."""
-    audit = getattr(ws.app.state, "audit", None)
-    if audit is None:
-        log.info("audit action=%s node=%s detail=%s", action, name, detail, extra={"node": name})
-        return
+    """Record a node admission or refusal in the audit trail (which also logs it)."""
+    audit: Audit = ws.app.state.audit
     try:
         await audit.record(f"node:{name}", action, name, detail)
-    except Exception:  # the trail is a witness: its failure must not decide admission
-        log.exception("audit record %s for node %s failed", action, name)
+    except StoreError:  # the mesh rebuilds from its store (crash-only); admission goes on
+        log.warning("audit record %s for node %s not stored", action, name)
 
 
 async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | None:
