@@ -34,10 +34,10 @@ from coordinator.edge import (
 from coordinator.mesh import AlreadyFinished, Mesh, UnknownTask
 from coordinator.model import Task, TaskState
 from coordinator.store import AuditInsert, StoreError
-from coordinator.templates import TemplateError, apply_template
+from coordinator.templates import TemplateError, parse_submission
 from coordinator.views import mesh_status, node_view, task_view
 from shared import __version__
-from shared.tasks import TASK_TYPES, split_submission
+from shared.tasks import TASK_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ async def submit(request: Request) -> JSON:
         if why := item_refusal(item, path):
             return error(422, "invalid task", why)
         try:
-            spec, params = split_submission(item)
-            spec, params = apply_template(spec, params, request.app.state.templates)
+            spec, params = parse_submission(item, request.app.state.templates)
         except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
             return error(422, "invalid task", f"{where}{exc}")
@@ -245,7 +244,9 @@ async def task(request: Request) -> JSON:
     if wait:
         await mesh.wait_finished(task_id, wait)
         t = await mesh.lookup(task_id) or t
-    return JSON(task_view(t, mesh.queued_reason(t)))
+    view = task_view(t, mesh.queued_reason(t))
+    view["params"] = orjson.loads(t.params_raw)  # what the template was filled with
+    return JSON(view)
 
 
 async def cancel(request: Request) -> JSON:

@@ -23,6 +23,7 @@ The packaged defaults are `coordinator/templates.toml`; `MESH_TEMPLATES` names a
 
 from __future__ import annotations
 
+import difflib
 import json
 import shlex
 import string
@@ -33,7 +34,16 @@ from typing import Any
 
 import msgspec
 
-from shared.tasks import TEMPLATE_TYPES, Requirements, TaskSubmit
+from shared.files import script_command
+from shared.tasks import (
+    SUBMIT_FIELDS,
+    TASK_TYPES,
+    TEMPLATE_TYPES,
+    Requirements,
+    TaskSubmit,
+    executor_for,
+    split_submission,
+)
 
 DEFAULT_PATH = Path(__file__).with_name("templates.toml")
 ENV_VAR = "MESH_TEMPLATES"
@@ -93,6 +103,68 @@ def load_templates(path: Path | str | None = None) -> Templates:
         raise TemplateError(f"templates file {p}: {exc}") from exc
 
 
+REQUIREMENT_KEYS: frozenset[str] = frozenset(Requirements.__struct_fields__)
+
+
+def parse_submission(
+    body: dict[str, Any], templates: Templates
+) -> tuple[TaskSubmit, dict[str, Any]]:
+    """One submitted object as a filled spec and its params; raises TemplateError (422).
+
+    The seed puts task parameters inside `requirements` (`"model": "llama-70b"`, `"epochs":
+    10`, `"batch_size": 32`): a key there that is not a placement constraint but is a known
+    parameter of the task type moves to the params (a top-level field of the same name wins).
+    A key that is neither, there or at the top level of a type with a fixed parameter set
+    (the template types), is refused with the valid keys, so `gpu_cout: 4` cannot run a task
+    without its GPU. `custom` and `test` tasks keep any top-level field as a param (`test`
+    echoes its params back).
+    """
+    if body.get("task_type") not in TASK_TYPES and "task_type" in body:
+        kinds = ", ".join(TASK_TYPES)
+        raise TemplateError(
+            f"unknown task_type {body['task_type']!r} - at `$.task_type`: the types are {kinds}"
+        )
+    spec, params = split_submission(body)
+    known = known_params(spec.task_type, templates)
+    raw_req = body.get("requirements")
+    inside = {k: v for k, v in raw_req.items() if k not in REQUIREMENT_KEYS} if isinstance(
+        raw_req, dict) else {}
+    strict = known is not None
+    for where, keys in (("requirements", inside), ("", params if strict else {})):
+        for key in keys:
+            if known is None or key not in known:
+                raise TemplateError(_unknown_key(spec.task_type, key, where, known or set()))
+    return apply_template(spec, {**inside, **params}, templates)
+
+
+def known_params(task_type: str, templates: Templates) -> set[str] | None:
+    """The parameters a task type reads, or None where any top-level field is allowed."""
+    tpl = templates.get(task_type)
+    if tpl is not None:
+        return tpl.placeholders() | set(tpl.params)
+    if task_type in TEMPLATE_TYPES:
+        return set()
+    return None
+
+
+def _unknown_key(task_type: str, key: str, where: str, known: set[str]) -> str:
+    place = f"in `requirements` of a {task_type} task" if where else f"in a {task_type} task"
+    pool = sorted(REQUIREMENT_KEYS | known) if where else sorted(SUBMIT_FIELDS - {"type"} | known)
+    hint = difflib.get_close_matches(key, pool, n=1)
+    guess = f" (did you mean `{hint[0]}`?)" if hint else ""
+    reqs = ", ".join(sorted(REQUIREMENT_KEYS))
+    kinds = ", ".join(sorted(known)) or "none"
+    if where and task_type not in TEMPLATE_TYPES:
+        return (f"unknown key `{key}` {place}{guess}: requirements are {reqs}; "
+                f"give task parameters as top-level fields")
+    if where:
+        return (f"unknown key `{key}` {place}{guess}: requirements are {reqs}; "
+                f"parameters of {task_type} are {kinds}")
+    fields = ", ".join(sorted(SUBMIT_FIELDS - {"type"}))
+    return (f"unknown field `{key}` {place}{guess}: fields are {fields}; "
+            f"parameters of {task_type} are {kinds}")
+
+
 def apply_template(
     spec: TaskSubmit, params: dict[str, Any], templates: Templates
 ) -> tuple[TaskSubmit, dict[str, Any]]:
@@ -107,7 +179,7 @@ def apply_template(
             raise TemplateError(
                 f"no template for task type {spec.task_type}: give an `image` and a `command`"
             )
-        return spec, params
+        return with_script_file(spec), params
     values = {**tpl.params, **params}
     missing = sorted(n for n in _used(tpl, spec) if n not in values)
     if missing:
@@ -189,3 +261,16 @@ def _text(value: Any) -> str:
     if isinstance(value, int | float):
         return str(value)
     return json.dumps(value, separators=(",", ":"))
+
+
+def with_script_file(spec: TaskSubmit) -> TaskSubmit:
+    """A `script` that names a sent file (`"script": "train_model.py"`) runs that file with the
+    interpreter its name implies (shared/files.py `script_command`); TemplateError (422) when
+    it names a .py/.sh file that was not sent in `files`."""
+    if spec.script is None:
+        return spec
+    try:
+        command = script_command(spec.script, spec.files, executor_for(spec))
+    except ValueError as exc:
+        raise TemplateError(str(exc)) from exc
+    return spec if command is None else msgspec.structs.replace(spec, script=command)

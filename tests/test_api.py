@@ -156,4 +156,8 @@ async def test_template_types_are_filled_from_the_submission(
     t = coordinator.mesh.tasks[task_id]
     assert t.spec.env["PROMPT"] == "Hello" and t.spec.env["MODEL"]
     r = await coordinator.http.post("/tasks/submit", json={"task_type": "llm_inference"})
-    assert r.status_code == 422 and "prompt" in r.json()["reason"]
+    assert r.status_code == 200  # the template's default prompt
+    r = await coordinator.http.post(
+        "/tasks/submit", json={"task_type": "llm_inference", "promt": "typo"}
+    )
+    assert r.status_code == 422 and "did you mean `prompt`" in r.json()["reason"]

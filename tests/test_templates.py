@@ -172,5 +172,10 @@ def test_packaged_defaults_cover_the_template_types_and_match_the_profile_copy()
     assert spec.env["EPOCHS"] == "3" and spec.env["MODEL"] == "resnet18"
     spec, _ = fill(templates, task_type="embeddings", texts=["a", "b"])
     assert spec.env["TEXTS"] == '["a","b"]'
-    with pytest.raises(TemplateError, match="`texts`"):
-        fill(templates, task_type="embeddings")
+    # Every placeholder has a default: the seed's examples leave prompt and texts out.
+    spec, params = fill(templates, task_type="embeddings")
+    assert spec.env["TEXTS"] == '["gpumesh embeddings smoke test"]' and params["batch_size"] == 32
+    spec, _ = fill(templates, task_type="llm_inference")
+    assert spec.env["PROMPT"]
+    for name, tpl in templates.items():
+        assert tpl.placeholders() <= set(tpl.params) | {"model"}, name
