@@ -10,7 +10,6 @@ the store. Hypothesis chooses which write fails and what the steps are.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -33,37 +32,48 @@ from tests.test_mesh import RecordingLink
 FAULTS = ("error", "short", "encode", "stall")
 
 
-class FaultyStore(Store):
-    """The real store; the `fail_at`-th write (counting from 1) goes wrong as `kind` says."""
+class FaultyWrites:
+    """Mixed into a real store engine: the `fail_at`-th write (counting from 1) goes wrong as
+    `kind` says. Set `fail_at`, `kind`, `stall_s` and `seen` before use (see FaultyStore)."""
 
-    def __init__(self, path: Path, fail_at: int, kind: str, stall_s: float = 0.3) -> None:
-        super().__init__(path)
-        self.fail_at, self.kind, self.stall_s = fail_at, kind, stall_s
-        self.seen = 0
+    fail_at: int
+    kind: str
+    stall_s: float
+    seen: int
 
-    def _commit(self, ops: list[Write]) -> None:
+    async def _commit(self, ops: list[Write]) -> None:
+        commit = super()._commit  # type: ignore[misc]
         doomed = None
         for op in ops:
             self.seen += 1
             if self.seen == self.fail_at:
                 doomed = op
         if doomed is None:
-            return super()._commit(ops)
+            return await commit(ops)
         if self.kind == "error":
-            raise sqlite3.OperationalError("injected: disk I/O error")
+            raise OSError("injected: disk I/O error")
         if self.kind == "stall":
-            time.sleep(self.stall_s)
-            return super()._commit(ops)
+            await asyncio.sleep(self.stall_s)
+            return await commit(ops)
         if self.kind == "short" and isinstance(doomed, Update):
             bad = replace(doomed, prev_attempt=doomed.prev_attempt + 1000)
-            return super()._commit([bad if op is doomed else op for op in ops])
-        # encode (and short on an insert): a value SQLite cannot hold
+            return await commit([bad if op is doomed else op for op in ops])
+        # encode (and short on an insert): a value the engine cannot hold
         if isinstance(doomed, Insert):
             bad_insert = Insert((*doomed.task[:3], 1 << 70, *doomed.task[4:]))
-            return super()._commit([bad_insert if op is doomed else op for op in ops])
+            return await commit([bad_insert if op is doomed else op for op in ops])
         assert isinstance(doomed, Update)
         bad_update = replace(doomed, values=(*doomed.values[:1], 1 << 70, *doomed.values[2:]))
-        return super()._commit([bad_update if op is doomed else op for op in ops])
+        return await commit([bad_update if op is doomed else op for op in ops])
+
+
+class FaultyStore(FaultyWrites, Store):
+    """The real SQLite store with a fault at the `fail_at`-th write."""
+
+    def __init__(self, path: Path, fail_at: int, kind: str, stall_s: float = 0.3) -> None:
+        super().__init__(path)
+        self.fail_at, self.kind, self.stall_s = fail_at, kind, stall_s
+        self.seen = 0
 
 
 class Node:
