@@ -22,6 +22,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", help="bind address (env MESH_HOST, default 0.0.0.0)")
     p.add_argument("--port", type=int, help="port (env MESH_PORT, default 8001)")
     p.add_argument("--data-dir", type=Path, help="SQLite lives here (env MESH_DATA_DIR)")
+    p.add_argument("--store", help="sqlite (default) or a postgresql:// URL (env MESH_STORE)")
     p.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL", "info"))
     p.add_argument("--tls-cert", type=Path, help="PEM certificate: serve HTTPS/WSS (MESH_TLS_CERT)")
     p.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (MESH_TLS_KEY)")
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings.from_env(
             os.environ, host=args.host, port=args.port, data_dir=args.data_dir,
-            tls_cert=args.tls_cert, tls_key=args.tls_key,
+            tls_cert=args.tls_cert, tls_key=args.tls_key, store=args.store,
         )
         if (settings.tls_cert is None) != (settings.tls_key is None):
             raise ConfigError("MESH_TLS_CERT/MESH_TLS_KEY", "one of them", "both or neither")

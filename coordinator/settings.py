@@ -30,6 +30,7 @@ class Settings:
     admin_token: str = ""  # MESH_ADMIN_TOKEN; else one is generated into <data-dir>/admin.token
     metrics_token_file: Path | None = None  # MESH_METRICS_TOKEN_FILE: a read token, mode 0644
     sqlite_synchronous: str = "NORMAL"  # WAL + NORMAL survives kill -9; FULL survives power loss
+    store: str = "sqlite"  # MESH_STORE / --store: sqlite (in data_dir) | postgresql://... URL
     finished_cache: int = 10_000
     log_bytes_per_task: int = 256 * 1024
     max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
@@ -95,6 +96,10 @@ class Settings:
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
+            store=env_str(env, "MESH_STORE", d.store),
         fields = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **fields)  # type: ignore[arg-type]
 
+        store = str(overrides.get("store") or base.store)
+        if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("MESH_STORE", store, "sqlite | postgresql://user@host/db")
