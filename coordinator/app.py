@@ -17,6 +17,7 @@ from starlette.routing import WebSocketRoute
 
 from coordinator.admin_api import admin_routes, open_auth
 from coordinator.api import error, routes
+from coordinator.artifacts import ArtifactFiles, artifact_routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
@@ -70,6 +71,10 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         app.state.connections = connections
         app.state.templates = templates
         await mesh.start()
+        artifacts = ArtifactFiles(settings.data_dir / "artifacts", mesh,
+                                  settings.artifact_retention_s)
+        app.state.artifacts = artifacts
+        artifacts.start()  # the retention sweeper
         if freeze_gc:
             gc.collect()
             gc.freeze()  # what was loaded at start lives long: keep it out of every collection
@@ -77,6 +82,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         try:
             yield
         finally:
+            await artifacts.stop()
             await mesh.stop()
             await store.close()
             await auth_store.close()
@@ -84,7 +90,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
 
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
-        routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket)],
+        routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
+                *artifact_routes],
         middleware=[
             Middleware(  # outermost: answers preflights, adds headers to every answer
                 CORSMiddleware,

@@ -146,12 +146,15 @@ class TokenBook:
 # --- which role each route needs ------------------------------------------------------------
 
 PUBLIC = frozenset({("GET", "/"), ("GET", "/health"), ("HEAD", "/"), ("HEAD", "/health")})
+NODE_UPLOADS = "/nodes/"  # PUT /nodes/{node}/tasks/...: node credential (coordinator/artifacts.py)
 
 
 def required_role(method: str, path: str) -> str | None:
     """The least role a request needs; None for the two public routes."""
     if (method, path) in PUBLIC:
         return None
+    if method == "PUT" and path.startswith(NODE_UPLOADS):
+        return None  # a node's artifact upload: the route checks the node's credential
     if path.startswith("/admin/") or path == "/admin":
         return "admin"
     if path.startswith("/mesh/") and method not in ("GET", "HEAD"):
@@ -225,7 +228,9 @@ class AuthMiddleware:
         method = scope["method"]
         if method in ("POST", "PUT", "PATCH") and (
             _has_body(h) or b"content-type" in h
-        ) and not _is_json(h.get(b"content-type")):
+        ) and not _is_json(h.get(b"content-type")) and not (
+            method == "PUT" and scope["path"].startswith(NODE_UPLOADS)  # artifact bytes
+        ):
             await _reply(send, 415, "unsupported media type",
                          "POST bodies must be JSON: send `Content-Type: application/json`")
             return

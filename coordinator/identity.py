@@ -148,6 +148,12 @@ class NodeIdentities:
     def known(self, name: str) -> bool:
         return name in self._hashes
 
+    def credential_ok(self, name: str, credential: str) -> bool:
+        """Is `credential` the one issued to node `name`? (node HTTP routes: artifacts)"""
+        known = self._hashes.get(name)
+        return known is not None and bool(credential) and hmac.compare_digest(
+            _hash(credential), known)
+
     async def admit(self, name: str, credential: str) -> Admitted | Refused:
         """Check a register's credential for `name`; on a first join, issue one and store its
         hash durably before returning (so the reply that carries it shows committed state)."""

@@ -554,6 +554,7 @@ class Mesh(NodeSide):
             script=spec.script, command=spec.command, image=spec.image, env=spec.env,
             timeout_s=spec.timeout_s, volumes=spec.volumes, shm_size=spec.shm_size,
             cpus=spec.cpus, mem_limit=spec.mem_limit, params=msgspec.json.decode(t.params_raw),
+            files=spec.files, artifacts=spec.artifacts,
         )
 
     # --- invariants --------------------------------------------------------------------

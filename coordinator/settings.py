@@ -50,6 +50,7 @@ class Settings:
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
     stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
+    artifact_retention_s: float = 7 * 86400.0  # a finished task's artifacts are kept this long
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -91,6 +92,8 @@ class Settings:
             quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
             stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
+            artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
+                                           d.artifact_retention_s),
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")

@@ -24,6 +24,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from gpu_client.artifacts import result_fields, ship
 from gpu_client.credential import (
     credential_path,
     join_token,
@@ -461,6 +462,9 @@ class Agent:
             log.exception("executor failed on task %s.%d", *run.key,
                           extra={"task": run.task_id, "attempt": run.attempt})
             outcome = RunOutcome(exit_code=None, error=f"executor error: {exc!r}", infra=True)
+        if self._runs.get(run.key) is run:  # its artifacts reach the coordinator before its result
+            outcome = await ship(self._settings, self._settings.coordinator_url,
+                                 [self._credential_path], *run.key, outcome)
         self._finish(run, outcome)
 
     def _finish(self, run: Run, outcome: RunOutcome) -> None:
@@ -471,7 +475,8 @@ class Agent:
             task_id=run.task_id, attempt=run.attempt,
             status="completed" if outcome.ok else "failed", error=outcome.error,
             result=TaskOutcome(exit_code=outcome.exit_code, output=outcome.output,
-                               duration_s=outcome.duration_s, data=outcome.data),
+                               duration_s=outcome.duration_s, data=outcome.data,
+                               **result_fields(outcome)),
             infra=outcome.infra and not outcome.ok,
         )
         if run.result.infra:

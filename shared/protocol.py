@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shared.files import ArtifactRef, FileContent
+
 PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = frozenset({1})
 MAX_FRAME_BYTES = 1 << 20  # larger frames are closed with 1009 by the WebSocket layer
@@ -155,6 +157,8 @@ class TaskOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     duration_s: float = 0.0
     data: dict[str, Any] = {}  # structured results (the `test` task puts the node's GPUs here)
     energy_j: float | None = None
+    artifacts: list[ArtifactRef] = []  # uploaded before this result was sent (shared/files.py)
+    artifacts_cut: list[str] = []  # declared artifacts left out, and why (limits, not found)
 
 
 class TaskResult(Msg, tag="task_result"):
@@ -199,6 +203,8 @@ class Assign(Msg, tag="assign"):
     cpus: float | None = None
     mem_limit: str | None = None
     params: dict[str, Any] = {}  # the submission's other fields, for task-type templates
+    files: dict[str, FileContent] = {}  # written into the working dir first (shared/files.py)
+    artifacts: list[str] = []  # paths or globs collected from the working dir afterwards
 
 
 class Cancel(Msg, tag="cancel"):

@@ -6,6 +6,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shared.files import FileContent, artifacts_problem, files_problem
+
 TaskType = Literal["llm_inference", "training", "embeddings", "custom", "test"]
 TASK_TYPES: tuple[str, ...] = ("llm_inference", "training", "embeddings", "custom", "test")
 TEMPLATE_TYPES = frozenset({"llm_inference", "training", "embeddings"})
@@ -49,10 +51,14 @@ class TaskSubmit(msgspec.Struct, kw_only=True, omit_defaults=True):
     shm_size: str | None = None
     cpus: Positive | None = None
     mem_limit: str | None = None
+    files: dict[str, FileContent] = {}  # input files: shared/files.py
+    artifacts: list[str] = []  # output paths or globs collected after the task
 
     def __post_init__(self) -> None:
         if self.task_type == "custom" and not (self.script or self.command or self.image):
             raise ValueError("a custom task needs a `script`, a `command` or an `image`")
+        if why := files_problem(self.files) or artifacts_problem(self.artifacts):
+            raise ValueError(why)
         if self.script is not None and self.command is not None:
             raise ValueError("give either `script` or `command`, not both")
         if self.command is not None and not self.command:

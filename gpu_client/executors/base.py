@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gpu_client.detect import visible_devices_env
+from gpu_client.executors.workdir import Collected
+from shared.files import ArtifactRef
 from shared.protocol import Assign, GpuInfo
 
 OnStarted = Callable[[], None]
@@ -53,6 +55,8 @@ class RunOutcome:
     error: str = ""  # why it failed: "exit code 3", "timed out after 5s", "cancelled"
     data: dict[str, Any] = field(default_factory=dict)
     infra: bool = False  # the node failed it (work dir, engine gone, disk full): run it elsewhere
+    artifacts: Collected | None = None  # files the task declared, found after it (workdir.py)
+    uploaded: tuple[ArtifactRef, ...] = ()  # those the coordinator stored (gpu_client/artifacts)
 
     @property
     def ok(self) -> bool:

@@ -22,14 +22,18 @@ wait for containers to end. The create arguments come from `docker_spec.containe
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -40,6 +44,7 @@ from gpu_client.detect import GpuSource
 from gpu_client.executors.base import Adopted, OnOutput, OnStarted, RunOutcome, describe_exit
 from gpu_client.executors.docker_io import DOCKER_ERRORS, LogPump, in_thread
 from gpu_client.executors.docker_spec import (
+    LABEL_ARTIFACTS,
     LABEL_ATTEMPT,
     LABEL_CREATED,
     LABEL_MANAGED,
@@ -48,7 +53,9 @@ from gpu_client.executors.docker_spec import (
     LABEL_TIMEOUT,
     container_spec,
 )
+from gpu_client.executors.workdir import Collected, collect_from_container, inputs_tar
 from gpu_client.settings import ClientSettings
+from shared.files import WORKSPACE
 from shared.protocol import Assign
 
 log = logging.getLogger(__name__)
@@ -87,6 +94,7 @@ class DockerExecutor:
         pull_timeout_s: float = 600.0,
         environment: Mapping[str, str] | None = None,
         capabilities: Sequence[str] = (),
+        stage_dir: Path | None = None,
     ) -> None:
         self._node = node_name
         self._caps = tuple(capabilities)  # MESH_DOCKER_CAPS: all others are dropped
@@ -99,6 +107,8 @@ class DockerExecutor:
         self._stream: docker.DockerClient | None = None  # no read timeout: wait, logs, pull
         self._available: bool | None = None
         self._watches: dict[Key, _Watch] = {}
+        # Artifacts copied out of ended containers, until the result is acked (workdir.py)
+        self._stage = stage_dir or Path(tempfile.gettempdir()) / "gpumesh-artifacts" / node_name
 
     # --- the Executor protocol ---------------------------------------------------------
 
@@ -130,7 +140,8 @@ class DockerExecutor:
         created_at = time.time()
         spec = container_spec(assign, self._node, gpus, created_at=created_at, caps=self._caps)
         try:
-            cid = await asyncio.to_thread(self._create_and_start, spec)
+            files = inputs_tar(assign.files, WORKSPACE.lstrip("/")) if assign.files else b""
+            cid = await asyncio.to_thread(self._create_and_start, spec, files)
         except DOCKER_ERRORS + (ValueError,) as exc:
             return RunOutcome(
                 exit_code=None, error=f"could not start a container of {assign.image}: "
@@ -178,6 +189,7 @@ class DockerExecutor:
 
     async def release(self, task_id: str, attempt: int) -> None:
         self._watches.pop((task_id, attempt), None)
+        await asyncio.to_thread(shutil.rmtree, self._stage / f"{task_id}.{attempt}", True)
         try:
             await asyncio.to_thread(self._remove_all, task_id, attempt)
         except DOCKER_ERRORS as exc:
@@ -323,10 +335,12 @@ class DockerExecutor:
         client = self._connect()
         client.ping()
 
-    def _create_and_start(self, spec: dict[str, Any]) -> str:
+    def _create_and_start(self, spec: dict[str, Any], files: bytes = b"") -> str:
         assert self._client is not None
         container = self._client.containers.create(**spec)
         try:
+            if files:  # the task's files, into its working dir before it starts
+                container.put_archive("/", files)
             container.start()
         except DOCKER_ERRORS:
             container.remove(force=True)
@@ -387,7 +401,18 @@ class DockerExecutor:
         return RunOutcome(
             exit_code=exit_code, output=_tail_text(raw, self._tail_bytes), error=error,
             duration_s=round(max(0.0, finished - created_at), 3),
+            artifacts=self._artifacts(cid, attrs, error),
         )
+
+    def _artifacts(self, cid: str, attrs: dict[str, Any], error: str) -> Collected | None:
+        """Blocking: the declared artifacts of an ended container, copied to this host."""
+        labels = attrs.get("Config", {}).get("Labels") or {}
+        if error == "cancelled" or LABEL_ARTIFACTS not in labels:
+            return None
+        patterns = [str(p) for p in json.loads(labels[LABEL_ARTIFACTS])]
+        dest = self._stage / f"{labels.get(LABEL_TASK, cid)}.{labels.get(LABEL_ATTEMPT, 0)}"
+        assert self._client is not None
+        return collect_from_container(self._client.api, cid, patterns, dest)
 
 
 def _probe_socket(env: Mapping[str, str]) -> None:
@@ -456,4 +481,5 @@ def _since(t: float) -> float:
 
 def create(settings: ClientSettings, source: GpuSource) -> DockerExecutor:
     return DockerExecutor(settings.node_name, source, output_tail_bytes=settings.output_tail_bytes,
-                          capabilities=settings.docker_caps)
+                          capabilities=settings.docker_caps,
+                          stage_dir=settings.work_dir / ".docker-artifacts")

@@ -5,6 +5,7 @@ Tests assert on it for NVIDIA, AMD, Intel and simulated allocations without any 
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from docker.types import DeviceRequest
 
 from gpu_client.detectors.layout import VENDOR_BLOCK, runtime_id
 from gpu_client.executors.base import gpu_env
+from shared.files import WORKSPACE
 from shared.protocol import Assign, GpuInfo
 
 LABEL_MANAGED = "gpumesh.managed"
@@ -22,6 +24,7 @@ LABEL_ATTEMPT = "gpumesh.attempt"
 LABEL_NODE = "gpumesh.node"
 LABEL_TIMEOUT = "gpumesh.timeout_s"
 LABEL_CREATED = "gpumesh.created_at"
+LABEL_ARTIFACTS = "gpumesh.artifacts"  # the task's artifact patterns, JSON: read after it ends
 
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _NVIDIA_IDS = ("GPU-", "MIG-")
@@ -74,6 +77,9 @@ def container_spec(
         spec["entrypoint"] = ["/bin/sh", "-c", assign.script]
     if assign.volumes:
         spec["volumes"] = list(assign.volumes)
+    if assign.files or assign.artifacts:  # files go in, artifacts come out, here (workdir.py)
+        spec["working_dir"] = WORKSPACE
+        labels[LABEL_ARTIFACTS] = json.dumps(assign.artifacts)
     if assign.shm_size:
         spec["shm_size"] = assign.shm_size
     if assign.cpus:

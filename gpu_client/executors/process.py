@@ -55,6 +55,7 @@ from gpu_client.executors.tree import (
     make_cgroup,
     marker,
 )
+from gpu_client.executors.workdir import collect, write_inputs
 from gpu_client.settings import ClientSettings
 from shared.protocol import Assign
 
@@ -148,9 +149,11 @@ class ProcessExecutor:
         meta: dict[str, Any] = {
             "task_id": assign.task_id, "attempt": assign.attempt,
             "started_at": time.time(), "timeout_s": assign.timeout_s, "marker": name,
+            "artifacts": assign.artifacts,  # collected after it ends, adopted or not
         }
         try:
             await asyncio.to_thread(_prepare_dir, d, meta)
+            await asyncio.to_thread(write_inputs, d, assign.files)  # the task's files first
         except OSError as exc:
             return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
@@ -329,8 +332,10 @@ class ProcessExecutor:
         infra = bool(error) and error != "cancelled" and _disk_full(d)
         if infra:
             error = f"no space left in work dir {self._work_dir} on this node ({error})"
+        found = collect(d, meta.get("artifacts") or []) if error != "cancelled" else None
         return RunOutcome(
-            exit_code=exit_code, output=output, duration_s=duration, error=error, infra=infra
+            exit_code=exit_code, output=output, duration_s=duration, error=error, infra=infra,
+            artifacts=found,
         )
 
 
