@@ -16,6 +16,7 @@ from coordinator.auth import ADMIN_TOKEN_FILE, ROLES, Principal, TokenBook, prin
 from coordinator.authstore import AuthStore
 from coordinator.settings import Settings
 from coordinator.store import Store
+from coordinator.store_pg import PgAuthStore, PgStore
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,15 @@ admin_routes = [
 ]
 
 
-async def open_auth(state: Any, settings: Settings, mesh_store: Store) -> AuthStore:
+async def open_auth(
+    state: Any, settings: Settings, mesh_store: Store | PgStore
+) -> AuthStore | PgAuthStore:
     """Open auth.sqlite3 and put `tokens` (None with MESH_AUTH=off) and `audit` (kept in the
     mesh's store, so a change and its record commit together) on app.state."""
-    store = AuthStore(settings.data_dir / "auth.sqlite3", settings.sqlite_synchronous)
+    store: AuthStore | PgAuthStore = (
+        PgAuthStore(mesh_store) if isinstance(mesh_store, PgStore)
+        else AuthStore(settings.data_dir / "auth.sqlite3", settings.sqlite_synchronous)
+    )
     await store.open()
     state.audit = Audit(mesh_store)
     state.tokens = None

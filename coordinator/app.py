@@ -23,9 +23,11 @@ from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from coordinator.metrics import MeshMetrics
 from coordinator.node_api import node_routes
+from coordinator.openapi import openapi_routes
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError
 from coordinator.templates import load_templates
+from coordinator.ui import ui_routes
 from coordinator.ws import Connections, node_socket
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
-                *artifact_routes],
+                *openapi_routes, *ui_routes(), *artifact_routes],
         middleware=[
             Middleware(  # outermost: answers preflights, adds headers to every answer
                 CORSMiddleware,

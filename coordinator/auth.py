@@ -146,12 +146,16 @@ class TokenBook:
 # --- which role each route needs ------------------------------------------------------------
 
 PUBLIC = frozenset({("GET", "/"), ("GET", "/health"), ("HEAD", "/"), ("HEAD", "/health")})
+# The API document and the pages: they describe and render, hold no data (coordinator/ui.py)
+PUBLIC_PAGES = ("/openapi.json", "/docs", "/ui")
 NODE_UPLOADS = "/nodes/"  # PUT /nodes/{node}/tasks/...: node credential (coordinator/artifacts.py)
 
 
 def required_role(method: str, path: str) -> str | None:
-    """The least role a request needs; None for the two public routes."""
+    """The least role a request needs; None for the public routes."""
     if (method, path) in PUBLIC:
+        return None
+    if method in ("GET", "HEAD") and (path in PUBLIC_PAGES or path.startswith("/ui/assets/")):
         return None
     if method == "PUT" and path.startswith(NODE_UPLOADS):
         return None  # a node's artifact upload: the route checks the node's credential

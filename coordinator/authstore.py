@@ -1,5 +1,6 @@
 """API tokens in their own small SQLite file, `<data-dir>/auth.sqlite3` (the audit trail is in
-the mesh store, beside the changes it records: coordinator/audit.py).
+the mesh store, beside the changes it records: coordinator/audit.py). With PostgreSQL they are
+in the mesh's database instead (store_pg.PgAuthStore, same interface).
 
 Every statement runs on one dedicated thread with one connection, so nothing here blocks the
 event loop and writes apply in the order they were made. A token change returns only after it
@@ -20,19 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-T = TypeVar("T")
+from coordinator.schema import migrate_sqlite
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,
-    hash TEXT NOT NULL UNIQUE,
-    tenant TEXT NOT NULL,
-    role TEXT NOT NULL,
-    name TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    revoked_at REAL
-);
-"""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +64,7 @@ class AuthStore:
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            conn.executescript(SCHEMA)
+            migrate_sqlite(conn, "auth", str(self.path))
             self._conn = conn
 
         await asyncio.get_running_loop().run_in_executor(self._pool, connect)

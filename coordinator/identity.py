@@ -25,6 +25,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from coordinator.schema import migrate_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -82,31 +85,51 @@ class Refused:
 class NodeIdentities:
     """Which credential each node name belongs to (hashes only), and the join token."""
 
-    def __init__(self, path: Path, join_token: str) -> None:
+    def __init__(self, path: Path, join_token: str, remote: Any = None) -> None:
         self._path = path
         self._join = join_token
         self._hashes: dict[str, bytes] = {}
+        # PostgreSQL (store_pg.PgCredentials): the hashes live in the shared database, so
+        # standby coordinators know every node; None: <data-dir>/nodes.sqlite3.
+        self._remote = remote
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-db")
 
     @classmethod
     async def open(
-        cls, data_dir: Path, configured_token: str, token_file: Path | None = None
+        cls, data_dir: Path, configured_token: str, token_file: Path | None = None,
+        remote: Any = None,
     ) -> NodeIdentities:
         token, path = await asyncio.to_thread(
             ensure_join_token, data_dir, configured_token, token_file
         )
         if path is not None:
             log.warning("nodes join with the token in %s (give it to clients as MESH_TOKEN)", path)
-        ids = cls(data_dir / DB_FILE, token)
-        await ids._run(ids._open_db)
+        ids = cls(data_dir / DB_FILE, token, remote)
+        if remote is None:
+            await ids._run(ids._open_db)
+        else:
+            ids._hashes = await remote.load()
         return ids
 
     async def close(self) -> None:
-        await self._run(self._close_db)
+        if self._remote is None:
+            await self._run(self._close_db)
         self._pool.shutdown(wait=True)
 
     async def _run(self, fn: Callable[..., None], *args: object) -> None:
+    async def _save(self, name: str, digest: bytes) -> None:
+        if self._remote is None:
+            await self._run(self._insert, name, digest)
+        else:
+            await self._remote.insert(name, digest)
+
+    async def _drop(self, name: str) -> None:
+        if self._remote is None:
+            await self._run(self._delete, name)
+        else:
+            await self._remote.delete(name)
+
         await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # --- on the database thread ------------------------------------------------------------
@@ -116,10 +139,7 @@ class NodeIdentities:
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # rare writes; a credential must survive power loss
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS node_credentials ("
-            " name TEXT PRIMARY KEY, hash BLOB NOT NULL, joined_at REAL NOT NULL)"
-        )
+        migrate_sqlite(db, "nodes", str(self._path))
         rows = db.execute("SELECT name, hash FROM node_credentials")
         self._hashes = {name: bytes(digest) for name, digest in rows}
         self._db = db
@@ -166,12 +186,17 @@ class NodeIdentities:
                 "NODE_NAME, or have an admin run `gpumesh node forget "
                 f"{name}` if that node is gone"
             )
+        if known is None and self._remote is not None:  # joined through another coordinator?
+            found = await self._remote.lookup(name)
+            known = self._hashes.get(name) or found
+            if known is not None:
+                self._hashes[name] = known
         issued = secrets.token_urlsafe(32)
         digest = _hash(issued)
         self._hashes[name] = digest  # claimed now: a racing register for the name is refused
         try:
-            await asyncio.shield(self._run(self._insert, name, digest))
-        except (sqlite3.Error, OSError):
+            await asyncio.shield(self._save(name, digest))
+        except Exception:
             if self._hashes.get(name) == digest:
                 del self._hashes[name]
             raise
@@ -179,8 +204,10 @@ class NodeIdentities:
 
     async def forget(self, name: str) -> bool:
         """Drop `name`'s credential (durably); False if it had none."""
-        if name not in self._hashes:
+        if name not in self._hashes and (
+            self._remote is None or await self._remote.lookup(name) is None
+        ):
             return False
-        await asyncio.shield(self._run(self._delete, name))
+        await asyncio.shield(self._drop(name))
         self._hashes.pop(name, None)
         return True

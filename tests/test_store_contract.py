@@ -11,6 +11,7 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from coordinator.store import (
 )
 from coordinator.store_core import GroupCommitStore
 from coordinator.store_pg import PgAuthStore, PgCredentials, PgStore
+from tests.conftest import FAST, TEST_ADMIN_TOKEN, run_coordinator, wait_until
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - the session fixture
 
 MakeStore = Callable[..., GroupCommitStore]
@@ -330,3 +332,36 @@ async def test_standbys_see_the_leaders_tokens_and_credentials(pg_server: PgServ
     finally:
         await leader.close()
         await standby.close()
+
+
+# --- a real mesh on PostgreSQL --------------------------------------------------------------
+
+
+async def test_a_real_mesh_runs_tasks_on_postgresql(
+    pg_server: PgServer, tmp_path: Path, spawn_client: Any,  # noqa: F811
+) -> None:
+    dsn = pg_server.create_database()
+    settings = replace(FAST, data_dir=tmp_path / "mesh-data", store=dsn,
+                       admin_token=TEST_ADMIN_TOKEN)
+    async with run_coordinator(settings) as live:
+        await wait_until(lambda: getattr(live.server.config.loaded_app.app.state, "mesh", None),
+                         20, "the coordinator leads")
+        spawn_client("a", live.ws_url)
+        ids = [await live.submit(task_type="test", priority=i % 10) for i in range(20)]
+        for task_id in ids:
+            done = await live.wait_finished(task_id)
+            assert done["status"] == "completed", done
+        r = await live.http.post("/admin/tokens", json={"tenant": "t1", "role": "submit"})
+        assert r.status_code in (200, 201), r.text
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute("SELECT state, count(*) FROM tasks GROUP BY state")
+        assert dict(await cur.fetchall()) == {"completed": 20}
+        cur = await conn.execute("SELECT count(*) FROM tokens WHERE tenant = 't1'")
+        assert await cur.fetchone() == (1,)
+        cur = await conn.execute("SELECT name FROM node_credentials")
+        assert await cur.fetchall() == [("a",)]
+    # A coordinator started again on the same database serves what the first one recorded.
+    async with run_coordinator(settings) as again:
+        await wait_until(lambda: getattr(again.server.config.loaded_app.app.state, "mesh", None),
+                         20, "the coordinator leads again")
+        assert (await again.task(ids[-1]))["status"] == "completed"

@@ -1,0 +1,203 @@
+"""The console (/ui) and the rendered API document (/docs) in a real headless Chromium.
+
+The tests act in the page as a user would (type the token, pick filters, click a task, click
+cancel and drain) and check both what the page shows and what the server then holds.
+Screenshots land in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+
+from coordinator.settings import Settings
+from shared.protocol import GpuInfo, Heartbeat, Register
+from tests.cdp import CHROMIUM, Browser, Page
+from tests.conftest import (
+    TEST_JOIN_TOKEN,
+    LiveCoordinator,
+    Proc,
+    admin_token,
+    run_coordinator,
+    wait_until,
+)
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+
+# Task names and output are user data: the page must show them as text, never run them.
+HOSTILE_NAME = '<img src=x onerror="window.pwned=1">'
+GPUS = [
+    GpuInfo(index=0, name="H100", vendor="nvidia", uuid="GPU-c-0", memory_total_mb=81_920,
+            memory_used_mb=12_288, utilization_pct=73.0, temperature_c=61.0),
+    GpuInfo(index=1, name="H100", vendor="nvidia", uuid="GPU-c-1", memory_total_mb=81_920,
+            memory_used_mb=0, utilization_pct=4.0, temperature_c=38.0),
+]
+
+
+async def telemetry_node(url: str, stop: asyncio.Event) -> None:
+    """A node speaking the real protocol that reports GPU readings and offers no executor
+    (so it gets no work): fake GPUs report no utilisation."""
+    async with connect(f"{url}/ws/gpubox") as ws:
+        await ws.send(msgspec.json.encode(Register(
+            hostname="gpubox", gpus=GPUS, cpu_count=8, memory_mb=65_536, executors=[],
+            token=TEST_JOIN_TOKEN)))
+        assert json.loads(await ws.recv())["type"] == "registered"
+        while not stop.is_set():
+            await ws.send(msgspec.json.encode(Heartbeat(gpus=GPUS)))
+            try:
+                await asyncio.wait_for(stop.wait(), 0.5)
+            except TimeoutError:
+                pass
+
+
+@pytest.fixture
+async def gpubox(coordinator: LiveCoordinator) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(telemetry_node(coordinator.ws_url, stop))
+    await wait_until(lambda: "gpubox" in coordinator.mesh.nodes or task.done(), 10, "gpubox")
+    yield
+    stop.set()
+    await task
+
+
+async def row_count(page: Page, selector: str) -> int:
+    n: int = await page.evaluate(f"document.querySelectorAll({json.dumps(selector)}).length")
+    return n
+
+
+async def test_console_end_to_end(
+    coordinator: LiveCoordinator, gpubox: None, spawn_client: Callable[..., Proc],
+    tmp_path: Path,
+) -> None:
+    live = coordinator
+    spawn_client("worker", live.ws_url)
+    await wait_until(lambda: "worker" in live.mesh.nodes, 20, "worker online")
+    script = "for i in $(seq 1 600); do echo line-$i; sleep 0.1; done"
+    long_id = await live.submit(task_type="custom", script=script, name=HOSTILE_NAME,
+                                tenant="alice")
+    done_id = await live.submit(task_type="test", name="quick", tenant="bob")
+    queued_id = await live.submit(task_type="custom", script="true", priority=9,
+                                  requirements={"gpu_count": 8}, name="too-big")
+    await live.wait_finished(done_id)
+    await wait_until(lambda: live.mesh.tasks[long_id].state == "running", 20, "running")
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    async with Browser(tmp_path / "chromium") as page:
+        await page.goto(f"{live.url}/ui")
+        await page.wait_for("document.getElementById('conn').textContent.includes('token')",
+                            what="the page to ask for a token")
+        await page.type("#token", admin_token(live.settings))
+        await page.click("#token-save")
+        await page.wait_for("document.querySelector('tr.node-row[data-node=\"worker\"]')",
+                            what="the nodes table")
+        assert await page.evaluate("sessionStorage.getItem('gpumesh.token')") == \
+            admin_token(live.settings)
+
+        # per-GPU readings, as the node reported them
+        gpu0 = "tr[data-node='gpubox'][data-gpu='0']"
+        assert "H100" in await page.text(f"{gpu0} td.gpu")
+        assert await page.text(f"{gpu0} td.util") == "73%"
+        assert await page.text(f"{gpu0} td.vram") == "12.0 / 80.0 GiB"
+        assert await page.text(f"{gpu0} td.temp") == "61 °C"
+        assert await page.text("tr[data-node='gpubox'][data-gpu='1'] td.util") == "4%"
+        await page.screenshot(shots / "1-nodes.png")
+
+        # the queue by priority: the one queued task is critical
+        assert await page.text("#queue-bands [data-band='critical'] .value") == "1"
+        assert queued_id in await page.evaluate(
+            "[...document.querySelectorAll('#queue-list li')].map(l => l.dataset.task).join()")
+
+        # filters: state, then tenant, then node
+        await page.wait_for(f"document.querySelector('tr.task-row[data-task=\"{done_id}\"]')")
+        await page.choose("#f-state", "running")
+        await page.wait_for("document.querySelectorAll('tr.task-row').length === 1")
+        assert await page.evaluate("document.querySelector('tr.task-row').dataset.task") == long_id
+        await page.choose("#f-state", "")
+        await page.type("#f-tenant", "bob")
+        await page.evaluate("document.getElementById('f-tenant').dispatchEvent("
+                            "new Event('change'))")
+        await page.wait_for("[...document.querySelectorAll('tr.task-row')]"
+                            f".every(r => r.dataset.task === '{done_id}')")
+        assert await row_count(page, "tr.task-row") == 1
+        await page.type("#f-tenant", "")
+        await page.evaluate("document.getElementById('f-tenant').dispatchEvent("
+                            "new Event('change'))")
+        await page.type("#f-node", "worker")
+        await page.wait_for("document.querySelectorAll('tr.task-row').length === 2",
+                            what="worker's two tasks")
+        await page.screenshot(shots / "2-filtered.png")
+
+        # the task's name is shown as text, and nothing in it ran
+        name_cell = f"tr.task-row[data-task='{long_id}'] td.name"
+        assert await page.text(name_cell) == HOSTILE_NAME
+        assert await page.evaluate("document.querySelectorAll('img').length") == 0
+
+        # open the task: its log lines appear while it runs
+        await page.click(f"tr.task-row[data-task='{long_id}']")
+        await page.wait_for("!document.getElementById('detail').hidden")
+        assert await page.text("#detail-id") == long_id
+        await page.wait_for("document.getElementById('log').textContent.includes('line-3\\n')",
+                            what="the first log lines")
+        first = await page.evaluate("document.getElementById('log').textContent.length")
+        await page.wait_for(f"document.getElementById('log').textContent.length > {first} + 20",
+                            what="more log lines, live")
+        await page.screenshot(shots / "3-task-logs.png")
+
+        # cancel: the server cancels it, and the page says so
+        await page.click("#cancel")
+        await wait_until(lambda: long_id in live.mesh.finished, 15, "the task cancelled")
+        assert live.mesh.finished[long_id].state == "cancelled"
+        await page.wait_for("document.getElementById('detail-status').textContent === "
+                            "'cancelled'")
+        assert await page.evaluate("document.getElementById('cancel').disabled") is True
+
+        # drain the worker from its row, then undrain it
+        await page.click("tr.node-row[data-node='worker'] button.drain")
+        await wait_until(lambda: live.mesh.nodes["worker"].drain is not None, 10, "drained")
+        await page.wait_for("document.querySelector(\"tr.node-row[data-node='worker'] "
+                            "button.undrain\")", what="the undrain button")
+        status = await page.text("tr.node-row[data-node='worker'] td.status")
+        assert status.startswith("drain"), status
+        await page.screenshot(shots / "4-drained.png")
+        await page.click("tr.node-row[data-node='worker'] button.undrain")
+        await wait_until(lambda: live.mesh.nodes["worker"].drain is None, 10, "undrained")
+
+        assert await page.evaluate("window.pwned") is None
+        assert not page.errors, page.errors  # no exception, no CSP violation
+    assert all((shots / f).stat().st_size > 1000 for f in
+               ("1-nodes.png", "2-filtered.png", "3-task-logs.png", "4-drained.png"))
+
+
+async def test_console_without_auth_needs_no_token(settings: Settings, tmp_path: Path) -> None:
+    async with run_coordinator(replace(settings, auth="off")) as live:
+        task_id = await live.submit(task_type="custom", script="true", name="waiting")
+        async with Browser(tmp_path / "chromium") as page:
+            await page.goto(f"{live.url}/ui")
+            await page.wait_for(f"document.querySelector('tr.task-row[data-task=\"{task_id}\"]')",
+                                what="the task, with no token typed")
+            assert await page.text("#nodes-empty") == "no nodes have joined"
+            assert not page.errors, page.errors
+
+
+async def test_docs_renders_every_operation(
+    coordinator: LiveCoordinator, tmp_path: Path
+) -> None:
+    doc = (await coordinator.http.get("/openapi.json")).json()
+    ops = sum(len(item) for item in doc["paths"].values())
+    async with Browser(tmp_path / "chromium") as page:
+        await page.goto(f"{coordinator.url}/docs")
+        await page.wait_for(f"document.querySelectorAll('details.op').length === {ops}",
+                            what=f"{ops} operations")
+        await page.click("#post_tasks_submit > summary")
+        body = await page.text("#post_tasks_submit")
+        assert "TaskSubmit" in body and "422" in body and "submit" in body
+        await page.screenshot(tmp_path / "docs.png")
+        assert not page.errors, page.errors
