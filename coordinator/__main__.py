@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from coordinator.app import create_app
+from coordinator.datadir import DataDirInUse, lock_data_dir
 from coordinator.settings import Settings
 from shared.config import ConfigError
 from shared.protocol import MAX_FRAME_BYTES
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> None:
         if (settings.tls_cert is None) != (settings.tls_key is None):
             raise ConfigError("MESH_TLS_CERT/MESH_TLS_KEY", "one of them", "both or neither")
     except ConfigError as exc:
+        print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        held = lock_data_dir(settings.data_dir)  # noqa: F841 - held open while we run
+    except (DataDirInUse, OSError) as exc:
         print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
     # A long-lived server holds one object graph per task and node: collect the young
