@@ -132,12 +132,17 @@ async def upload(request: Request) -> Response:
     if why := _not_current(files.mesh, node, task_id, attempt):
         return error(409, "stale attempt", why)
     dest = files.attempt_dir(task_id, attempt)
-    if why := await asyncio.to_thread(_room_for, dest, name):
-        return error(413, "too many artifacts", why)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_ARTIFACT_BYTES:
         return error(413, "artifact too large", f"over {MAX_ARTIFACT_BYTES} bytes per artifact")
-    got = await _receive(request, dest / name)
+    try:
+        if why := await asyncio.to_thread(_room_for, dest, name):
+            return error(413, "too many artifacts", why)
+        got = await _receive(request, dest / name)
+    except OSError as exc:  # not on disk: the node tries again, then reports it cut
+        log.error("artifact %s of task %s.%d not stored: %s", name, task_id, attempt, exc,
+                  extra={"task": task_id, "attempt": attempt, "node": node})
+        return error(507, "not stored", f"artifact {name!r} could not be written: {exc}")
     if isinstance(got, Response):
         return got
     size, digest = got

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import tarfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,38 @@ class TestDocker:
         r = await fetch(coordinator.http, task_id, "out/copy.txt")
         assert r.status_code == 200 and r.text == "hello from the submission\n"
         assert (await fetch(coordinator.http, task_id, "where.txt")).text == "/workspace\n"
+
+
+async def test_upload_limits_and_what_a_cancelled_attempt_left(
+    coordinator: LiveCoordinator, spawn_client: Any, tmp_path: Path
+) -> None:
+    """The route itself: fenced by attempt, bounded, checked names; a task that ends without
+    naming its uploads (cancelled here) has them swept."""
+    spawn_client("files-c", coordinator.ws_url)
+    task_id = await coordinator.submit(task_type="custom", command=["sleep", "60"])
+    await wait_until(lambda: (t := coordinator.mesh.tasks.get(task_id)) is not None
+                     and t.state.value == "running", 20, "the task running")
+    cred = await wait_until(lambda: list(tmp_path.glob("state-files-c/**/*.credential")), 10,
+                            "the node's credential")
+    auth = {"Authorization": f"Bearer {cred[0].read_text().strip()}"}
+    base = f"/nodes/files-c/tasks/{task_id}"
+    async with httpx.AsyncClient(base_url=coordinator.url, headers=auth) as node:
+        r = await node.put(f"{base}/1/artifacts/big.bin", content=b"\0" * (MAX_ARTIFACT_BYTES + 1))
+        assert r.status_code == 413, r.text
+        r = await node.put(f"{base}/1/artifacts/output.log", content=b"x")
+        assert r.status_code == 422 and "reserved" in r.json()["reason"], r.text
+        r = await node.put(f"{base}/2/artifacts/a.txt", content=b"x")
+        assert r.status_code == 409, r.text
+        r = await node.put(f"{base}/1/artifacts/sub/a.txt", content=b"hello")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"name": "sub/a.txt", "size": 5,
+                            "sha256": hashlib.sha256(b"hello").hexdigest()}
+        where = coordinator.settings.data_dir / "artifacts" / task_id / "1"
+        assert (where / "sub" / "a.txt").read_bytes() == b"hello"
+        assert [p.name for p in where.rglob("*") if ".part-" in p.name] == []
+        assert (await coordinator.http.delete(f"/tasks/{task_id}")).status_code == 200
+        r = await node.put(f"{base}/1/artifacts/b.txt", content=b"late")
+        assert r.status_code == 409, r.text
+    files = coordinator.server.config.loaded_app.app.state.artifacts  # type: ignore[attr-defined]
+    await files.sweep(time.time())
+    assert not where.exists()  # the result named none of them
