@@ -88,10 +88,10 @@ class NodeIdentities:
     def __init__(self, path: Path, join_token: str, remote: Any = None) -> None:
         self._path = path
         self._join = join_token
-        self._hashes: dict[str, bytes] = {}
         # PostgreSQL (store_pg.PgCredentials): the hashes live in the shared database, so
         # standby coordinators know every node; None: <data-dir>/nodes.sqlite3.
         self._remote = remote
+        self._hashes: dict[str, bytes] = {}
         self._db: sqlite3.Connection | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="identity-db")
 
@@ -117,7 +117,6 @@ class NodeIdentities:
             await self._run(self._close_db)
         self._pool.shutdown(wait=True)
 
-    async def _run(self, fn: Callable[..., None], *args: object) -> None:
     async def _save(self, name: str, digest: bytes) -> None:
         if self._remote is None:
             await self._run(self._insert, name, digest)
@@ -130,6 +129,7 @@ class NodeIdentities:
         else:
             await self._remote.delete(name)
 
+    async def _run(self, fn: Callable[..., None], *args: object) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # --- on the database thread ------------------------------------------------------------
@@ -178,6 +178,11 @@ class NodeIdentities:
         """Check a register's credential for `name`; on a first join, issue one and store its
         hash durably before returning (so the reply that carries it shows committed state)."""
         known = self._hashes.get(name)
+        if known is None and self._remote is not None:  # joined through another coordinator?
+            found = await self._remote.lookup(name)
+            known = self._hashes.get(name) or found
+            if known is not None:
+                self._hashes[name] = known
         if known is not None:
             if credential and hmac.compare_digest(_hash(credential), known):
                 return Admitted()
@@ -186,11 +191,6 @@ class NodeIdentities:
                 "NODE_NAME, or have an admin run `gpumesh node forget "
                 f"{name}` if that node is gone"
             )
-        if known is None and self._remote is not None:  # joined through another coordinator?
-            found = await self._remote.lookup(name)
-            known = self._hashes.get(name) or found
-            if known is not None:
-                self._hashes[name] = known
         issued = secrets.token_urlsafe(32)
         digest = _hash(issued)
         self._hashes[name] = digest  # claimed now: a racing register for the name is refused
