@@ -25,7 +25,8 @@ from coordinator.metrics import MeshMetrics
 from coordinator.node_api import node_routes
 from coordinator.openapi import openapi_routes
 from coordinator.settings import Settings
-from coordinator.store import Store, StoreError
+from coordinator.store import StoreError, open_store
+from coordinator.store_pg import PgCredentials, PgStore
 from coordinator.templates import load_templates
 from coordinator.ui import ui_routes
 from coordinator.ws import Connections, node_socket
@@ -55,15 +56,12 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metrics = MeshMetrics()
-        store = Store(
-            settings.data_dir / "mesh.sqlite3",
-            synchronous=settings.sqlite_synchronous,
-            on_commit=metrics.store_committed,
-        )
+        store = open_store(settings, on_commit=metrics.store_committed)  # MESH_STORE
         await store.open()
         auth_store = await open_auth(app.state, settings, store)
         identities = await NodeIdentities.open(
-            settings.data_dir, settings.token, settings.join_token_file
+            settings.data_dir, settings.token, settings.join_token_file,
+            PgCredentials(store) if isinstance(store, PgStore) else None,
         )
         app.state.identities = identities
         mesh = Mesh(store, settings, metrics)
