@@ -45,6 +45,7 @@ ERRORS: dict[int, str] = {
     429: "Over a limit for now (queue full, too many log followers): see Retry-After",
     503: "Not stored: the store could not commit, or the coordinator is rebuilding; "
          "retry after Retry-After",
+    507: "Not stored: the coordinator's disk refused the write; retry later",
 }
 
 

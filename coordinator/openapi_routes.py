@@ -130,7 +130,7 @@ ROUTES: dict[tuple[str, str], Op] = {
     ),
     ("PUT", "/nodes/{node}/tasks/{task_id}/{attempt}/artifacts/{name}"): Op(
         "nodes", "A node uploads an artifact of its current attempt", t.ArtifactStored,
-        errors=(401, 404, 409, 413, 422), caller="node credential",
+        errors=(401, 404, 409, 413, 422, 507), caller="node credential",
         body={"application/octet-stream": "the file"},
         description="Sent by compute clients with their node credential as the bearer token; "
         "409 when that attempt is no longer the task's current one on that node.",

@@ -16,7 +16,6 @@ import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,13 +24,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from gpu_client.artifacts import result_fields, ship
-from gpu_client.credential import (
-    credential_path,
-    join_token,
-    load_credential,
-    save_credential,
-)
+from gpu_client.credential import credential_paths, join_token, load_any, save_all
 from gpu_client.detect import GpuSource
+from gpu_client.endpoints import Endpoints
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
 from gpu_client.health import NodeHealth
@@ -100,9 +95,9 @@ def classify_error(exc: Exception) -> Exception | None:
     return exc
 
 
-def _tls(s: ClientSettings) -> dict[str, Any]:
+def _tls(s: ClientSettings, url: str) -> dict[str, Any]:
     """`connect` keywords for wss://: verify against MESH_CA_FILE when set (else the system CAs)."""
-    if s.ca_file is None or not s.coordinator_url.startswith("wss://"):
+    if s.ca_file is None or not url.startswith("wss://"):
         return {}
     return {"ssl": ssl.create_default_context(cafile=str(s.ca_file))}
 
@@ -144,9 +139,10 @@ class Agent:
         self._background: set[asyncio.Task[None]] = set()
         self.registrations = 0  # sessions that got `registered`; tests wait on it
         self._policy = node_policy(settings, self._executors)  # what it was built with
-        self._credential_path = credential_path(
-            settings.state_dir, settings.coordinator_url, settings.node_name
+        self._credential_paths = credential_paths(  # one credential per mesh (HA: every URL)
+            settings.state_dir, settings.urls, settings.node_name
         )
+        self._endpoints = Endpoints(settings.urls)
         self.telemetry = Telemetry(source)
         self.health = NodeHealth(self._executors, settings.work_dir, settings.min_free_mb)
         self.fence = Fence(settings.fence_after_s, self._self_fence)
@@ -216,34 +212,57 @@ class Agent:
     # --- connection -------------------------------------------------------------------
 
     async def _connect_loop(self) -> None:
+        """Connect to the coordinators of MESH_COORDINATOR_URL in turn, backing off after a
+        round in which none registered us; follow a standby's 4010 to the leader."""
         s = self._settings
+        backoff = reconnect_delays(s.reconnect_max_s)
+        while True:
+            url = self._endpoints.current
+            try:
+                ws = await self._open(url)
+            except Exception as exc:  # noqa: BLE001 - classified: a fatal one stops the node
+                if (fatal := classify_error(exc)) is not None:
+                    raise fatal from exc
+                log.info("cannot connect to %s (%s)", url, exc)
+                if self._endpoints.failed():
+                    await asyncio.sleep(next(backoff))
+                continue
+            self._ws = ws
+            before = self.registrations
+            redirected = False
+            try:
+                await self._session(ws)
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if exc.rcvd is not None and code in FATAL_CLOSE_CODES:
+                    raise FatalClose(exc.rcvd.code, exc.rcvd.reason) from exc
+                if exc.rcvd is not None and code == CloseCode.NOT_LEADER:
+                    log.info("%s is a standby; the leader is %s", url, exc.rcvd.reason)
+                    redirected = self._endpoints.redirect(exc.rcvd.reason)
+                else:
+                    log.info("connection closed (%s); reconnecting", exc)
+            except Exception:
+                log.exception("session failed; reconnecting")
+            finally:
+                self._ws = None
+                self._outbox = None
+                await ws.close()
+            if self.registrations > before:  # it served us: retry it first, from a fresh backoff
+                self._endpoints.served()
+                backoff = reconnect_delays(s.reconnect_max_s)
+                await asyncio.sleep(next(backoff))
+            elif redirected:
+                await asyncio.sleep(random.uniform(0.0, 0.2))
+            elif self._endpoints.failed():
+                await asyncio.sleep(next(backoff))
+
+    async def _open(self, url: str) -> ClientConnection:
         # No permessage-deflate: frames are small JSON, and inflating every heartbeat cost
         # the coordinator ~12 % of its CPU and ~40 KB of memory per node at 10,000 nodes.
-        connector = connect(
-            s.ws_url, reconnect_delays=lambda: reconnect_delays(s.reconnect_max_s),
-            process_exception=classify_error, max_size=MAX_FRAME_BYTES, open_timeout=10,
-            close_timeout=5, compression=None, **_tls(s),
+        return await connect(
+            f"{url}/ws/{self._settings.node_name}", max_size=MAX_FRAME_BYTES, open_timeout=10,
+            close_timeout=5, compression=None, **_tls(self._settings, url),
         )
-        backoff = reconnect_delays(s.reconnect_max_s)
-        async with aclosing(aiter(connector)) as connections:
-            async for ws in connections:
-                self._ws = ws
-                before = self.registrations
-                try:
-                    await self._session(ws)
-                except ConnectionClosed as exc:
-                    if exc.rcvd is not None and exc.rcvd.code in FATAL_CLOSE_CODES:
-                        raise FatalClose(exc.rcvd.code, exc.rcvd.reason) from exc
-                    log.info("connection closed (%s); reconnecting", exc)
-                except Exception:
-                    log.exception("session failed; reconnecting")
-                finally:
-                    self._ws = None
-                    self._outbox = None
-                    await ws.close()
-                if self.registrations > before:
-                    backoff = reconnect_delays(s.reconnect_max_s)
-                await asyncio.sleep(next(backoff))
 
     async def _session(self, ws: ClientConnection) -> None:
         await ws.send(encode(await self._register_message()))
@@ -252,14 +271,14 @@ class Agent:
             log.warning("no `registered` within %.0fs; reconnecting", REGISTER_TIMEOUT_S)
             return
         if registered.credential:  # first join: keep it before anything else happens
-            await asyncio.to_thread(save_credential, self._credential_path, registered.credential)
-            log.info("node credential issued; kept in %s", self._credential_path)
+            await asyncio.to_thread(save_all, self._credential_paths, registered.credential)
+            log.info("node credential issued; kept in %s", self._credential_paths[0])
         self.registrations += 1
         self._heartbeat_s = registered.heartbeat_interval_s
         self._draining = False
         outbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._outbox = outbox
-        log.info("registered with %s as %s", self._settings.coordinator_url, registered.node_id,
+        log.info("registered with %s as %s", self._endpoints.current, registered.node_id,
                  extra={"node": registered.node_id})
         self._apply_registered(registered)
         writer = asyncio.create_task(self._write(ws, outbox))
@@ -299,7 +318,7 @@ class Agent:
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
             running=self._refs(), policy=self._policy,
-            credential=await asyncio.to_thread(load_credential, self._credential_path),
+            credential=await asyncio.to_thread(load_any, self._credential_paths),
             token=await asyncio.to_thread(join_token, s.token, s.token_file),
         )
 
@@ -463,8 +482,8 @@ class Agent:
                           extra={"task": run.task_id, "attempt": run.attempt})
             outcome = RunOutcome(exit_code=None, error=f"executor error: {exc!r}", infra=True)
         if self._runs.get(run.key) is run:  # its artifacts reach the coordinator before its result
-            outcome = await ship(self._settings, self._settings.coordinator_url,
-                                 [self._credential_path], *run.key, outcome)
+            outcome = await ship(self._settings, self._endpoints.current, self._credential_paths,
+                                 *run.key, outcome)
         self._finish(run, outcome)
 
     def _finish(self, run: Run, outcome: RunOutcome) -> None:

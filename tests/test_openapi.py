@@ -7,6 +7,8 @@ fails, so a field added to a view without being documented is caught)."""
 from __future__ import annotations
 
 import copy
+import inspect
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -15,9 +17,10 @@ import httpx
 import jsonschema
 import pytest
 from openapi_spec_validator import validate as validate_spec
+from starlette.routing import Route
 
 from coordinator.app import create_app
-from coordinator.openapi import WEBSOCKET, mounted
+from coordinator.openapi import WEBSOCKET, build_document, mounted
 from coordinator.openapi_routes import ROUTES
 from coordinator.settings import Settings
 from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
@@ -32,6 +35,23 @@ def test_every_mounted_route_is_documented_and_nothing_else(settings: Settings) 
     stale = sorted(set(ROUTES) - routes)
     assert not undocumented, f"mounted, not in coordinator/openapi_routes.py: {undocumented}"
     assert not stale, f"in coordinator/openapi_routes.py, not mounted: {stale}"
+
+
+def test_every_status_a_route_answers_with_is_documented(settings: Settings) -> None:
+    """Each `error(NNN, ...)` written in a route's own function is a documented answer."""
+    app = create_app(settings)
+    doc = build_document(app.routes)
+    missing = []
+    for r in app.routes:
+        if not isinstance(r, Route):
+            continue
+        source = inspect.getsource(r.endpoint)
+        codes = {int(c) for c in re.findall(r"\berror\(\s*(\d{3})", source)}
+        for method in (r.methods or set()) - {"HEAD"}:
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", r.path)
+            documented = {int(s) for s in doc["paths"][path][method.lower()]["responses"]}
+            missing += [f"{method} {path}: {c}" for c in sorted(codes - documented)]
+    assert not missing, f"answered but not documented (coordinator/openapi_routes.py): {missing}"
 
 
 def closed(doc: dict[str, Any]) -> dict[str, Any]:
