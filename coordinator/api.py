@@ -7,6 +7,8 @@ from msgspec ("Expected `int`, got `str` - at `$.priority`").
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -112,12 +114,17 @@ async def index(request: Request) -> JSON:
 
 
 async def health(request: Request) -> JSON:
+    role = request.app.state.role  # coordinator/standby.py: leader | standby, and the leader
+    if not role.leading:  # a standby is healthy; it forwards the API to `leader`
+        return JSON({"status": "healthy", "version": __version__, "online_nodes": 0,
+                     **role.fields()})
     mesh = _mesh(request)
     online = sum(1 for n in mesh.nodes.values() if n.online)
     if mesh.broken:  # rebuilding from the store: not ready, say why (503 for load balancers)
         return JSON({"status": "rebuilding", "version": __version__, "online_nodes": online,
-                     "reason": mesh.broken}, status_code=503)
-    return JSON({"status": "healthy", "version": __version__, "online_nodes": online})
+                     "reason": mesh.broken, **role.fields()}, status_code=503)
+    return JSON({"status": "healthy", "version": __version__, "online_nodes": online,
+                 **role.fields()})
 
 
 async def status(request: Request) -> JSON:
@@ -174,6 +181,8 @@ async def submit(request: Request) -> JSON:
     who = principal_of(request)
     if who.role != "admin":  # a tenant's token stamps its tenant; the body cannot choose
         specs = [(msgspec.structs.replace(s, tenant=who.tenant), p) for s, p in specs]
+    if (over := tenant_refusal(_mesh(request), [s.tenant for s, _ in specs])) is not None:
+        return over
     try:
         tasks = await _mesh(request).submit(
             specs, also=lambda ts: audit_row(request, "task.submit", [t.id for t in ts])
@@ -298,6 +307,18 @@ def queue_full(mesh: Mesh, adding: int) -> JSON | None:
         return None
     resp = error(429, "queue full", f"{queued} tasks queued; the limit is {cap} (MESH_MAX_QUEUED)")
     resp.headers["Retry-After"] = "5"
+    return resp
+
+
+def tenant_refusal(mesh: Mesh, tenants: list[str]) -> JSON | None:
+    """429 when a tenant's `max_queued` or rate would be passed (coordinator/tenants.py);
+    with Retry-After when waiting helps. Nothing is stored."""
+    why, wait = mesh.fair.admit_many(tenants, time.monotonic())
+    if not why:
+        return None
+    resp = error(429, "tenant quota", why)
+    if wait is not None:
+        resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
     return resp
 
 

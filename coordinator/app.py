@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,6 +25,7 @@ from coordinator.metrics import MeshMetrics
 from coordinator.node_api import node_routes
 from coordinator.openapi import openapi_routes
 from coordinator.settings import Settings
+from coordinator.standby import StandbyGate, fence_store, serve_role
 from coordinator.store import StoreError, open_store
 from coordinator.store_pg import PgCredentials, PgStore
 from coordinator.templates import load_templates
@@ -54,7 +55,11 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     templates = load_templates(settings.templates)  # a bad file stops the start, with why
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def leading(
+        app: Starlette, epoch: int | None = None, depose: Callable[[str], None] | None = None
+    ) -> AsyncIterator[None]:
+        """Serve as the leader: open the store (fenced at `epoch` with PostgreSQL), build the
+        Mesh from it as after a restart; on exit stop it and close everything."""
         metrics = MeshMetrics()
         store = open_store(settings, on_commit=metrics.store_committed)  # MESH_STORE
         await store.open()
@@ -65,6 +70,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         )
         app.state.identities = identities
         mesh = Mesh(store, settings, metrics)
+        if epoch is not None and depose is not None:
+            fence_store(store, epoch, depose)  # a refused write (Deposed) steps down at once
         connections = Connections()
         metrics.watch(mesh, lambda: connections.open)
         app.state.mesh = mesh
@@ -88,12 +95,21 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             await auth_store.close()
             await identities.close()
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with serve_role(app.state, settings, lambda e, d: leading(app, e, d)):
+            yield
+
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
                 *openapi_routes, *ui_routes(), *artifact_routes],
         middleware=[
-            Middleware(  # outermost: answers preflights, adds headers to every answer
+            Middleware(  # a standby forwards HTTP to the leader and points nodes at it
+                StandbyGate, role=lambda: getattr(app.state, "role", None),
+                max_body_bytes=settings.max_body_bytes,
+            ),
+            Middleware(  # answers preflights, adds headers to every answer
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST", "DELETE"],

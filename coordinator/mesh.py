@@ -30,6 +30,8 @@ from typing import Any
 
 import msgspec
 
+from coordinator.fairqueue import FairQueue, QuotaHold, quota_wake_key
+from coordinator.fairshare import tenant_of
 from coordinator.faults import LoopWatch
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
@@ -37,10 +39,11 @@ from coordinator.metrics import MeshMetrics
 from coordinator.model import FINISHED, Node, Task, TaskState, new_task_id
 from coordinator.node_side import NodeSide
 from coordinator.placement import NoFit, PlacementIndex, place
-from coordinator.queue import TaskQueue
+from coordinator.preempt import Preemption
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError, Write, insert_of, update_of
 from coordinator.wake import class_wake_key, node_wake_keys
+from coordinator.tenants import Tenants
 from shared.protocol import (
     Assign,
     Cancel,
@@ -79,7 +82,7 @@ class AlreadyFinished(RuntimeError):
         self.task = task
 
 
-class Mesh(NodeSide):
+class Mesh(Preemption, NodeSide):
     def __init__(
         self, store: Store, settings: Settings, metrics: MeshMetrics | None = None
     ) -> None:
@@ -101,7 +104,8 @@ class Mesh(NodeSide):
         self.finished: OrderedDict[str, Task] = OrderedDict()  # the most recent finished
         self.nodes: dict[str, Node] = {}
         self.index = PlacementIndex()  # placement's view of the nodes: update after changes
-        self.queue = TaskQueue(self._is_queued)
+        self.fair = Tenants(settings)  # weights, quotas, usage (coordinator/tenants.py)
+        self.queue = FairQueue(self._is_queued, self.fair.choose)
         self.gpu_seconds: Counter[str] = Counter()  # by tenant, for the fairness index
         self.state_counts: Counter[TaskState] = Counter()  # unfinished tasks by state
         self.queued_by_band: Counter[str] = Counter()
@@ -128,6 +132,7 @@ class Mesh(NodeSide):
         active = await self.store.load_active()
         now = time.time()
         for t in active:
+        self.fair.load(await self.store.tenants())
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
             if t.state is LOST:
@@ -137,6 +142,7 @@ class Mesh(NodeSide):
                 node.hold(t)
                 self._node_changed(node)
         for node in self.nodes.values():
+                self.fair.count(t, None, t.state)
             self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
@@ -278,9 +284,9 @@ class Mesh(NodeSide):
             done.set()
 
     def _queued_assigned(self, t: Task, to: TaskState, *, node: Node,
-                         gpus: tuple[int, ...]) -> None:
-        t.attempt += 1
-        t.node, t.gpu_indices, t.assigned_at = node.name, gpus, time.time()
+                         gpus: tuple[int, ...], hold_s: float = 0.0) -> None:
+        t.attempt += 1  # hold_s: its assign waits that long (preempted work leaving)
+        t.node, t.gpu_indices, t.assigned_at = node.name, gpus, time.time() + hold_s
         t.started_at = None
         node.hold(t)
         self.index.update(node)
@@ -349,8 +355,16 @@ class Mesh(NodeSide):
 
     def _enqueue(self, t: Task, counted: bool = False) -> None:
         if not counted:
+        if self.fair.count(t, prev, to) and self.queue.wake_tenant(tenant_of(t.tenant)):
+            self._wake.set()  # its tenant let go of GPUs: work held by a quota may fit
             self.queued_by_band[priority_band(t.priority)] += 1
-        self.queue.push(t.class_key, self._rank(t), t.seq, t.id)
+            self.fair.count(t, None, Q)
+        self.queue.push(t.class_key, self._rank(t), t.seq, t.id, tenant_of(t.tenant))
+        self._wake.set()
+
+    def wake_queued(self) -> None:
+        """Try every blocked class again (a tenant's quotas changed)."""
+        self.queue.wake_all()
         self._wake.set()
 
     def _rank(self, t: Task) -> float:
@@ -460,7 +474,7 @@ class Mesh(NodeSide):
     def queued_reason(self, t: Task) -> str:
         if t.state is not Q:
             return ""
-        nofit = self.queue.reasons.get(t.class_key)
+        nofit = self.queue.reason(tenant_of(t.tenant), t.class_key)
         return nofit.reason if nofit is not None else "waiting for a free slot"
 
     # --- dispatch ----------------------------------------------------------------------
@@ -510,14 +524,21 @@ class Mesh(NodeSide):
             decision = place(
                 t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing,
                 ask=t.policy_ask,
+            if why := self.fair.hold(t):  # its tenant is at a quota: wait until it lets go
+                self.queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
+                continue
             )
             if isinstance(decision, NoFit):  # its reason is worked out when read
                 self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
                 continue
+            hold = 0.0
+            if isinstance(decision, NoFit) and self.settings.preemption:
+                decision, hold = self._preempt_for(t, decision)  # coordinator/preempt.py
             self.queue.pop(key)
             node = self.nodes[decision.node]
             write = self._transition(
-                t, A, cause=f"placed on {node.name}", node=node, gpus=decision.gpu_indices
+                t, A, cause=f"placed on {node.name}", node=node, gpus=decision.gpu_indices,
+                hold_s=hold,
             )
             placed.append((t, write))
         return placed
@@ -542,6 +563,12 @@ class Mesh(NodeSide):
         node = self.nodes[t.node]
         if node.link is None:
             return  # the node is away; register's reconciliation requeues or keeps it
+        if t.assigned_at is not None and (wait := t.assigned_at - time.time()) > 0:
+            attempt = t.attempt  # preempted work is leaving its GPUs: send it then
+            asyncio.get_running_loop().call_later(
+                wait, lambda: t.attempt == attempt and self._send_assign(t)
+            )
+            return
         node.link.send(self._assign_msg(t, node))
 
     def _assign_msg(self, t: Task, node: Node) -> Assign:

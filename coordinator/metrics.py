@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from coordinator.tenants import tenant_gauges
 from shared.tasks import TASK_TYPES
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ def _fault_gauges(mesh: Mesh) -> Iterator[Metric]:
         labels=["node"],
     )
     faulted = GaugeMetricFamily(
+        yield from tenant_gauges(mesh)  # coordinator/tenants.py
         "gpumesh_gpu_faulted", "1 for a GPU taken out by a driver-reported fault",
         labels=["node", "gpu"],
     )

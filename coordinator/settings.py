@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coordinator.placement import MODES
-from shared.config import ConfigError, env_float, env_int, env_list, env_str
+from shared.config import ConfigError, env_bool, env_float, env_int, env_list, env_str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,18 @@ class Settings:
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
     stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
+    # Tenants (coordinator/tenants.py): defaults for a tenant without a stored config
+    # (0 = unlimited), the fair-share half-life, and preemption of low work by critical work.
+    tenant_default_weight: float = 1.0
+    tenant_default_max_gpus: int = 0
+    tenant_default_max_running: int = 0
+    tenant_default_max_queued: int = 0
+    tenant_default_rate: float = 0.0  # submissions per second
+    tenant_default_burst: int = 0  # 0: the rate, rounded up
+    tenant_default_max_nonpreemptible: int = 0
+    fairshare_halflife_s: float = 3600.0
+    preemption: bool = False  # MESH_PREEMPTION=on
+    preempt_grace_s: float = 5.0  # SIGTERM to the end of a preempted task's hold
     artifact_retention_s: float = 7 * 86400.0  # a finished task's artifacts are kept this long
 
     @classmethod
@@ -92,6 +104,7 @@ class Settings:
             quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
             stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
+            **_tenant_env(env, d),
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),
         )
@@ -106,3 +119,20 @@ class Settings:
         store = str(overrides.get("store") or base.store)
         if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
             raise ConfigError("MESH_STORE", store, "sqlite | postgresql://user@host/db")
+
+def _tenant_env(env: Mapping[str, str], d: Settings) -> dict[str, object]:
+    """MESH_TENANT_DEFAULT_*, MESH_FAIRSHARE_HALFLIFE_S, MESH_PREEMPTION(_GRACE_S)."""
+    pre = "MESH_TENANT_DEFAULT_"
+    return {
+        "tenant_default_weight": env_float(env, pre + "WEIGHT", d.tenant_default_weight),
+        "tenant_default_max_gpus": env_int(env, pre + "MAX_GPUS", 0),
+        "tenant_default_max_running": env_int(env, pre + "MAX_RUNNING", 0),
+        "tenant_default_max_queued": env_int(env, pre + "MAX_QUEUED", 0),
+        "tenant_default_rate": env_float(env, pre + "RATE", 0.0),
+        "tenant_default_burst": env_int(env, pre + "BURST", 0),
+        "tenant_default_max_nonpreemptible": env_int(env, pre + "MAX_NONPREEMPTIBLE", 0),
+        "fairshare_halflife_s": env_float(env, "MESH_FAIRSHARE_HALFLIFE_S",
+                                          d.fairshare_halflife_s),
+        "preemption": env_bool(env, "MESH_PREEMPTION", False),
+        "preempt_grace_s": env_float(env, "MESH_PREEMPT_GRACE_S", d.preempt_grace_s),
+    }

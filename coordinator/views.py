@@ -12,6 +12,7 @@ import msgspec
 
 from coordinator.model import Node, Task, TaskState
 
+from coordinator.tenants import weighted_fairness
 if TYPE_CHECKING:
     from coordinator.mesh import Mesh
 
@@ -134,7 +135,7 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
                                                                     "normal", "low")},
         "balancing": mesh.settings.balancing,
         "energy_j": round(sum(n.energy_j for n in mesh.nodes.values()), 1),
-        "fairness": fairness(mesh.gpu_seconds),
+        "fairness": fairness(mesh.gpu_seconds) | weighted_fairness(mesh),
         "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
     }
 

@@ -1,7 +1,8 @@
 """The node's credential: issued by the coordinator on the first registration, kept here.
 
 One file per coordinator and node name in the state dir (`MESH_STATE_DIR`, default
-`$XDG_STATE_HOME/gpumesh` or `~/.local/state/gpumesh`), mode 0600, replaced atomically.
+`$XDG_STATE_HOME/gpumesh` or `~/.local/state/gpumesh`), mode 0600, replaced atomically; with
+several coordinators (HA) the same credential is kept under each of them (one per mesh).
 Blocking file I/O: call through asyncio.to_thread.
 """
 
@@ -18,6 +19,30 @@ def credential_path(state_dir: Path, coordinator_url: str, node_name: str) -> Pa
     """`<state>/credentials/<host_port>/<node>.credential`: a name per coordinator and node."""
     where = coordinator_url.split("://", 1)[-1]
     return state_dir / "credentials" / _UNSAFE.sub("_", where) / f"{node_name}.credential"
+
+
+def credential_paths(state_dir: Path, urls: tuple[str, ...], node_name: str) -> list[Path]:
+    """One credential per mesh: the paths under every coordinator URL of the mesh. A node
+    reads the first that holds one and writes all of them, so reordering, adding or dropping
+    a URL of MESH_COORDINATOR_URL keeps the credential (one URL: the same file as before)."""
+    return [credential_path(state_dir, url, node_name) for url in urls]
+
+
+def load_any(paths: list[Path]) -> str:
+    """The mesh's credential from the first path that holds one, copied to those that do not
+    (a URL added to the list), so that `paths[0]` always holds it once one is known."""
+    for path in paths:
+        if credential := load_credential(path):
+            for other in paths:
+                if other != path and load_credential(other) != credential:
+                    save_credential(other, credential)
+            return credential
+    return ""
+
+
+def save_all(paths: list[Path], credential: str) -> None:
+    for path in paths:
+        save_credential(path, credential)
 
 
 def join_token(token: str, token_file: Path | None) -> str:

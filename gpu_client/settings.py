@@ -29,6 +29,7 @@ class ClientSettings:
     node_name: str
     role: str = "compute"
     coordinator_url: str = DEFAULT_COORDINATOR_URL  # ws:// or wss://, no trailing "/" or "/ws"
+    coordinator_urls: tuple[str, ...] = ()  # every coordinator of the mesh (HA), in order
     gpu_enabled: bool = True
     executors: tuple[str, ...] = ("builtin", "docker")  # "builtin" always first
     slots: int = 1
@@ -54,6 +55,11 @@ class ClientSettings:
     def ws_url(self) -> str:
         """Where this node connects: `{coordinator_url}/ws/{node_name}`."""
         return f"{self.coordinator_url}/ws/{self.node_name}"
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The coordinators to try, in turn: MESH_COORDINATOR_URL's comma-separated list."""
+        return self.coordinator_urls or (self.coordinator_url,)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ClientSettings:
@@ -85,7 +91,8 @@ class ClientSettings:
         return cls(
             node_name=node_name,
             role=_role(env),
-            coordinator_url=normalize_url(env_str(env, "MESH_COORDINATOR_URL", "")),
+            coordinator_url=(urls := normalize_urls(env_str(env, "MESH_COORDINATOR_URL", "")))[0],
+            coordinator_urls=urls,
             gpu_enabled=env_bool(env, "GPU_ENABLED", True),
             executors=_executors(env),
             slots=slots,
@@ -107,6 +114,12 @@ class ClientSettings:
             min_free_mb=min_free_mb,
             probe_interval_s=probe_s,
         )
+
+
+def normalize_urls(raw: str) -> tuple[str, ...]:
+    """`ws://a:8001, http://b:8001` -> both normalized, duplicates dropped, order kept."""
+    urls = [normalize_url(part) for part in raw.split(",") if part.strip()]
+    return tuple(dict.fromkeys(urls)) or (normalize_url(""),)
 
 
 def normalize_url(raw: str) -> str:

@@ -53,6 +53,7 @@ class TaskSubmit(msgspec.Struct, kw_only=True, omit_defaults=True):
     mem_limit: str | None = None
     files: dict[str, FileContent] = {}  # input files: shared/files.py
     artifacts: list[str] = []  # output paths or globs collected after the task
+    preemptible: bool = True  # false: critical work never stops it (a tenant quota bounds it)
 
     def __post_init__(self) -> None:
         if self.task_type == "custom" and not (self.script or self.command or self.image):

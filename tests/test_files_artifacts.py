@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
+import pwd
 import tarfile
 import time
 from dataclasses import replace
@@ -15,7 +17,14 @@ import httpx
 import pytest
 
 from coordinator.settings import Settings
-from gpu_client.executors.workdir import Collected, collect, extract, fetch_roots, matches
+from gpu_client.executors.workdir import (
+    Collected,
+    collect,
+    extract,
+    fetch_roots,
+    matches,
+    write_inputs,
+)
 from shared.files import MAX_ARTIFACT_BYTES, MAX_FILES, script_command
 from tests.conftest import LiveCoordinator, run_coordinator, wait_until
 from tests.docker_images import busybox_image, requires_docker
@@ -34,9 +43,9 @@ BLOB = bytes(range(256))
 
 
 def seed_task(**more: Any) -> dict[str, Any]:
-    """The seed's custom example, with the file it names sent along."""
+    """The seed's custom example as written, with the file it names sent along."""
     return {
-        "task_type": "custom", "requirements": {"memory_gb": 0, "gpu_count": 0},
+        "task_type": "custom", "requirements": {"memory_gb": 12, "gpu_count": 1},
         "script": "train_model.py",
         "files": {"train_model.py": TRAIN, "data.bin": {"base64": base64.b64encode(BLOB).decode()}},
         "artifacts": ["model.json", "out/*.txt", "missing.pt"], **more,
@@ -135,7 +144,7 @@ def test_extract_reads_matching_members_of_an_archive(tmp_path: Path) -> None:
 
 
 async def run_seed_task(live: LiveCoordinator, spawn_client: Any, name: str) -> str:
-    spawn_client(name, live.ws_url)
+    spawn_client(name, live.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="1xRTX4090-24GB")
     task_id = await live.submit(**seed_task())
     doc = await finished(live, task_id)
     result = doc["result"]
@@ -259,3 +268,12 @@ async def test_upload_limits_and_what_a_cancelled_attempt_left(
     files = coordinator.server.config.loaded_app.app.state.artifacts  # type: ignore[attr-defined]
     await files.sweep(time.time())
     assert not where.exists()  # the result named none of them
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (a MESH_RUN_AS client)")
+def test_inputs_belong_to_the_run_as_user(tmp_path: Path) -> None:
+    write_inputs(tmp_path, {"sub/dir/t.sh": "#!/bin/sh\necho\n", "a.txt": "x"}, "nobody")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    for rel in ("sub", "sub/dir", "sub/dir/t.sh", "a.txt"):
+        assert (tmp_path / rel).stat().st_uid == nobody, rel
+    assert os.access(tmp_path / "sub/dir/t.sh", os.X_OK)

@@ -153,7 +153,7 @@ class ProcessExecutor:
         }
         try:
             await asyncio.to_thread(_prepare_dir, d, meta)
-            await asyncio.to_thread(write_inputs, d, assign.files)  # the task's files first
+            await asyncio.to_thread(write_inputs, d, assign.files, self._run_as)  # files first
         except OSError as exc:
             return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)

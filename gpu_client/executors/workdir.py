@@ -88,9 +88,10 @@ def _match(parts: list[str], pats: list[str]) -> bool:
 # --- the process executor: the attempt's directory on this host --------------------------
 
 
-def write_inputs(root: Path, files: dict[str, FileContent]) -> None:
-    """Write the task's files under `root` (which exists). Raises ValueError for a bad name
-    (the coordinator checked them; a node checks again) and OSError for the disk."""
+def write_inputs(root: Path, files: dict[str, FileContent], owner: str = "") -> None:
+    """Write the task's files under `root` (which exists), owned by `owner` when given (the
+    MESH_RUN_AS user, so the task may replace them and write beside them). Raises ValueError
+    for a bad name (the coordinator checked them; a node checks again), OSError for the disk."""
     for name, content in files.items():
         if why := name_problem(name):
             raise ValueError(why)
@@ -100,6 +101,9 @@ def write_inputs(root: Path, files: dict[str, FileContent]) -> None:
         path.write_bytes(data)
         if executable(name, data):
             path.chmod(0o755)
+        if owner:
+            for p in (path, *path.relative_to(root).parents):
+                shutil.chown(root / p, owner)
 
 
 def collect(root: Path, patterns: list[str]) -> Collected:
