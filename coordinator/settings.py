@@ -50,6 +50,8 @@ class Settings:
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
     stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
+    lease_s: float = 10.0  # PostgreSQL: the leader lease; a standby leads this long after
+    advertise_url: str = ""  # how peers and nodes reach this coordinator; "": from host/port
     # Tenants (coordinator/tenants.py): defaults for a tenant without a stored config
     # (0 = unlimited), the fair-share half-life, and preemption of low work by critical work.
     tenant_default_weight: float = 1.0
@@ -104,6 +106,8 @@ class Settings:
             quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
             stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
+            lease_s=env_float(env, "MESH_LEASE_S", d.lease_s),
+            advertise_url=env_str(env, "MESH_ADVERTISE_URL", d.advertise_url),
             **_tenant_env(env, d),
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),
