@@ -170,8 +170,11 @@ steps = st.lists(
 )
 
 
-async def scenario(data_dir: Path, fail_at: int, kind: str, plan: list[Step]) -> None:
-    store = FaultyStore(data_dir / "mesh.sqlite3", fail_at, kind)
+async def scenario(
+    data_dir: Path, fail_at: int, kind: str, plan: list[Step], store: Store | None = None
+) -> None:
+    """`store`: an unopened faulty store of another engine (test_store_contract.py)."""
+    store = store or FaultyStore(data_dir / "mesh.sqlite3", fail_at, kind)
     await store.open()
     mesh = Mesh(store, replace(FAST, data_dir=data_dir, restart_grace_s=30,
                                reconnect_grace_s=30))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,6 +19,8 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from coordinator.authstore import TokenRow
 from coordinator.model import Task, TaskState
@@ -37,6 +40,7 @@ from coordinator.store_core import GroupCommitStore
 from coordinator.store_pg import PgAuthStore, PgCredentials, PgStore
 from tests.conftest import FAST, TEST_ADMIN_TOKEN, run_coordinator, wait_until
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - the session fixture
+from tests.test_durability import FAULTS, FaultyWrites, Step, scenario, steps
 
 MakeStore = Callable[..., GroupCommitStore]
 
@@ -365,3 +369,23 @@ async def test_a_real_mesh_runs_tasks_on_postgresql(
         await wait_until(lambda: getattr(again.server.config.loaded_app.app.state, "mesh", None),
                          20, "the coordinator leads again")
         assert (await again.task(ids[-1]))["status"] == "completed"
+
+
+# --- the crash-only property (tests/test_durability.py) on PostgreSQL -----------------------
+
+
+class FaultyPgStore(FaultyWrites, PgStore):
+    def __init__(self, url: str, fail_at: int, kind: str, stall_s: float = 0.3) -> None:
+        super().__init__(url)
+        self.fail_at, self.kind, self.stall_s = fail_at, kind, stall_s
+        self.seen = 0
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(fail_at=st.integers(1, 25), kind=st.sampled_from(FAULTS), plan=steps)
+def test_any_failed_write_on_postgresql_leaves_memory_equal_to_the_store(
+    pg_server: PgServer, fail_at: int, kind: str, plan: list[Step],  # noqa: F811
+) -> None:
+    dsn = pg_server.create_database()
+    with tempfile.TemporaryDirectory() as d:
+        asyncio.run(scenario(Path(d), fail_at, kind, plan, FaultyPgStore(dsn, fail_at, kind)))
