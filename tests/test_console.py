@@ -170,6 +170,18 @@ async def test_console_end_to_end(
         await page.click("tr.node-row[data-node='worker'] button.undrain")
         await wait_until(lambda: live.mesh.nodes["worker"].drain is None, 10, "undrained")
 
+        # a read token: the page shows the server's refusal, and nothing changes
+        made = await live.http.post("/admin/tokens", json={"tenant": "ops", "role": "read"})
+        await page.type("#token", made.json()["token"])
+        await page.click("#token-save")
+        await page.wait_for("document.querySelector(\"tr.node-row[data-node='worker'] "
+                            "button.drain\")")
+        await page.click("tr.node-row[data-node='worker'] button.drain")
+        await page.wait_for("document.getElementById('message').textContent.includes('403')",
+                            what="the refusal shown")
+        assert "needs admin" in await page.text("#message")
+        assert live.mesh.nodes["worker"].drain is None
+
         assert await page.evaluate("window.pwned") is None
         assert not page.errors, page.errors  # no exception, no CSP violation
     assert all((shots / f).stat().st_size > 1000 for f in
