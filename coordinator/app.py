@@ -29,6 +29,7 @@ from coordinator.standby import StandbyGate, fence_store, serve_role
 from coordinator.store import StoreError, open_store
 from coordinator.store_pg import PgCredentials, PgStore
 from coordinator.templates import load_templates
+from coordinator.tenant_api import tenant_routes
 from coordinator.ui import ui_routes
 from coordinator.ws import Connections, node_socket
 
@@ -103,7 +104,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
-                *openapi_routes, *ui_routes(), *artifact_routes],
+                *openapi_routes, *ui_routes(), *artifact_routes, *tenant_routes],
         middleware=[
             Middleware(  # a standby forwards HTTP to the leader and points nodes at it
                 StandbyGate, role=lambda: getattr(app.state, "role", None),
