@@ -203,7 +203,8 @@ def apply_template(
         filled = msgspec.convert(doc, TaskSubmit)
     except msgspec.ValidationError as exc:
         raise TemplateError(f"template {spec.task_type}: {exc}") from exc
-    return filled, values
+    # a submission's own `script` naming a sent file runs it, as for `custom`
+    return (with_script_file(filled) if spec.script is not None else filled), values
 
 
 def _used(tpl: Template, spec: TaskSubmit) -> set[str]:

@@ -277,3 +277,12 @@ def test_inputs_belong_to_the_run_as_user(tmp_path: Path) -> None:
     for rel in ("sub", "sub/dir", "sub/dir/t.sh", "a.txt"):
         assert (tmp_path / rel).stat().st_uid == nobody, rel
     assert os.access(tmp_path / "sub/dir/t.sh", os.X_OK)
+
+
+def test_a_template_task_s_own_script_file_runs_with_its_interpreter() -> None:
+    from coordinator.templates import load_templates, parse_submission
+
+    spec, _ = parse_submission({
+        "task_type": "training", "script": "train.py", "files": {"train.py": "print(1)"},
+    }, load_templates())
+    assert spec.script == "python ./train.py" and spec.image  # the template's image runs it
