@@ -13,6 +13,7 @@ import uvicorn
 
 from coordinator.app import create_app
 from coordinator.datadir import DataDirInUse, lock_data_dir
+from coordinator.schema import SchemaTooNew, preflight
 from coordinator.settings import Settings
 from shared.config import ConfigError
 from shared.protocol import MAX_FRAME_BYTES
@@ -49,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         held = lock_data_dir(settings.data_dir)  # noqa: F841 - held open while we run
     except (DataDirInUse, OSError) as exc:
+        print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        preflight(settings.store, settings.data_dir)  # a schema newer than this code: refuse
+    except SchemaTooNew as exc:
         print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
     # A long-lived server holds one object graph per task and node: collect the young

@@ -16,6 +16,7 @@ directory opens unchanged and is simply stamped version 1.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -212,3 +213,45 @@ async def migrate_pg(conn: Any, where: str) -> dict[str, int]:
                     (component, todo[-1].version, time.time()),
                 )
     return {c: latest(m) for c, m in POSTGRES.items()}
+
+
+SQLITE_FILES = {"mesh": "mesh.sqlite3", "auth": "auth.sqlite3", "nodes": "nodes.sqlite3"}
+
+
+def preflight(store: str, data_dir: Any) -> None:
+    """Before the server starts (blocking): raise SchemaTooNew if a database it would use was
+    written by a newer gpumesh, so `gpumesh-coordinator` can refuse with one line. A database
+    it cannot reach or that does not exist yet is left to the start itself."""
+    if store.startswith(("postgresql://", "postgres://")):
+        _preflight_pg(store)
+        return
+    for component, name in SQLITE_FILES.items():
+        path = data_dir / name
+        if not path.exists():
+            continue
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            try:
+                row = conn.execute(
+                    "SELECT version FROM schema_version WHERE component = ?", (component,)
+                ).fetchone()
+            except sqlite3.OperationalError:  # no schema_version yet: from before versioning
+                continue
+        if row:
+            pending(str(path), component, int(row[0]), SQLITE[component])
+
+
+def _preflight_pg(url: str) -> None:
+    import psycopg  # only with a PostgreSQL store
+
+    from coordinator.store_pg import describe
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            if conn.execute("SELECT to_regclass('schema_version')").fetchone() == (None,):
+                return
+            rows = conn.execute("SELECT component, version FROM schema_version").fetchall()
+    except psycopg.OperationalError:
+        return
+    for component, version in rows:
+        if component in POSTGRES:
+            pending(describe(url), component, int(version), POSTGRES[component])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -198,7 +199,9 @@ async def test_queued_come_back_in_queue_order(make_store: MakeStore) -> None:
         await store.close()
 
 
-async def test_schema_is_versioned_and_a_newer_one_refuses(make_store: MakeStore) -> None:
+async def test_schema_is_versioned_and_a_newer_one_refuses(
+    make_store: MakeStore, engine: str, tmp_path: Path
+) -> None:
     store = make_store()
     await store.open()
     if isinstance(store, PgStore):
@@ -218,6 +221,17 @@ async def test_schema_is_versioned_and_a_newer_one_refuses(make_store: MakeStore
     with pytest.raises(SchemaTooNew, match="newer than this gpumesh knows"):
         await newer.open()
     await newer.close()
+    # The coordinator refuses to start on it, with one line and exit status 2.
+    data_dir = Path(engine).parent if isinstance(store, Store) else tmp_path / "d"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator", "--port", "0", "--data-dir", str(data_dir),
+        "--store", engine if isinstance(store, PgStore) else "sqlite",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2, (out, err)
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "newer than this gpumesh knows (" in lines[0], lines
 
 
 OLD_SQLITE_SCHEMA = """
