@@ -42,8 +42,8 @@ from coordinator.placement import NoFit, PlacementIndex, place
 from coordinator.preempt import Preemption
 from coordinator.settings import Settings
 from coordinator.store import Store, StoreError, Write, insert_of, update_of
-from coordinator.wake import class_wake_key, node_wake_keys
 from coordinator.tenants import Tenants
+from coordinator.wake import class_wake_key, node_wake_keys
 from shared.protocol import (
     Assign,
     Cancel,
@@ -130,9 +130,9 @@ class Mesh(Preemption, NodeSide):
         counts, self._seq = await self.store.counts()
         self.finished_counts.update(counts)
         active = await self.store.load_active()
+        self.fair.load(await self.store.tenants())
         now = time.time()
         for t in active:
-        self.fair.load(await self.store.tenants())
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
             if t.state is LOST:
@@ -140,9 +140,9 @@ class Mesh(Preemption, NodeSide):
             elif t.node is not None:
                 node = self.nodes.get(t.node) or self._placeholder(t.node, now)
                 node.hold(t)
+                self.fair.count(t, None, t.state)
                 self._node_changed(node)
         for node in self.nodes.values():
-                self.fair.count(t, None, t.state)
             self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
@@ -352,11 +352,11 @@ class Mesh(Preemption, NodeSide):
         if to is Q:
             self.queued_by_band[band] += 1
             self._enqueue(t, counted=True)
+        if self.fair.count(t, prev, to) and self.queue.wake_tenant(tenant_of(t.tenant)):
+            self._wake.set()  # its tenant let go of GPUs: work held by a quota may fit
 
     def _enqueue(self, t: Task, counted: bool = False) -> None:
         if not counted:
-        if self.fair.count(t, prev, to) and self.queue.wake_tenant(tenant_of(t.tenant)):
-            self._wake.set()  # its tenant let go of GPUs: work held by a quota may fit
             self.queued_by_band[priority_band(t.priority)] += 1
             self.fair.count(t, None, Q)
         self.queue.push(t.class_key, self._rank(t), t.seq, t.id, tenant_of(t.tenant))
@@ -521,19 +521,19 @@ class Mesh(Preemption, NodeSide):
                 break
             key, (_, _, task_id) = found
             t = self.tasks[task_id]
-            decision = place(
-                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing,
-                ask=t.policy_ask,
             if why := self.fair.hold(t):  # its tenant is at a quota: wait until it lets go
                 self.queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
                 continue
+            decision = place(
+                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing,
+                ask=t.policy_ask,
             )
-            if isinstance(decision, NoFit):  # its reason is worked out when read
-                self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
-                continue
             hold = 0.0
             if isinstance(decision, NoFit) and self.settings.preemption:
                 decision, hold = self._preempt_for(t, decision)  # coordinator/preempt.py
+            if isinstance(decision, NoFit):  # its reason is worked out when read
+                self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
+                continue
             self.queue.pop(key)
             node = self.nodes[decision.node]
             write = self._transition(
@@ -560,15 +560,15 @@ class Mesh(Preemption, NodeSide):
     def _send_assign(self, t: Task) -> None:
         if t.state is not A or t.node is None:
             return  # cancelled or lost while its write was in flight
-        node = self.nodes[t.node]
-        if node.link is None:
-            return  # the node is away; register's reconciliation requeues or keeps it
         if t.assigned_at is not None and (wait := t.assigned_at - time.time()) > 0:
             attempt = t.attempt  # preempted work is leaving its GPUs: send it then
             asyncio.get_running_loop().call_later(
                 wait, lambda: t.attempt == attempt and self._send_assign(t)
             )
             return
+        node = self.nodes[t.node]
+        if node.link is None:
+            return  # the node is away; register's reconciliation requeues or keeps it
         node.link.send(self._assign_msg(t, node))
 
     def _assign_msg(self, t: Task, node: Node) -> Assign:

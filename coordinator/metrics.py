@@ -186,6 +186,7 @@ class _MeshGauges(Collector):
             "gpumesh_ws_connections", "Open node WebSockets", value=self.ws_connections()
         )
         yield from _fault_gauges(mesh)
+        yield from tenant_gauges(mesh)  # coordinator/tenants.py
 
 
 def _fault_gauges(mesh: Mesh) -> Iterator[Metric]:
@@ -194,7 +195,6 @@ def _fault_gauges(mesh: Mesh) -> Iterator[Metric]:
         labels=["node"],
     )
     faulted = GaugeMetricFamily(
-        yield from tenant_gauges(mesh)  # coordinator/tenants.py
         "gpumesh_gpu_faulted", "1 for a GPU taken out by a driver-reported fault",
         labels=["node", "gpu"],
     )

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from coordinator.model import Node, Task, TaskState
-
 from coordinator.tenants import weighted_fairness
+
 if TYPE_CHECKING:
     from coordinator.mesh import Mesh
 
