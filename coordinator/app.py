@@ -19,6 +19,7 @@ from coordinator.admin_api import admin_routes, open_auth
 from coordinator.api import error, routes
 from coordinator.artifacts import ArtifactFiles, artifact_routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
+from coordinator.drain_api import drain_routes
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from coordinator.metrics import MeshMetrics
@@ -104,7 +105,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app = Starlette(
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
-                *openapi_routes, *ui_routes(), *artifact_routes, *tenant_routes],
+                *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes],
         middleware=[
             Middleware(  # a standby forwards HTTP to the leader and points nodes at it
                 StandbyGate, role=lambda: getattr(app.state, "role", None),

@@ -32,11 +32,12 @@ import msgspec
 
 from coordinator.fairqueue import FairQueue, QuotaHold, quota_wake_key
 from coordinator.fairshare import tenant_of
+from coordinator.drain import load_drains
 from coordinator.faults import LoopWatch
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
 from coordinator.metrics import MeshMetrics
-from coordinator.model import FINISHED, Node, Task, TaskState, new_task_id
+from coordinator.model import FINISHED, DrainMark, Node, Task, TaskState, new_task_id
 from coordinator.node_side import NodeSide
 from coordinator.placement import NoFit, PlacementIndex, place
 from coordinator.preempt import Preemption
@@ -116,6 +117,7 @@ class Mesh(Preemption, NodeSide):
         self._wake = asyncio.Event()
         self._done: dict[str, asyncio.Event] = {}
         self.loaded = asyncio.Event()  # every stored task is back in memory
+        self.drains: dict[str, DrainMark] = {}  # drained node names (coordinator/drain.py)
         self._loops: list[asyncio.Task[None]] = []
         self.started_at = getattr(self, "started_at", time.time())
 
@@ -142,6 +144,7 @@ class Mesh(Preemption, NodeSide):
                 node.hold(t)
                 self.fair.count(t, None, t.state)
                 self._node_changed(node)
+        await load_drains(self)
         for node in self.nodes.values():
             self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
         self._loops = [

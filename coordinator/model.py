@@ -129,6 +129,15 @@ class Link(Protocol):
     def close(self, code: int, reason: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class DrainMark:
+    """An admin's drain of a node (coordinator/drain.py): why, since when (epoch s), by whom."""
+
+    reason: str
+    since: float
+    by: str
+
+
 @dataclass(eq=False)
 class Node:
     name: str
@@ -176,6 +185,7 @@ class Node:
     hb_epoch: int = -1  # the connection the reconciliation baseline belongs to
     hb_prev_at: float = 0.0  # wall time of the previous heartbeat on this connection
     missing: dict[str, int] = field(default_factory=dict)  # task id -> heartbeats missed
+    drain: DrainMark | None = None  # an admin drained it: no new work (coordinator/drain.py)
 
     @property
     def online(self) -> bool:
@@ -184,6 +194,8 @@ class Node:
     @property
     def unavailable(self) -> str:
         """Why placement must skip this online node ("" when it may get work)."""
+        if self.drain is not None:
+            return "are draining"
         if self.quarantine_reason:
             return f"are quarantined ({self.quarantine_reason})"
         if self.health:

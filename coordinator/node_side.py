@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from coordinator.drain import on_register
 from coordinator.faults import NodeFaults
 from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
 from coordinator.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
@@ -99,6 +100,7 @@ class NodeSide(NodeFaults):
             node.grace.cancel()
             node.grace = None
         apply_register(node, msg)
+        on_register(self, node)  # a drained node stays drained (coordinator/drain.py)
         node.status, node.link, node.epoch = "online", link, node.epoch + 1
         node.last_seen, node.connected_at = time.monotonic(), time.time()
         node.power_at = node.last_seen

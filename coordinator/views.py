@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from coordinator.drain import drain_view, view_status
 from coordinator.model import Node, Task, TaskState
 from coordinator.tenants import weighted_fairness
 
@@ -69,7 +70,7 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
         "gpu_type": _gpu_type(node),
         "gpu_memory": round(biggest / GB, 1),
         "total_gpu_memory": round(sum(g.memory_total_mb for g in node.gpus) / GB, 1),
-        "status": node.status,
+        "status": view_status(node),  # draining / drained: coordinator/drain.py
         "active_tasks": len(node.tasks),
         "completed_tasks": node.completed,
         "failed_tasks": node.failed,
@@ -85,6 +86,7 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
         "eligible": node.online and not node.unavailable,
         "faulted_gpus": {str(g.index): g.fault for g in node.gpus if g.fault},
         "infra_failures": node.infra_total,
+        "drain": drain_view(node.drain),
     }
     if detail:
         view.update(

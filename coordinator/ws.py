@@ -19,6 +19,7 @@ from typing import Any
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.audit import Audit
+from coordinator.drain import drain_notice
 from coordinator.identity import NodeIdentities, Refused
 from coordinator.mesh import Mesh
 from coordinator.store import StoreError
@@ -278,6 +279,8 @@ async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
         registered = mesh.register(name, first, link)
         registered.credential = issued  # its hash committed before this reply goes out
         link.send(registered)
+        if (notice := drain_notice(mesh, name)) is not None:
+            link.send(notice)  # drained before it (re)joined: it still takes no new work
         why = await _read_loop(ws, mesh, name, link)
     finally:
         mesh.disconnected(name, link, why)

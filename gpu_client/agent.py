@@ -398,6 +398,9 @@ class Agent:
                 self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}")
             case Ack():
                 self._on_ack(msg)
+            case Drain(lifted=True):
+                log.info("drain lifted: %s; taking new work again", msg.reason or "-")
+                self._draining = False
             case Drain():
                 log.info("draining: %s; new assignments will be refused", msg.reason or "-")
                 self._draining = True

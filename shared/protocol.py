@@ -222,7 +222,11 @@ class Ack(Msg, tag="ack"):
 
 
 class Drain(Msg, tag="drain"):
+    """An admin drained this node: finish what runs, expect no new work (the coordinator
+    sends none). `lifted`: the drain is over (undrain). Sent again after every register."""
+
     reason: str = ""
+    lifted: bool = False
 
 
 class Error(Msg, tag="error"):

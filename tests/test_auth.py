@@ -265,10 +265,10 @@ async def test_cli_works_with_no_token_typed(
     assert res.returncode == 0, res.stdout + res.stderr
     assert '"token": "gm_' in res.stdout
     eve = env | {"MESH_API_TOKEN": res.stdout.split('"token": "')[1].split('"')[0]}
-    res = await asyncio.to_thread(_cli, ["submit", '{"task_type": "test"}'], eve)
+    res = await asyncio.to_thread(_cli, ["submit", '{"task_type": "test"}', "--json"], eve)
     assert res.returncode == 0 and '"task_id"' in res.stdout, res.stdout
     listed = await asyncio.to_thread(_cli, ["token", "list"], eve)  # submit role: refused
-    assert listed.returncode == 1 and "forbidden" in listed.stdout
+    assert listed.returncode == 1 and "forbidden" in listed.stderr
     no_token = env | {"MESH_DATA_DIR": str(tmp_path / "elsewhere")}
     res = await asyncio.to_thread(_cli, ["status"], no_token)
-    assert res.returncode == 1 and "admin.token" in res.stdout
+    assert res.returncode == 1 and "admin.token" in res.stderr
