@@ -37,7 +37,7 @@ from coordinator.store import (
     insert_of,
     update_of,
 )
-from coordinator.store_core import GroupCommitStore
+from coordinator.store_core import DrainPut, GroupCommitStore, TenantPut
 from coordinator.store_pg import PgAuthStore, PgCredentials, PgStore
 from tests.conftest import FAST, TEST_ADMIN_TOKEN, run_coordinator, wait_until
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - the session fixture
@@ -179,6 +179,21 @@ async def test_reopen_sees_everything_and_pages_finished(make_store: MakeStore) 
         assert await again.audit_page(1, 10) == audit[1:]
     finally:
         await again.close()
+
+
+async def test_tenant_configs_and_drain_marks_are_kept(make_store: MakeStore) -> None:
+    store = make_store()
+    await store.open()
+    try:
+        await store.write(TenantPut(("lab", b'{"weight": 2}', 1.0)))
+        await store.write(TenantPut(("lab", b'{"weight": 3}', 2.0)))  # replaces
+        await store.write(DrainPut(("n1", "disk swap", 5.0, "admin")))
+        await store.write(DrainPut(("n2", "bios", 6.0, "admin")))
+        await store.write(DrainPut(("n2",)))  # lifted
+        assert await store.tenants() == [("lab", b'{"weight": 3}')]
+        assert await store.node_drains() == [("n1", "disk swap", 5.0, "admin")]
+    finally:
+        await store.close()
 
 
 async def test_queued_come_back_in_queue_order(make_store: MakeStore) -> None:
