@@ -30,9 +30,9 @@ from typing import Any
 
 import msgspec
 
+from coordinator.drain import load_drains
 from coordinator.fairqueue import FairQueue, QuotaHold, quota_wake_key
 from coordinator.fairshare import tenant_of
-from coordinator.drain import load_drains
 from coordinator.faults import LoopWatch
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
@@ -478,7 +478,8 @@ class Mesh(Preemption, NodeSide):
         if t.state is not Q:
             return ""
         nofit = self.queue.reason(tenant_of(t.tenant), t.class_key)
-        return nofit.reason if nofit is not None else "waiting for a free slot"
+        reason = nofit.reason if nofit is not None else "waiting for a free slot"
+        return reason + self.fair.share_note(t.tenant, time.time())
 
     # --- dispatch ----------------------------------------------------------------------
 

@@ -84,6 +84,7 @@ class Tenants:
         self.ledger = Ledger(settings.fairshare_halflife_s)
         self.buckets: dict[str, TokenBucket] = {}
         self.weights = _Weights(self)
+        self._notes: dict[str, tuple[float, str]] = {}  # tenant -> (when, share note)
 
     def config(self, tenant: str) -> TenantConfig:
         return self.configs.get(tenant) or self.defaults
@@ -159,6 +160,27 @@ class Tenants:
             if why:
                 return why, wait
         return "", None
+
+    def share_note(self, tenant: str, now: float) -> str:
+        """For a queued task's reason: "" unless other tenants with queued work are behind
+        `tenant` in fair share (then their work goes first). Cached for a second: the
+        reasons of a long backlog cost O(1) each."""
+        tenant = tenant_of(tenant)
+        cached = self._notes.get(tenant)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        waiting = [k for k, u in self.ledger.use.items() if u.queued]
+        note = ""
+        if len(waiting) > 1 and tenant in waiting:
+            usage = {k: self.ledger.usage(k, now) for k in waiting}
+            total = sum(usage.values())
+            target = target_shares(waiting, self.weights)[tenant]
+            if total > 0 and usage[tenant] / total > target:
+                note = (f"; fair share: tenant {tenant} has had {usage[tenant] / total:.0%} of "
+                        f"recent GPU time among tenants with queued work, for a {target:.0%} "
+                        f"share (weight {self.config(tenant).weight:g}): theirs goes first")
+        self._notes[tenant] = (now, note)
+        return note
 
     # --- views -----------------------------------------------------------------------
 

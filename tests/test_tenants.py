@@ -4,7 +4,11 @@ with a real coordinator, real client processes and simulated GPUs (MESH_FAKE_GPU
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -12,7 +16,7 @@ from typing import Any
 
 from coordinator.model import ACTIVE
 from coordinator.settings import Settings
-from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
+from tests.conftest import ROOT, LiveCoordinator, Proc, admin_token, run_coordinator, wait_until
 
 Spawn = Callable[..., Proc]
 
@@ -143,9 +147,15 @@ async def test_weights_one_to_three_split_gpu_seconds_25_75(
         feeders = [asyncio.create_task(keep_queued(coordinator, t, 200, stop, rng))
                    for t in ("light", "heavy")]
         mesh = coordinator.mesh
+        notes: set[str] = set()
+
+        def done() -> bool:  # and, meanwhile, who waits for fair share says so
+            queued = [t for t in mesh.tasks.values() if t.state.value == "queued"]
+            notes.update(t.tenant for t in queued[:50] if "fair share" in mesh.queued_reason(t))
+            return sum(mesh.gpu_seconds.values()) >= 60
+
         try:
-            await wait_until(lambda: sum(mesh.gpu_seconds.values()) >= 60, 40,
-                             "60 GPU-seconds of work done")
+            await wait_until(done, 40, "60 GPU-seconds of work done")
         finally:
             stop.set()
             await asyncio.gather(*feeders)
@@ -156,6 +166,7 @@ async def test_weights_one_to_three_split_gpu_seconds_25_75(
               f"{share:.3f} / {1 - share:.3f}; weighted Jain {status['weighted_jain_index']}")
         assert 0.225 <= share <= 0.275, used
         assert status["weighted_jain_index"] >= 0.95
+        assert notes, "no queued task's reason named the fair share that held it"
         assert status["jain_index"] < 0.9  # unweighted, the split is (rightly) uneven
         metrics = (await coordinator.http.get("/metrics")).text
         assert "gpumesh_fairness_weighted_jain" in metrics
@@ -189,3 +200,29 @@ async def test_critical_task_preempts_low_work_which_completes_after_requeue(
         assert "preempted by critical task" in victim["history"][0]["cause"]
         doc = await coordinator.wait_finished(pinned)  # lower priority, but not preemptible
         assert doc["status"] == "completed" and doc["attempt"] == 1 and not doc["history"]
+
+
+def _cli(argv: list[str], coordinator: LiveCoordinator) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env |= {"MESH_URL": coordinator.url, "MESH_API_TOKEN": admin_token(coordinator.settings),
+            "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *argv], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_cli_sets_and_lists_tenants(coordinator: LiveCoordinator) -> None:
+    res = await asyncio.to_thread(
+        _cli, ["tenant", "set", "lab", "--weight", "3", "--max-gpus", "4", "--rate", "10"],
+        coordinator)
+    assert res.returncode == 0, res.stderr
+    assert "lab" in res.stdout and "gpus=4 rate=10" in res.stdout
+    await coordinator.submit(**gpu_task("lab", 0))
+    res = await asyncio.to_thread(_cli, ["tenants"], coordinator)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("lab"))
+    assert line.split()[1:3] == ["3", "0.0%"] and " 1 " in line  # weight, share, queued
+    res = await asyncio.to_thread(_cli, ["tenants", "--json"], coordinator)
+    doc = json.loads(res.stdout)
+    assert doc["tenants"][0]["quota"]["max_gpus"] == 4 and doc["tenants"][0]["queued"] == 1
+    res = await asyncio.to_thread(_cli, ["tenant", "set", "lab", "--weight", "0"], coordinator)
+    assert res.returncode == 1 and "invalid tenant config" in res.stderr
