@@ -22,7 +22,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from coordinator import cli_common, cli_detect, cli_nodes, cli_tasks, cli_tenants, cli_tokens
+from coordinator import (
+    cli_common,
+    cli_detect,
+    cli_discover,
+    cli_nodes,
+    cli_tasks,
+    cli_tenants,
+    cli_tokens,
+)
 from coordinator.up import cmd_up
 from shared.sdk import token_file as token_file
 
@@ -47,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_nodes.register(sub)
     cli_detect.register(sub)
     cli_tokens.register(sub)
+    cli_discover.register(sub)
     cli_tenants.register(sub)
     return p
 

@@ -50,6 +50,11 @@ class Settings:
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
     stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
+    # mDNS (coordinator/advertise.py): on only when read from the environment (MESH_ADVERTISE,
+    # default on), so an app built in-process, as tests do, announces nothing.
+    mdns: bool = False
+    mesh_name: str = ""  # MESH_NAME: what nodes choose a mesh by; "": the coordinator's name
+    mdns_addresses: tuple[str, ...] = ()  # advertise these instead of the bound addresses
     lease_s: float = 10.0  # PostgreSQL: the leader lease; a standby leads this long after
     advertise_url: str = ""  # how peers and nodes reach this coordinator; "": from host/port
     # Tenants (coordinator/tenants.py): defaults for a tenant without a stored config
@@ -106,6 +111,9 @@ class Settings:
             quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
             stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
+            mdns=env_bool(env, "MESH_ADVERTISE", True),
+            mesh_name=env_str(env, "MESH_NAME", d.mesh_name),
+            mdns_addresses=env_list(env, "MESH_MDNS_ADDRESSES", d.mdns_addresses),
             lease_s=env_float(env, "MESH_LEASE_S", d.lease_s),
             advertise_url=env_str(env, "MESH_ADVERTISE_URL", d.advertise_url),
             **_tenant_env(env, d),

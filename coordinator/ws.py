@@ -21,6 +21,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from coordinator.audit import Audit
 from coordinator.drain import drain_notice
 from coordinator.identity import NodeIdentities, Refused
+from coordinator.join_proof import answer, join_refusal
 from coordinator.mesh import Mesh
 from coordinator.store import StoreError
 from shared.limits import MAX_NAME, Throttled, message_refusal
@@ -181,7 +182,8 @@ async def node_socket(ws: WebSocket) -> None:
     mesh: Mesh = ws.app.state.mesh
     conns: Connections = ws.app.state.connections
     name = ws.path_params["node_id"]
-    await ws.accept()
+    ws.state.join_challenge = challenge = answer(ws, ws.app.state.identities, name)
+    await ws.accept(headers=challenge.headers)  # the join-token proof, if the node asked
     if conns.open >= mesh.settings.max_connections:
         conns.refused += 1
         conns.refusals.warning(
@@ -236,9 +238,9 @@ async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | No
         await _reject(ws, CloseCode.POLICY_VIOLATION, f"register refused: {why}")
         return None
     ids: NodeIdentities = ws.app.state.identities
-    if not ids.join_ok(first.token):
-        await _audit(ws, name, "node.refuse", {"why": "bad join token"})
-        await _reject(ws, CloseCode.POLICY_VIOLATION, "bad token: not this mesh's join token")
+    if why := join_refusal(ids, name, first, getattr(ws.state, "join_challenge", None)):
+        await _audit(ws, name, "node.refuse", {"why": why})
+        await _reject(ws, CloseCode.POLICY_VIOLATION, why)
         return None
     return first
 

@@ -30,7 +30,8 @@ async def serve(settings: ClientSettings, source: GpuSource) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     log.info(
-        "node %s connecting to %s; executors: %s", settings.node_name, settings.ws_url,
+        "node %s connecting to %s; executors: %s", settings.node_name,
+        "a coordinator found by mDNS" if settings.discover else settings.ws_url,
         ", ".join(executors), extra={"node": settings.node_name},
     )
     try:

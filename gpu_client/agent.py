@@ -26,9 +26,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from gpu_client.artifacts import result_fields, ship
 from gpu_client.credential import credential_paths, join_token, load_any, save_all
 from gpu_client.detect import GpuSource
+from gpu_client.discover import serve_discovered
 from gpu_client.endpoints import Endpoints
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
+from gpu_client.handshake import Unproven, proving, signed
 from gpu_client.health import NodeHealth
 from gpu_client.logstream import LogStream
 from gpu_client.policy import assign_refusal, node_policy
@@ -85,7 +87,10 @@ def reconnect_delays(max_s: float) -> Generator[float, None, None]:
 
 
 def classify_error(exc: Exception) -> Exception | None:
-    """For `connect`: None retries; an exception is fatal. Only 401/403 and bad URLs are."""
+    """For `connect`: None retries; an exception is fatal. Only 401/403, bad URLs and a
+    coordinator whose join-token proof is wrong are."""
+    if isinstance(exc, Unproven):
+        return exc
     if isinstance(exc, InvalidStatus):
         return exc if exc.response.status_code in (401, 403) else None
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -178,7 +183,7 @@ class Agent:
 
     def _exit_code(self, loop_task: asyncio.Task[None]) -> int:
         exc = loop_task.exception()
-        if isinstance(exc, FatalClose | InvalidStatus | ssl.SSLCertVerificationError):
+        if isinstance(exc, FatalClose | InvalidStatus | ssl.SSLCertVerificationError | Unproven):
             log.error("stopping: the coordinator refused node %s: %s", self._settings.node_name,
                       exc, extra={"node": self._settings.node_name})
             if isinstance(exc, FatalClose) and exc.code == CloseCode.NAME_TAKEN:
@@ -215,6 +220,9 @@ class Agent:
         """Connect to the coordinators of MESH_COORDINATOR_URL in turn, backing off after a
         round in which none registered us; follow a standby's 4010 to the leader."""
         s = self._settings
+        if s.discover:  # no URL: find the coordinator by mDNS; it must prove the join token
+            await serve_discovered(self)
+            return
         backoff = reconnect_delays(s.reconnect_max_s)
         while True:
             url = self._endpoints.current
@@ -262,10 +270,43 @@ class Agent:
         return await connect(
             f"{url}/ws/{self._settings.node_name}", max_size=MAX_FRAME_BYTES, open_timeout=10,
             close_timeout=5, compression=None, **_tls(self._settings, url),
+            # offer the join-token proof; checked if the coordinator answers with one
+            create_connection=proving(self.read_join_token, self._settings.node_name,
+                                      required=False),
         )
 
+    async def read_join_token(self) -> str:
+        s = self._settings
+        return await asyncio.to_thread(join_token, s.token, s.token_file)
+
+    def use_coordinator(self, url: str, credential_key: str) -> None:
+        """Talk to `url` (a discovered coordinator); its credential is kept under the key."""
+        self._endpoints = Endpoints((url,))
+        self._credential_paths = credential_paths(
+            self._settings.state_dir, (credential_key,), self._settings.node_name
+        )
+
+    async def serve_connection(self, ws: ClientConnection) -> bool:
+        """One session on an open `ws` until it closes; True if it registered. Raises
+        FatalClose when the coordinator refuses this node for good."""
+        self._ws = ws
+        before = self.registrations
+        try:
+            await self._session(ws)
+        except ConnectionClosed as exc:
+            if exc.rcvd is not None and exc.rcvd.code in FATAL_CLOSE_CODES:
+                raise FatalClose(exc.rcvd.code, exc.rcvd.reason) from exc
+            log.info("connection closed (%s)", exc)
+        except Exception:
+            log.exception("session failed")
+        finally:
+            self._ws = None
+            self._outbox = None
+            await ws.close()
+        return self.registrations > before
+
     async def _session(self, ws: ClientConnection) -> None:
-        await ws.send(encode(await self._register_message()))
+        await ws.send(encode(signed(await self._register_message(), ws)))  # proof, not token
         registered = await self._wait_registered(ws)
         if registered is None:
             log.warning("no `registered` within %.0fs; reconnecting", REGISTER_TIMEOUT_S)

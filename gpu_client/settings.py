@@ -50,6 +50,8 @@ class ClientSettings:
     cgroup: str = "auto"  # per-task cgroup v2 root: auto | off | a directory
     min_free_mb: int = 100  # less free disk in the work dir: the node reports itself unhealthy
     probe_interval_s: float = 30.0  # executors and node health are re-probed this often
+    discover: bool = False  # no MESH_COORDINATOR_URL: find it by mDNS (gpu_client/discover.py)
+    mesh_name: str = ""  # MESH_NAME: join the discovered mesh of this name ("": the only one)
 
     @property
     def ws_url(self) -> str:
@@ -113,6 +115,9 @@ class ClientSettings:
             cgroup=env_str(env, "MESH_CGROUP", "auto"),
             min_free_mb=min_free_mb,
             probe_interval_s=probe_s,
+            discover=(not env_str(env, "MESH_COORDINATOR_URL", "")
+                      and env_bool(env, "MESH_DISCOVERY", True)),
+            mesh_name=env_str(env, "MESH_NAME", ""),
         )
 
 

@@ -122,6 +122,7 @@ class Register(Msg, tag="register"):
     running: list[TaskRef] = []
     credential: str = ""  # the node's own credential, issued on its first registration
     policy: NodePolicy | None = None  # None: an older client that states no policy
+    proof: str = ""  # HMAC of the join token over this connection's nonces (shared/proof.py)
 
 
 class Heartbeat(Msg, tag="heartbeat"):

@@ -1,0 +1,384 @@
+"""Zero-configuration join (issue 18): mDNS advertising and discovery, and the join-token proof.
+
+The discovery tests run real coordinators, real clients and real multicast DNS inside a
+network namespace each test creates (a veth pair with a private address, multicast on; the
+kernel here has no `dummy` module): nothing leaves the machine, and no other test or host
+sees these announcements. The test reads a coordinator's API from a thread that joined the
+namespace (setns), so every process and socket involved is a real one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from coordinator.settings import Settings
+from gpu_client.discover import Found, choose
+from gpu_client.handshake import ProvingConnection, Unproven, proving, signed
+from shared import proof
+from shared.protocol import Register, encode
+from tests.conftest import (
+    TEST_ADMIN_TOKEN,
+    TEST_JOIN_TOKEN,
+    LiveCoordinator,
+    Proc,
+    _base_env,
+    run_coordinator,
+    wait_until,
+)
+
+ADDR = "10.251.0.1"
+CLONE_NEWNET = 0x40000000
+_names = itertools.count()
+
+# --- the proof, without a network ----------------------------------------------------------
+
+
+def test_proofs_are_bound_to_role_node_and_both_nonces() -> None:
+    n, c = proof.new_nonce(), proof.new_nonce()
+    mine = proof.mac("tok", "coordinator", "n1", n, c)
+    assert mine != proof.mac("tok", "node", "n1", n, c)  # one side's answer is not the other's
+    assert mine != proof.mac("tok", "coordinator", "n2", n, c)
+    assert mine != proof.mac("tok", "coordinator", "n1", c, n)
+    assert mine != proof.mac("other", "coordinator", "n1", n, c)
+    nonce_c, header = proof.coordinator_header("tok", "n1", n)
+    assert proof.check_coordinator("tok", "n1", n, header) == nonce_c
+    for bad, why in [
+        (None, "no join-token proof"), ("v1.short.x", "malformed"),
+        ("v2" + header[2:], "malformed"), (header[:-2] + "AA", "wrong"),
+    ]:
+        with pytest.raises(Unproven, match=why):
+            proof.check_coordinator("tok", "n1", n, bad)
+    with pytest.raises(Unproven, match="wrong"):  # a recorded answer to another nonce
+        proof.check_coordinator("tok", "n1", proof.new_nonce(), header)
+
+
+def _found(name: str, mesh: str, port: int, seen: float = 0.0, proto: int | None = 1) -> Found:
+    return Found(name=name, mesh=mesh, proto=proto, scheme="ws", path="/ws",
+                 addresses=(ADDR,), port=port, seen=seen)
+
+
+def test_choose_joins_the_named_or_the_only_mesh_and_never_guesses() -> None:
+    a1, a2 = _found("a1", "alpha", 1, seen=1.0), _found("a2", "alpha", 2, seen=2.0)
+    b = _found("b", "beta", 3)
+    assert choose([a1, a2], "", {}, 0).candidates == [a2, a1]  # newest announcement first
+    assert choose([a1, b], "beta", {}, 0).candidates == [b]
+    several = choose([a1, b], "", {}, 0)
+    assert several.candidates == [] and "(alpha, beta): set MESH_NAME" in several.why
+    assert choose([a1], "gamma", {}, 0).candidates == []
+    assert choose([a1, a2], "alpha", {a2.url: 10.0}, 5.0).candidates == [a1]  # a2 held
+    assert choose([a1, a2], "alpha", {a2.url: 10.0}, 11.0).candidates == [a2, a1]
+    assert choose([_found("old", "alpha", 4, proto=99)], "", {}, 0).candidates == []
+
+
+# --- the proof over a real WebSocket (explicit URL, in-process coordinator) ----------------
+
+
+async def _token() -> str:
+    return TEST_JOIN_TOKEN
+
+
+REGISTER = Register(executors=["builtin"], token=TEST_JOIN_TOKEN)
+
+
+async def test_a_proven_coordinator_gets_a_proof_and_never_the_token(
+    coordinator: LiveCoordinator,
+) -> None:
+    url = f"{coordinator.ws_url}/ws/raw"
+    async with connect(url, create_connection=proving(_token, "raw", required=True)) as ws:
+        assert isinstance(ws, ProvingConnection) and ws.proven
+        reg = signed(REGISTER, ws)
+        assert reg.token == "" and reg.proof
+        await ws.send(encode(reg))
+        assert json.loads(await ws.recv())["type"] == "registered"
+    # The same proof on another connection (other nonces) is refused like a bad token.
+    async with connect(f"{coordinator.ws_url}/ws/raw2",
+                       create_connection=proving(_token, "raw2", required=True)) as ws:
+        await ws.send(encode(msgspec.structs.replace(REGISTER, token="", proof=reg.proof)))
+        assert "bad join-token proof" in json.loads(await ws.recv())["reason"]
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_old_clients_without_a_nonce_still_join_with_the_token(
+    coordinator: LiveCoordinator,
+) -> None:
+    async with connect(f"{coordinator.ws_url}/ws/old") as ws:
+        assert ws.response is not None and proof.PROOF_HEADER not in ws.response.headers
+        await ws.send(encode(REGISTER))
+        assert json.loads(await ws.recv())["type"] == "registered"
+
+
+async def test_a_node_with_another_token_refuses_the_coordinator_before_register(
+    settings: Settings, spawn_client: Callable[..., Proc]
+) -> None:
+    async with run_coordinator(replace(settings, token="the-real-one")) as live:
+        async def wrong() -> str:
+            return "not-the-real-one"
+
+        with pytest.raises(Unproven, match="does not know this mesh's join token"):
+            await connect(f"{live.ws_url}/ws/n", create_connection=proving(wrong, "n",
+                                                                          required=False))
+        client = spawn_client("n", live.ws_url, MESH_TOKEN="not-the-real-one")
+        assert await asyncio.to_thread(client.popen.wait, 20) == 2  # type: ignore[union-attr]
+        assert "does not know this mesh's join token" in client.output()
+        assert "n" not in live.mesh.nodes  # it never sent register
+
+
+# --- real multicast DNS in a network namespace ----------------------------------------------
+
+
+class Netns:
+    """`ip netns add` with a veth pair (ADDR on one end, multicast on), removed at the end."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.name = f"gmdisc-{os.getpid()}-{next(_names)}"
+        self.tmp = tmp_path
+        self.procs: list[Proc] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def create(self) -> None:
+        for cmd in (
+            ["ip", "netns", "add", self.name],
+            ["ip", "-n", self.name, "link", "set", "lo", "up"],
+            ["ip", "-n", self.name, "link", "add", "mesh0", "type", "veth", "peer", "peer0"],
+            ["ip", "-n", self.name, "addr", "add", f"{ADDR}/24", "dev", "mesh0"],
+            ["ip", "-n", self.name, "link", "set", "mesh0", "multicast", "on", "up"],
+            ["ip", "-n", self.name, "link", "set", "peer0", "multicast", "on", "up"],
+        ):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+
+    def remove(self) -> None:
+        for p in self.procs:
+            p.stop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=10)
+
+    def spawn(self, label: str, argv: list[str], **env: str) -> Proc:
+        proc = Proc(["ip", "netns", "exec", self.name, *argv], _base_env(**env),
+                    self.tmp / f"{label}.log")
+        self.procs.append(proc.start())
+        return proc
+
+    def coordinator(self, label: str, port: int, *, host: str = "0.0.0.0", **env: str) -> Proc:
+        return self.spawn(
+            label,
+            [sys.executable, "-m", "coordinator", "--host", host, "--port", str(port),
+             "--data-dir", str(self.tmp / f"data-{label}")],
+            MESH_HEARTBEAT_S="0.5", MESH_ADMIN_TOKEN=TEST_ADMIN_TOKEN,
+            **({"MESH_JOIN_TOKEN": TEST_JOIN_TOKEN} | env),
+        )
+
+    def client(self, name: str, **env: str) -> Proc:
+        return self.spawn(
+            f"client-{name}", [sys.executable, "-m", "gpu_client"],
+            NODE_NAME=name, GPU_ENABLED="false", MESH_EXECUTORS="process",
+            MESH_WORK_DIR=str(self.tmp / f"work-{name}"), MESH_RECONNECT_MAX_S="1",
+            MESH_STATE_DIR=str(self.tmp / f"state-{name}"),
+            **({"MESH_TOKEN": TEST_JOIN_TOKEN} | env),
+        )
+
+    def discover(self) -> tuple[int, list[dict[str, Any]]]:
+        """`gpumesh discover --json` run inside the namespace."""
+        done = subprocess.run(
+            ["ip", "netns", "exec", self.name, sys.executable, "-m", "coordinator.cli",
+             "discover", "--json", "--timeout", "1.5"],
+            capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent,
+        )
+        return done.returncode, json.loads(done.stdout or "[]")
+
+    def _enter(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+
+    async def get(self, port: int, path: str, body: dict[str, Any] | None = None) -> Any:
+        """GET (POST with `body`) the coordinator's API from a thread inside the namespace;
+        None if it cannot be reached."""
+        if self._pool is None:  # its one thread joins the namespace; no other thread does
+            self._pool = ThreadPoolExecutor(1, initializer=self._enter)
+
+        def fetch() -> Any:
+            req = urllib.request.Request(
+                f"http://{ADDR}:{port}{path}", data=json.dumps(body).encode() if body else None,
+                headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}",
+                         "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return json.loads(resp.read())
+            except OSError:
+                return None
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fetch)
+
+    async def nodes_online(self, port: int) -> set[str]:
+        doc = await self.get(port, "/mesh/status")
+        nodes = (doc or {}).get("nodes", {})
+        return {name for name, n in nodes.items() if n.get("status") == "online"}
+
+
+@pytest.fixture
+async def netns(tmp_path: Path) -> AsyncIterator[Netns]:
+    ns = Netns(tmp_path)
+    ns.create()
+    try:
+        yield ns
+    finally:
+        await asyncio.to_thread(ns.remove)
+
+
+def _logged(proc: Proc, text: str) -> bool:
+    return text in proc.output()
+
+
+async def test_a_client_without_url_finds_and_joins_a_coordinator_started_after_it(
+    netns: Netns,
+) -> None:
+    client = netns.client("early")
+    await wait_until(lambda: _logged(client, "waiting for a coordinator"), 20, "client browsing")
+    coord = netns.coordinator("alpha", 18001, MESH_NAME="alpha")
+    await wait_until(lambda: netns.nodes_online(18001), 30, "the node joined")
+    assert await netns.nodes_online(18001) == {"early"}
+    out = client.output()
+    assert "trying the only mesh in sight ('alpha')" in out, out
+    assert f"registered with ws://{ADDR}:18001" in out
+    await wait_until(lambda: _logged(coord, "advertised 'alpha on"), 10, "announcements done")
+    # Work flows: a task runs on the discovered node.
+    sub = await netns.get(18001, "/tasks/submit", {"task_type": "test"})
+    done = await netns.get(18001, f"/tasks/{sub['task_id']}?wait=20")
+    assert (done["status"], done["node"]) == ("completed", "early"), done
+
+
+async def test_two_meshes_side_by_side_each_client_joins_its_own(netns: Netns) -> None:
+    # One join token for both, so only MESH_NAME keeps a client out of the other mesh.
+    alpha = netns.coordinator("alpha", 18001, MESH_NAME="alpha")
+    beta = netns.coordinator("beta", 18002, MESH_NAME="beta")
+    netns.client("a1", MESH_NAME="alpha")
+    netns.client("b1", MESH_NAME="beta")
+    await wait_until(lambda: _logged(alpha, "advertised") and _logged(beta, "advertised"), 20,
+                     "both meshes advertised")
+    undecided = netns.client("anyone")
+
+    async def settled() -> bool:
+        return (await netns.nodes_online(18001) == {"a1"}
+                and await netns.nodes_online(18002) == {"b1"})
+
+    await wait_until(settled, 30, "a1 in alpha and b1 in beta")
+    await wait_until(lambda: _logged(undecided, "found 2 meshes (alpha, beta): set MESH_NAME"),
+                     10, "the client without MESH_NAME waiting")
+    assert "registered with" not in undecided.output()
+    assert await settled()  # and the undecided client joined neither
+
+
+ROGUE = r"""
+import asyncio, json, sys
+from websockets.asyncio.server import serve
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+port, mesh, record, mode, addr, marker = sys.argv[1:7]
+
+def note(**kw):
+    with open(record, "a") as f:
+        f.write(json.dumps(kw) + "\n")
+
+def answer(conn, request, response):
+    note(event="handshake", path=request.path, nonce=request.headers.get("X-Gpumesh-Nonce"))
+    if mode == "forged":
+        response.headers["X-Gpumesh-Proof"] = "v1." + "A" * 32 + "." + "B" * 43
+    return response
+
+async def handler(ws):
+    assign = {"type": "assign", "task_id": "pwn", "attempt": 1, "task_type": "custom",
+              "executor": "process", "command": ["touch", marker]}
+    try:
+        await ws.send(json.dumps(assign))
+        async for frame in ws:
+            note(event="frame", frame=str(frame)[:300])
+    except Exception as exc:
+        note(event="closed", why=repr(exc))
+
+async def main():
+    async with serve(handler, "0.0.0.0", int(port), process_response=answer):
+        zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+        info = ServiceInfo(
+            "_gpumesh._tcp.local.", f"{mesh} {mode} rogue._gpumesh._tcp.local.", port=int(port),
+            properties={"scheme": "ws", "mesh": mesh, "proto": "1", "path": "/ws"},
+            server=f"rogue-{mode}.local.", parsed_addresses=[addr])
+        await (await zc.async_register_service(info))
+        note(event="advertised")
+        await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_rogue_coordinator_gets_nothing_and_the_node_joins_the_real_one(
+    netns: Netns, tmp_path: Path
+) -> None:
+    marker = tmp_path / "rogue-ran-something"
+    records = {mode: tmp_path / f"rogue-{mode}.jsonl" for mode in ("forged", "silent")}
+    for port, (mode, record) in zip((18101, 18102), records.items(), strict=True):
+        netns.spawn(f"rogue-{mode}", [sys.executable, "-c", ROGUE, str(port), "alpha",
+                                      str(record), mode, ADDR, str(marker)])
+    for record in records.values():
+        await wait_until(lambda r=record: r.exists() and "advertised" in r.read_text(), 20,
+                         "rogue advertised")
+    client = netns.client("n1", MESH_NAME="alpha")
+    await wait_until(lambda: client.output().count("refused coordinator") >= 2, 30,
+                     "the node refusing both rogues")
+    out = client.output()
+    assert "its join-token proof is wrong" in out and "sent no join-token proof" in out, out
+    netns.coordinator("real", 18001, MESH_NAME="alpha")
+    await wait_until(lambda: netns.nodes_online(18001), 30, "the node joined the real mesh")
+    for mode, record in records.items():
+        events = [json.loads(line) for line in record.read_text().splitlines()]
+        shakes = [e for e in events if e["event"] == "handshake"]
+        assert shakes and all(proof.valid_nonce(e["nonce"] or "") for e in shakes), events
+        assert not [e for e in events if e["event"] == "frame"], f"{mode} rogue got {events}"
+    assert not marker.exists(), "the node ran what a rogue sent"
+    assert "running task pwn" not in client.output()
+
+
+async def test_advertising_off_or_loopback_leaves_nothing_and_shutdown_withdraws(
+    netns: Netns,
+) -> None:
+    off = netns.coordinator("off", 18001, MESH_ADVERTISE="off")
+    loop = netns.coordinator("loop", 18002, host="127.0.0.1")
+    await wait_until(lambda: _logged(off, "not advertised") and _logged(loop, "not advertised"),
+                     20, "both coordinators started")
+    assert "MESH_ADVERTISE=off" in off.output() and "loopback only" in loop.output()
+    code, seen = await asyncio.to_thread(netns.discover)
+    assert (code, seen) == (1, []), seen
+    # The same browse does see an advertised coordinator, and sees it go when it stops.
+    on = netns.coordinator("on", 18003, MESH_NAME="lab")
+    await wait_until(lambda: _logged(on, "advertised 'lab on"), 20, "advertised")
+    code, seen = await asyncio.to_thread(netns.discover)
+    assert code == 0 and [(f["mesh"], f["url"], f["proto"]) for f in seen] == [
+        ("lab", f"ws://{ADDR}:18003", 1)], seen
+    await asyncio.to_thread(on.stop)
+    assert "withdrew the local-network advertisement" in on.output()
+    code, seen = await asyncio.to_thread(netns.discover)
+    assert (code, seen) == (1, []), seen
