@@ -27,7 +27,7 @@ from tests.conftest import free_port, wait_for
 ROOT = Path(__file__).resolve().parent.parent
 BASE_IMAGE = os.environ.get("GPUMESH_LOCAL_BASE", "gpumesh-base:bookworm")
 TEST_IMAGE = "gpumesh:compose-test"  # one tag, so reruns reuse its layers
-PROFILES = ("coordinator", "gpu", "cpu", "monitoring")
+PROFILES = ("coordinator", "gpu", "cpu", "monitoring", "ha")
 
 
 def _engine_answers() -> bool:

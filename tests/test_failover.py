@@ -20,6 +20,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from coordinator.lease import Lease
+from gpu_client.credential import credential_paths, load_any, save_all
+from gpu_client.endpoints import Endpoints
+from gpu_client.settings import ClientSettings
 from shared.protocol import CloseCode
 from tests.conftest import ADMIN_HEADERS, Proc, free_port, wait_until
 from tests.pgserver import PgServer, pg_server  # noqa: F401 - the session fixture
@@ -96,6 +99,32 @@ def _lease_waits_on_lock(conn: psycopg.AsyncConnection[Any]) -> Callable[[], Awa
         row = await cur.fetchone()
         return bool(row and row[0])
     return check
+
+
+# --- the node's side: a list of coordinators, 4010 followed only inside it ----------------
+
+
+def test_a_node_tries_its_coordinators_in_turn_and_follows_only_configured_leaders() -> None:
+    s = ClientSettings.from_env({"NODE_NAME": "n1", "MESH_COORDINATOR_URL":
+                                 "http://a:8001/, ws://b:8001,ws://a:8001"})
+    assert s.urls == ("ws://a:8001", "ws://b:8001") and s.coordinator_url == "ws://a:8001"
+    ends = Endpoints(s.urls)
+    assert ends.current == "ws://a:8001"
+    assert ends.failed() is False and ends.current == "ws://b:8001"  # next in the round
+    assert ends.failed() is True and ends.current == "ws://a:8001"  # a whole round: back off
+    assert ends.redirect("ws://B:8001") and ends.current == "ws://b:8001"  # host: any case
+    assert not ends.redirect("ws://evil.example:8001")  # not ours: try the next one instead
+    assert ends.current == "ws://a:8001"
+    assert not ends.redirect("no url at all")
+
+
+def test_one_credential_per_mesh_whatever_the_order_of_its_urls(tmp_path: Path) -> None:
+    first = credential_paths(tmp_path, ("ws://a:8001",), "n1")
+    save_all(first, "secret-1")
+    grown = credential_paths(tmp_path, ("ws://b:8001", "ws://a:8001"), "n1")  # b added first
+    assert load_any(grown) == "secret-1"
+    assert load_any(credential_paths(tmp_path, ("ws://b:8001",), "n1")) == "secret-1"
+    assert first == credential_paths(tmp_path, ("ws://a:8001",), "n1")  # one URL: as before
 
 
 # --- two coordinator processes on one database ---------------------------------------------
