@@ -41,6 +41,18 @@ MISSING_CONFIRMATIONS = 2  # heartbeats in a row that must miss a task before it
 
 # --- infrastructure errors and quarantine --------------------------------------------------
 
+HISTORY_CAUSE_MAX = 300  # characters of a cause kept in a task's history
+
+
+def note_history(t: Task, node: str | None, cause: str, *, infra: bool) -> None:
+    """Record why attempt `t.attempt` ended without being the task's own outcome; the next
+    transition's store write carries it."""
+    t.history.append({
+        "at": round(time.time(), 3), "attempt": t.attempt, "node": node,
+        "cause": cause[:HISTORY_CAUSE_MAX], "infra": infra,
+    })
+
+
 
 def note_infra_error(node: Node, error: str, now: float, settings: Settings) -> bool:
     """Count one infrastructure error; True when it quarantines the node (now)."""
@@ -187,25 +199,15 @@ class NodeFaults:
         def _transition(
             self, t: Task, to: TaskState, *, cause: str, **change: Any
         ) -> asyncio.Future[None]: ...
-        def _requeue_or_fail(self, t: Task, cause: str) -> None: ...
+        def _requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None: ...
         def node_gone(self, node: Node, cause: str) -> None: ...
         def _node_changed(self, node: Node) -> None: ...
 
     def _on_infra_result(self, node: Node, link: Link, t: Task, msg: TaskResult) -> None:
         """The attempt ended because of its node: requeue it without spending an attempt."""
         why = msg.error or "unspecified infrastructure error"
-        cause = f"node fault on {node.name}: {why}"
         self.metrics.infra_failed(node.name)
-        self.logs.open(t.id).append(f"[gpumesh] attempt {t.attempt} ended by a {cause}\n")
-        t.infra_retries += 1
-        limit = self.settings.max_infra_retries
-        self._transition(t, TaskState.LOST, cause=cause)
-        if t.infra_retries > limit:
-            error = f"gave up after {t.infra_retries} node faults; last: {cause}"
-            write = self._transition(t, TaskState.FAILED, cause=error, error=error)
-        else:
-            t.error = f"requeued after node fault {t.infra_retries} of {limit}: {cause}"
-            write = self._transition(t, TaskState.QUEUED, cause=cause)
+        write = self._infra_loss(node.name, t, f"node fault on {node.name}: {why}")
         ack = Ack(task_id=msg.task_id, attempt=msg.attempt)
         write.add_done_callback(lambda f: None if f.exception() else link.send(ack))
         if note_infra_error(node, why, time.monotonic(), self.settings):
@@ -214,6 +216,24 @@ class NodeFaults:
                 "node %s quarantined: %s", node.name, node.quarantine_reason,
                 extra={"node": node.name, "cause": node.quarantine_reason},
             )
+
+    def _infra_loss(self, node: str, t: Task, cause: str) -> asyncio.Future[None]:
+        """An attempt ended by infrastructure (a node fault, a client restart that lost it),
+        not by the task: back to the queue (attempt + 1) without spending `max_attempts`,
+        at most `max_infra_retries` times, then failed saying so. The task's history (durable,
+        in `GET /tasks/{id}`) and `gpumesh_infra_losses_total{node}` record it."""
+        self.metrics.infra_lost(node)
+        self.logs.open(t.id).append(f"[gpumesh] attempt {t.attempt} ended by a {cause}\n")
+        t.infra_retries += 1
+        note_history(t, node, cause, infra=True)
+        limit = self.settings.max_infra_retries
+        if t.state in ACTIVE:
+            self._transition(t, TaskState.LOST, cause=cause)
+        if t.infra_retries > limit:
+            error = f"gave up after {t.infra_retries} node faults; last: {cause}"
+            return self._transition(t, TaskState.FAILED, cause=error, error=error)
+        t.error = f"requeued after node fault {t.infra_retries} of {limit}: {cause}"
+        return self._transition(t, TaskState.QUEUED, cause=cause)
 
     def _heartbeat_faults(self, node: Node, link: Link, msg: Heartbeat) -> bool:
         """Health, executors, quarantine and reconciliation; True if placement must

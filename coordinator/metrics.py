@@ -48,6 +48,11 @@ class MeshMetrics:
             "gpumesh_infra_failures", "Attempts ended by their node's fault (requeued)",
             ["node"], registry=r,
         )
+        self.infra_losses = Counter(
+            "gpumesh_infra_losses",
+            "Attempts lost to infrastructure (node fault, client restart): requeued without "
+            "spending max_attempts", ["node"], registry=r,
+        )
         self.loop_stalls = Counter(
             "gpumesh_loop_stalls", "Coordinator event-loop stalls (lag over MESH_STALL_S)",
             registry=r,
@@ -103,6 +108,9 @@ class MeshMetrics:
 
     def infra_failed(self, node: str) -> None:
         self.infra_failures.labels(node).inc()
+
+    def infra_lost(self, node: str) -> None:
+        self.infra_losses.labels(node).inc()
 
     def stale(self, kind: str) -> None:
         self.stale_messages.labels(kind).inc()

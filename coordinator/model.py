@@ -79,6 +79,10 @@ class Task:
     energy_j: float = 0.0  # integrated from the power of its GPUs while it held them
     _spec: TaskSubmit | None = None
     infra_retries: int = 0  # requeues after node faults: they do not spend max_attempts
+    # Why each attempt that was not the task's own outcome ended (node lost, node fault,
+    # lost with a client restart): {at, attempt, node, cause, infra}. Durable; after a
+    # restart infra_retries is rebuilt from it (the count of `infra` events).
+    history: list[dict[str, Any]] = field(default_factory=list)
     _ask: PolicyAsk | None = None  # what node policy judges; cached, derived from the spec
     # The store write of its latest transition; until it resolves, nothing outside may see it.
     pending: asyncio.Future[None] | None = None

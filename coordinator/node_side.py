@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from coordinator.drain import on_register
-from coordinator.faults import NodeFaults
+from coordinator.faults import NodeFaults, note_history
 from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
 from coordinator.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
 from coordinator.wake import vram_freed
@@ -54,7 +54,13 @@ class NodeSide(NodeFaults):
 
     # --- node loss ---------------------------------------------------------------------
 
-    def _requeue_or_fail(self, t: Task, cause: str) -> None:
+    def _requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None:
+        """Node loss: back to the queue, spending an attempt; `infra` (a client restart lost
+        it): without spending one (faults.py `_infra_loss`)."""
+        if infra:
+            self._infra_loss(t.node or "", t, cause)
+            return
+        note_history(t, t.node, cause, infra=False)
         if t.state in ACTIVE:
             self._transition(t, LOST, cause=cause)
         if t.attempt - t.infra_retries >= t.max_attempts:  # node faults spend no attempt
@@ -116,7 +122,8 @@ class NodeSide(NodeFaults):
                 self.metrics.stale("register")
         kept = {ref.task_id for ref in keep}
         for task_id in sorted(node.tasks - kept, key=lambda i: self.tasks[i].seq):
-            self._requeue_or_fail(self.tasks[task_id], f"node {name} re-registered without it")
+            why = f"lost with node {name}'s restart: it re-registered without it"
+            self._requeue_or_fail(self.tasks[task_id], why, infra=True)
         self._node_changed(node)
         log.info(
             "node %s registered: %d GPUs, executors %s, kept %d, stopped %d",

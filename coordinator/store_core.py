@@ -183,7 +183,8 @@ def task_from_row(row: Row) -> Task:
         gpu_indices=tuple(int(i) for i in gpus.split(",")) if gpus else (),
         assigned_at=assigned, started_at=started, finished_at=finished,
         result=orjson.loads(result) if result is not None else None, error=error,
-        history=orjson.loads(history),
+        history=(events := orjson.loads(history)),
+        infra_retries=sum(1 for e in events if e.get("infra")),  # they spend no attempt
     )
 
 

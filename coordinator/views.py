@@ -45,6 +45,8 @@ def task_view(t: Task, reason: str = "") -> dict[str, Any]:
         "finished_at": iso(t.finished_at),
         "result": t.result,
         "error": t.error or None,
+        "infra_losses": t.infra_retries,
+        "history": t.history,
     }
     if spec.image:
         view["image"] = spec.image
