@@ -266,8 +266,8 @@ def _text(value: Any) -> str:
 
 def with_script_file(spec: TaskSubmit) -> TaskSubmit:
     """A `script` that names a sent file (`"script": "train_model.py"`) runs that file with the
-    interpreter its name implies (shared/files.py `script_command`); TemplateError (422) when
-    it names a .py/.sh file that was not sent in `files`."""
+    interpreter its name implies (shared/files.py `script_command`), or, not sent, from the
+    working dir if it is there (in an image), else the task fails saying to send it."""
     if spec.script is None:
         return spec
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import shlex
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -126,23 +127,26 @@ _INTERPRETERS = {".py": ("python3", "python"), ".sh": ("sh", "sh"), ".bash": ("b
 def script_command(script: str, files: dict[str, Any], executor: str) -> str | None:
     """The shell command that runs `script` when it names a file, or None when it is a shell
     command to run as it is. A `.py` file runs with python3 (`python` in a container), `.sh`
-    with sh, `.bash` with bash, another sent file as `./name` (its `#!` line decides). Raises
-    ValueError for a `.py`/`.sh`/`.bash` name that is not among `files`."""
+    with sh, `.bash` with bash, another sent file as `./name` (its `#!` line decides).
+
+    A `.py`/`.sh`/`.bash` name that was not sent is still accepted (the seed's own example,
+    `"script": "train_model.py"`, sends no file): it may be in the image's working dir; if it
+    is not there either, the task fails with exit code 127 and a line saying to send it."""
     name = script.strip()
     if not _SCRIPT_FILE.fullmatch(name):
         return None
     suffix = PurePosixPath(name).suffix
-    if name not in files:
-        if suffix in _INTERPRETERS:
-            raise ValueError(
-                f"`script` names the file {name!r}, which is not among `files`: send it too, "
-                f'as `"files": {{"{name}": "<its text>"}}`, or give `script` as a shell command'
-            )
-        return None
-    if name_problem(name) is not None:
-        return None
     local, in_image = _INTERPRETERS.get(suffix, ("", ""))
     interpreter = in_image if executor == "docker" else local
+    if name not in files:
+        if not interpreter:
+            return None
+        here = shlex.quote(f"./{name}")
+        why = shlex.quote(f"gpumesh: {name} is not in the task's working dir: send it in "
+                          f'`files` ("files": {{"{name}": "<its text>"}})')
+        return f"[ -f {here} ] || {{ echo {why} >&2; exit 127; }}; exec {interpreter} {here}"
+    if name_problem(name) is not None:
+        return None
     return f"{interpreter} ./{name}" if interpreter else f"./{name}"
 
 
