@@ -28,6 +28,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from coordinator.advertise import addresses_to_advertise, service_info
+from coordinator.cli_discover import table
 from coordinator.settings import Settings
 from gpu_client.discover import Found, choose
 from gpu_client.handshake import ProvingConnection, Unproven, proving, signed
@@ -85,6 +87,28 @@ def test_choose_joins_the_named_or_the_only_mesh_and_never_guesses() -> None:
     assert choose([a1, a2], "alpha", {a2.url: 10.0}, 5.0).candidates == [a1]  # a2 held
     assert choose([a1, a2], "alpha", {a2.url: 10.0}, 11.0).candidates == [a2, a1]
     assert choose([_found("old", "alpha", 4, proto=99)], "", {}, 0).candidates == []
+
+
+def test_what_is_advertised_where() -> None:
+    on = Settings(mdns=True, port=8001)
+    assert addresses_to_advertise(replace(on, mdns=False))[1] == "MESH_ADVERTISE=off"
+    for host in ("127.0.0.1", "::1", "localhost"):
+        assert addresses_to_advertise(replace(on, host=host)) == (
+            [], f"bound to loopback only ({host}): nobody else could reach it")
+    assert addresses_to_advertise(replace(on, host="192.0.2.7")) == (["192.0.2.7"], "")
+    assert addresses_to_advertise(replace(on, host="127.0.0.1", mdns_addresses=("127.0.0.1",))
+                                  ) == (["127.0.0.1"], "")
+    assert all(not a.startswith("127.") for a in addresses_to_advertise(on)[0])  # 0.0.0.0
+    info = service_info(replace(on, mesh_name="lab", tls_cert=Path("c.pem")), ["192.0.2.7"])
+    assert info.properties == {b"scheme": b"wss", b"mesh": b"lab", b"proto": b"1",
+                               b"path": b"/ws"}
+    assert info.name.startswith("lab on ") and info.port == 8001
+
+
+def test_discover_prints_a_table_for_people() -> None:
+    lines = table([_found("lab on gpu-box:8001", "lab", 8001)]).splitlines()
+    assert lines[0].split() == ["NAME", "URL", "MESH", "PROTO"]
+    assert lines[1].split() == ["lab", "on", "gpu-box:8001", f"ws://{ADDR}:8001", "lab", "1"]
 
 
 # --- the proof over a real WebSocket (explicit URL, in-process coordinator) ----------------
@@ -178,11 +202,13 @@ class Netns:
         self.procs.append(proc.start())
         return proc
 
-    def coordinator(self, label: str, port: int, *, host: str = "0.0.0.0", **env: str) -> Proc:
+    def coordinator(
+        self, label: str, port: int, *, host: str = "0.0.0.0", data: str = "", **env: str
+    ) -> Proc:
         return self.spawn(
             label,
             [sys.executable, "-m", "coordinator", "--host", host, "--port", str(port),
-             "--data-dir", str(self.tmp / f"data-{label}")],
+             "--data-dir", str(self.tmp / f"data-{data or label}")],
             MESH_HEARTBEAT_S="0.5", MESH_ADMIN_TOKEN=TEST_ADMIN_TOKEN,
             **({"MESH_JOIN_TOKEN": TEST_JOIN_TOKEN} | env),
         )
@@ -261,14 +287,19 @@ async def test_a_client_without_url_finds_and_joins_a_coordinator_started_after_
     coord = netns.coordinator("alpha", 18001, MESH_NAME="alpha")
     await wait_until(lambda: netns.nodes_online(18001), 30, "the node joined")
     assert await netns.nodes_online(18001) == {"early"}
-    out = client.output()
-    assert "trying the only mesh in sight ('alpha')" in out, out
-    assert f"registered with ws://{ADDR}:18001" in out
+    await wait_until(lambda: _logged(client, f"registered with ws://{ADDR}:18001"), 10, "log")
+    assert "trying the only mesh in sight ('alpha')" in client.output()
     await wait_until(lambda: _logged(coord, "advertised 'alpha on"), 10, "announcements done")
     # Work flows: a task runs on the discovered node.
     sub = await netns.get(18001, "/tasks/submit", {"task_type": "test"})
     done = await netns.get(18001, f"/tasks/{sub['task_id']}?wait=20")
     assert (done["status"], done["node"]) == ("completed", "early"), done
+    # The coordinator moves (same data, another port): the node follows, same credential.
+    await asyncio.to_thread(coord.stop)
+    netns.coordinator("alpha-moved", 18009, data="alpha", MESH_NAME="alpha")
+    await wait_until(lambda: netns.nodes_online(18009), 30, "the node found the moved one")
+    await wait_until(lambda: _logged(client, f"registered with ws://{ADDR}:18009"), 10, "log")
+    assert client.output().count("credential issued") == 1  # it presented the one it had
 
 
 async def test_two_meshes_side_by_side_each_client_joins_its_own(netns: Netns) -> None:
