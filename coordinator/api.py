@@ -115,9 +115,10 @@ async def index(request: Request) -> JSON:
 
 async def health(request: Request) -> JSON:
     role = request.app.state.role  # coordinator/standby.py: leader | standby, and the leader
-    if not role.leading:  # a standby is healthy; it forwards the API to `leader`
-        return JSON({"status": "healthy", "version": __version__, "online_nodes": 0,
-                     **role.fields()})
+    if not role.leading:  # a standby forwards the API to `leader`; with none known it cannot
+        why = role.unready()
+        return JSON({"status": why or "healthy", "version": __version__, "online_nodes": 0,
+                     **role.fields()}, status_code=503 if why else 200)
     mesh = _mesh(request)
     online = sum(1 for n in mesh.nodes.values() if n.online)
     if mesh.broken:  # rebuilding from the store: not ready, say why (503 for load balancers)

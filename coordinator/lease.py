@@ -162,8 +162,7 @@ class Leadership:
         self._lead = lead
         self._on_role = on_role  # (state, leader_url): "standby" | "promoting" | "leader"
         self.period_s = max(lease.lease_s / 3, 0.05)
-        self.epoch: int | None = None
-        self.terms = 0  # how many times this process has led; tests and /metrics read it
+        self.epoch: int | None = None  # while leading
         self._deposed = asyncio.Event()
         self._why = ""
 
@@ -174,12 +173,25 @@ class Leadership:
             self._deposed.set()
 
     async def run(self) -> None:
+        await self._prepare()
         while True:
             epoch = await self._attempt()
             if epoch is None:
                 continue
             await self._lead_term(epoch)
             await asyncio.sleep(self.period_s)  # a failed term does not spin on the lease
+
+    async def _prepare(self) -> None:
+        """Migrate (the lease table is in the schema), waiting for the database if it is not up
+        yet; meanwhile this coordinator serves /health as a standby with no leader known."""
+        while True:
+            try:
+                await self.lease.prepare()
+                return
+            except (psycopg.OperationalError, OSError) as exc:
+                log.warning("lease: database unreachable (%s); retrying", exc)
+                self._on_role("standby", "")
+                await asyncio.sleep(self.period_s)
 
     async def _attempt(self) -> int | None:
         """Try to take the lease once; as a standby, wait for it to lapse."""
@@ -200,7 +212,7 @@ class Leadership:
         return None
 
     async def _lead_term(self, epoch: int) -> None:
-        self.epoch, self.terms = epoch, self.terms + 1
+        self.epoch = epoch
         self._deposed.clear()
         self._why = ""
         log.warning("lease won (epoch %d): loading the mesh from the store", epoch)
@@ -249,8 +261,8 @@ class Leadership:
 async def serve_leadership(leadership: Leadership) -> AsyncIterator[None]:
     """Run the lease loop for as long as the caller's context is open; on exit, close the
     term (the Mesh stops) and release the lease so a standby takes over at once."""
-    await leadership.lease.prepare()
     task = asyncio.create_task(leadership.run(), name="leadership")
+    task.add_done_callback(_loop_ended)
     try:
         yield
     finally:
@@ -260,3 +272,9 @@ async def serve_leadership(leadership: Leadership) -> AsyncIterator[None]:
         except asyncio.CancelledError:
             pass
         await leadership.lease.close()
+
+
+def _loop_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the lease loop stopped: this coordinator will never lead until restarted",
+                     exc_info=task.exception())

@@ -74,7 +74,6 @@ class Role:
     url: str  # this coordinator's advertised URL
     state: str = "standby"  # standby | promoting | leader
     leader_url: str = ""  # the leader's URL ("" = none known); ours while leading
-    terms: int = 0
     http: httpx.AsyncClient | None = field(default=None, repr=False)
 
     @classmethod
@@ -89,9 +88,15 @@ class Role:
     def set(self, state: str, leader_url: str) -> None:
         if (state, leader_url) != (self.state, self.leader_url):
             log.info("role: %s (leader: %s)", state, leader_url or "none known")
-        if state == "leader" and self.state != "leader":
-            self.terms += 1
         self.state, self.leader_url = state, leader_url
+
+    def unready(self) -> str:
+        """Why a coordinator that is not leading cannot serve the API now ("" if it can)."""
+        if self.state == "promoting":
+            return "starting"  # it holds the lease and is loading the mesh
+        if not self.leader_url or self.leader_url == self.url:
+            return "no leader"  # the lease is free, lapsing, or its own from a previous life
+        return ""
 
     def fields(self) -> dict[str, Any]:
         """What `GET /health` adds: the role, and where the leader is (None: not known)."""
@@ -128,12 +133,12 @@ class StandbyGate:
 
     async def _forward(self, role: Role, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        if role.state == "promoting":
-            return await _unavailable("this coordinator is loading the mesh as the new "
-                                      "leader; retry shortly")(scope, receive, send)
-        if not role.leader_url or role.http is None or role.leader_url == role.url:
-            return await _unavailable("no leader elected yet (the lease is free or lapsing); "
-                                      "retry shortly")(scope, receive, send)
+        if why := role.unready():
+            reason = ("this coordinator is loading the mesh as the new leader"
+                      if why == "starting" else "no leader elected yet (the lease is free or "
+                      "lapsing)")
+            return await _unavailable(f"{reason}; retry shortly")(scope, receive, send)
+        assert role.http is not None
         if any(k == FORWARDED for k, _ in scope["headers"]):
             return await _unavailable("forwarded by another standby: this one is not the "
                                       "leader either; retry shortly")(scope, receive, send)
@@ -174,7 +179,7 @@ async def _redirect_node(role: Role, receive: Receive, send: Send) -> None:
     if message["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
-    if role.leader_url and role.leader_url != role.url and role.state == "standby":
+    if not role.unready():
         code, reason = CloseCode.NOT_LEADER, ws_url_of(role.leader_url)
     else:
         code, reason = CloseCode.TRY_AGAIN_LATER, "no leader yet: retry shortly"

@@ -321,3 +321,22 @@ async def test_a_leader_frozen_past_its_lease_commits_nothing_and_steps_down(
 
 async def _count_is(dsn: str, where: str, n: int) -> bool:
     return await _count(dsn, where) >= n
+
+
+async def test_without_its_database_a_coordinator_stands_by_and_says_why(
+    spawn_coordinator: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """PostgreSQL not up (yet): the coordinator serves /health (503 "no leader"), answers the
+    API with 503 + Retry-After and asks nodes to come back later (1013), instead of exiting."""
+    port, nothing = free_port(), free_port()
+    spawn_coordinator(port, tmp_path / "c", MESH_STORE=f"postgresql://u@127.0.0.1:{nothing}/db",
+                      MESH_LEASE_S="1", MESH_ADVERTISE_URL=_url(port))
+    async with httpx.AsyncClient(headers=ADMIN_HEADERS, timeout=30) as http:
+        doc = await wait_until(lambda: _health(http, port), 30, "/health to answer")
+        assert (doc["status"], doc["role"], doc["leader"]) == ("no leader", "standby", None)
+        r = await http.get(f"{_url(port)}/mesh/status")
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1", r.text
+    async with connect(f"ws://127.0.0.1:{port}/ws/n1") as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.recv()
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == CloseCode.TRY_AGAIN_LATER
