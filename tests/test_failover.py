@@ -235,8 +235,10 @@ async def test_kill9_of_the_leader_loses_nothing_and_records_each_result_once(
         r = await http.post(f"{_url(pb)}/tasks/submit", json=body)  # through the standby
         assert r.status_code == 200, r.text
         ids = [t["task_id"] for t in r.json()["tasks"]]
-        r = await http.get(f"{_url(pb)}/tasks/{ids[0]}")  # a read forwarded to the leader
-        assert r.status_code == 200 and r.json()["task_id"] == ids[0], r.text
+        r = await http.get(f"{_url(pb)}/tasks/{ids[0]}", params={"wait": "20"})  # a long poll
+        assert r.status_code == 200 and r.json()["status"] == "completed", r.text
+        r = await http.get(f"{_url(pb)}/tasks/{ids[0]}", headers={"Authorization": "Bearer x"})
+        assert r.status_code == 401, r.text  # the caller's token travels; the leader decides
         await wait_until(lambda: _running_with_backlog(db), 30, "8 running, 150+ queued")
 
         killed = time.monotonic()
