@@ -202,4 +202,5 @@ async def test_adopt_reports_a_dead_process_without_exit_code(tmp_path: Path) ->
     (found,) = await make(tmp_path).adopt()
     assert not found.running
     outcome = await found.follow(rec.on_output)
-    assert outcome.exit_code is None and "without recording an exit code" in outcome.error
+    assert outcome.exit_code is None and outcome.infra
+    assert outcome.error.startswith("lost with the client"), outcome.error

@@ -49,6 +49,11 @@ def _reap(fd: int) -> None:
         pass
 
 
+def alive(pid: int) -> bool:
+    """Blocking. Is `pid` alive (a zombie is not)?"""
+    return _alive(pid)
+
+
 def _alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -73,6 +78,23 @@ def pid_matches(pid: int, started: float | None, pgid: int) -> bool:
         if started is not None:
             return abs(proc.create_time() - float(started)) < 0.05
         return os.getpgid(pid) == pgid
+    except (psutil.Error, ProcessLookupError):
+        return False
+
+
+def pid_is(pid: int, started: float | None, pgid: int, var: str, value: str) -> bool:
+    """Blocking. Is `pid` alive and ours: its start time (when known) matches, else its
+    environment carries `var=value` (or, where that cannot be read, its group is `pgid`)."""
+    if started is not None:
+        return pid_matches(pid, started, pgid)
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        try:
+            return proc.environ().get(var) == value
+        except psutil.AccessDenied:
+            return os.getpgid(pid) == pgid
     except (psutil.Error, ProcessLookupError):
         return False
 

@@ -45,7 +45,15 @@ from gpu_client.executors.base import (
     describe_exit,
     gpu_env,
 )
-from gpu_client.executors.pids import create_time, pid_matches, wait_pid
+from gpu_client.executors.journal import (
+    CRASH_VAR,
+    INFRA_VERDICTS,
+    Journal,
+    Verdict,
+    crash_point,
+    survey,
+)
+from gpu_client.executors.pids import alive, create_time, wait_pid
 from gpu_client.executors.tree import (
     MARKER_VAR,
     Tree,
@@ -68,20 +76,27 @@ GPU_RELEASE_WAIT_S = 10.0  # how long NVML may go on listing an ended task's pro
 GPU_RELEASE_POLL_S = 0.2
 DISK_FULL_BYTES = 1 << 20  # a failed attempt on a file system with less free is a node fault
 
-# $0 is "gpumesh-task", $1 the task's cgroup dir (or ""), then the task's argv: never
-# interpolated into the script text. The launcher joins the cgroup before it forks anything.
+# $0 is "gpumesh-task", $1 the task's cgroup dir (or ""), $2 the wrapper's script, then the
+# task's argv: never interpolated into the script text. The launcher joins the cgroup before
+# it forks anything, starts the wrapper in the background and prints its pid.
 _LAUNCHER = """
-cg=$1; shift
+cg=$1; wrapper=$2; shift 2
 if [ -n "$cg" ]; then
   echo $$ > "$cg/cgroup.procs" || echo "gpumesh: could not join cgroup $cg" >&2
 fi
-(
-  "$@" </dev/null >>output.log 2>&1
-  echo $? >exit_code.tmp && mv -f exit_code.tmp exit_code
-) </dev/null >/dev/null 2>&1 &
-echo "$! $$" >pid
+/bin/sh -c "$wrapper" gpumesh-wrap "$$" "$@" </dev/null >/dev/null 2>&1 &
 echo "$!"
 """
+# The wrapper ($1 the launcher's pid = the process group) records its own start (`pid`)
+# before it runs the command, and the command's exit code after: both by rename, so a reader
+# never sees half of one. It outlives the client; see journal.py for what each file means.
+_WRAPPER = """
+pg=$1; shift
+echo "$$ $pg" >pid.tmp && mv -f pid.tmp pid || exit 111
+"$@" </dev/null >>output.log 2>&1
+echo $? >exit_code.tmp && mv -f exit_code.tmp exit_code
+"""
+LAUNCH_SETTLE_S = 5.0  # at adoption: how long a launch in flight may take to record its pid
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
@@ -109,6 +124,7 @@ class ProcessExecutor:
         base_env: Mapping[str, str] | None = None,
         cgroup: str = "auto",
         run_as: str = "",
+        journal_dir: Path | None = None,
     ) -> None:
         self._run_as = run_as  # MESH_RUN_AS: tasks run as this user (needs a root client)
         self._work_dir = work_dir
@@ -120,6 +136,10 @@ class ProcessExecutor:
         self._cgroup_setting = cgroup
         # Several clients may share a host (and tests do): their markers must not collide.
         self._tag = f"{zlib.crc32(str(work_dir.resolve()).encode()):08x}"
+        # Launch intents (journal.py): in the state dir, one folder per work dir.
+        journal_dir = journal_dir or work_dir.parent / f".{work_dir.name}.journal"
+        self._journal = Journal(journal_dir / self._tag)
+        self._crash_at = os.environ.get(CRASH_VAR, "")  # test hook, read once
         self._cgroup_root: Path | None = None
         self._cgroup_probed = False
         self._launching: set[int] = set()  # launcher pids asyncio still has to reap
@@ -151,11 +171,14 @@ class ProcessExecutor:
             "started_at": time.time(), "timeout_s": assign.timeout_s, "marker": name,
             "artifacts": assign.artifacts,  # collected after it ends, adopted or not
         }
+        if failed := await self._intend(assign, d, name, meta["started_at"]):
+            return failed
         try:
             await asyncio.to_thread(_prepare_dir, d, meta)
             await asyncio.to_thread(write_inputs, d, assign.files, self._run_as)  # files first
         except OSError as exc:
             return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
+        crash_point(self._crash_at, "dir")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
         meta["cgroup"] = None if cg is None else str(cg)
         env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read), d)
@@ -168,6 +191,7 @@ class ProcessExecutor:
             return launched
         pid, pgid = launched
         started = await asyncio.to_thread(create_time, pid)
+        await asyncio.to_thread(_await_pid_record, d, pid)  # so "started" means it runs
         meta.update(pid=pid, pgid=pgid, create_time=started)
         try:
             await asyncio.to_thread(_write_json, d / "meta.json", meta)
@@ -180,7 +204,21 @@ class ProcessExecutor:
             f" in cgroup {cg}" if cg else "", extra={"task": att.task_id, "attempt": att.attempt},
         )
         on_started()
+        crash_point(self._crash_at, "started")
         return await self._follow(att, meta, on_output, offset=0)
+
+    async def _intend(
+        self, assign: Assign, d: Path, name: str, at: float
+    ) -> RunOutcome | None:
+        """Durably record the launch intent before anything of the attempt exists."""
+        intent = {"task_id": assign.task_id, "attempt": assign.attempt, "dir": str(d),
+                  "marker": name, "at": at}
+        try:
+            await asyncio.to_thread(self._journal.intend, name, intent)
+        except OSError as exc:
+            return _infra(f"launch journal {self._journal.root} unusable on this node: {exc}")
+        crash_point(self._crash_at, "intent")
+        return None
 
     async def _launch(
         self, d: Path, env: dict[str, str], cg: str, argv: list[str]
@@ -188,13 +226,14 @@ class ProcessExecutor:
         """Start the launcher shell; (wrapper pid, launcher pid = pgid) or an infra outcome."""
         try:
             launcher = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, *argv, cwd=d, env=env,
+                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, user=self._run_as or None,
             )
         except (OSError, KeyError) as exc:  # KeyError: MESH_RUN_AS names no user
             return _infra(f"could not start the task's shell on this node: {exc}")
         self._launching.add(launcher.pid)
+        crash_point(self._crash_at, "launched")  # the launcher runs; its pid is not read yet
         try:
             out, err = await launcher.communicate()
         finally:
@@ -221,38 +260,45 @@ class ProcessExecutor:
         await asyncio.to_thread(end_tree, att.tree, self._grace, self._launching)
 
     async def adopt(self) -> list[Adopted]:
-        found = await asyncio.to_thread(_scan, self._work_dir)
+        """What a previous client left: each attempt judged by `journal.decide` (running:
+        re-adopted; exited: its exit code; not started or lost: an infra outcome)."""
+        found = await asyncio.to_thread(survey, self._work_dir, self._journal, LAUNCH_SETTLE_S)
         adopted = []
-        for d, meta in found:
-            key = (str(meta["task_id"]), int(meta["attempt"]))
+        for s in found:
+            key = (str(s.meta["task_id"]), int(s.meta["attempt"]))
             if key in self._attempts:
                 continue
-            running = await asyncio.to_thread(_still_running, d, meta)
+            running = s.verdict is Verdict.RUNNING
             adopted.append(
                 Adopted(
                     task_id=key[0], attempt=key[1], running=running,
-                    follow=self._follower(d, meta, running),
+                    follow=self._follower(s.dir, s.meta, s.verdict),
                 )
             )
-            log.info("adopted task %s.%d (running: %s)", key[0], key[1], running,
-                     extra={"task": key[0], "attempt": key[1]})
+            log.info("adopted task %s.%d (running: %s; %s)", key[0], key[1], running,
+                     s.verdict, extra={"task": key[0], "attempt": key[1]})
         return adopted
 
     async def release(self, task_id: str, attempt: int) -> None:
         self._attempts.pop((task_id, attempt), None)
         d = self.attempt_dir(task_id, attempt)
         await asyncio.to_thread(shutil.rmtree, d, True)
+        await asyncio.to_thread(self._journal.forget, f"{self._tag}-{d.name}")
         root = await self._cgroups()
         if root is not None:  # gone already unless the attempt ended while no client watched
             await asyncio.to_thread(_rmdir_quietly, root / f"{self._tag}-{d.name}")
 
     def _follower(
-        self, d: Path, meta: dict[str, Any], running: bool
+        self, d: Path, meta: dict[str, Any], verdict: Verdict
     ) -> Callable[[OnOutput], Awaitable[RunOutcome]]:
         async def follow(on_output: OnOutput) -> RunOutcome:
             att = _Attempt(str(meta["task_id"]), int(meta["attempt"]), d,
                            int(meta["pid"]), int(meta["pgid"]), _tree_of(meta))
-            if not running:  # it ended while no client watched: what it left goes now
+            if verdict in INFRA_VERDICTS:  # the node lost it: what it left goes, then rerun
+                await self._end(att)
+                output = await asyncio.to_thread(_read_tail, d / "output.log", self._tail_bytes)
+                return _infra(_lost_reason(verdict, d), output)
+            if verdict is Verdict.EXITED:  # it ended while no client watched
                 await self._end(att)
                 return await asyncio.to_thread(self._read_outcome, d, meta, "")
             offset = await asyncio.to_thread(_size, d / "output.log")
@@ -323,6 +369,8 @@ class ProcessExecutor:
         except (OSError, ValueError):
             exit_code = None
         if not error:
+            if exit_code is None and not (d / "pid").exists():  # the wrapper could not start
+                return _infra(f"not started: could not record its start in {d}", output)
             if exit_code is None:
                 error = NO_EXIT_CODE
             elif exit_code != 0:
@@ -339,10 +387,21 @@ class ProcessExecutor:
         )
 
 
-def _infra(error: str) -> RunOutcome:
-    """A node fault (work dir, shell, disk): the coordinator runs the attempt elsewhere."""
+def _infra(error: str, output: str = "") -> RunOutcome:
+    """A node fault (work dir, shell, disk, a client restart that lost the attempt): the
+    coordinator runs the attempt again without spending its max_attempts."""
     log.warning("infrastructure error: %s", error)
-    return RunOutcome(exit_code=None, error=error, infra=True)
+    return RunOutcome(exit_code=None, output=output, error=error, infra=True)
+
+
+def _lost_reason(verdict: Verdict, d: Path) -> str:
+    if verdict is Verdict.NOT_STARTED:
+        return "not started: the client restarted before the task's command ran"
+    if verdict is Verdict.GONE:
+        return (f"not started or lost with the client: its work dir {d} does not exist (the "
+                "client died before making it, or it went with the client's container)")
+    return ("lost with the client: its processes ended with the client (same cgroup or "
+            "container) before recording an exit code")
 
 
 def _tree_of(meta: dict[str, Any]) -> Tree:
@@ -411,28 +470,13 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _scan(work_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
-    found = []
-    for meta_path in sorted(work_dir.glob("*/meta.json")):
-        try:
-            meta = json.loads(meta_path.read_text())
-            str(meta["task_id"]), int(meta["attempt"]), float(meta["started_at"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable %s: %s", meta_path, exc)
-            continue
-        if "pid" not in meta:  # the client died between launch and writing the pid
-            try:
-                meta["pid"], meta["pgid"] = map(int, (meta_path.parent / "pid").read_text().split())
-            except (OSError, ValueError):
-                meta["pid"] = meta["pgid"] = 0
-        found.append((meta_path.parent, meta))
-    return found
-
-
-def _still_running(d: Path, meta: dict[str, Any]) -> bool:
-    if (d / "exit_code").exists() or not meta.get("pid"):
-        return False
-    return pid_matches(int(meta["pid"]), meta.get("create_time"), int(meta["pgid"]))
+def _await_pid_record(d: Path, pid: int) -> None:
+    """Wait (bounded) until the wrapper has recorded its start, or has ended without."""
+    deadline = time.monotonic() + LAUNCH_SETTLE_S
+    while not (d / "pid").exists() and time.monotonic() < deadline:
+        if not alive(pid):
+            return
+        time.sleep(0.002)
 
 
 def _read_from(path: Path, offset: int) -> tuple[bytes, int, int]:
@@ -493,4 +537,5 @@ def _mtime(path: Path) -> float:
 
 def create(settings: ClientSettings, source: GpuSource) -> ProcessExecutor:
     return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes,
-                           cgroup=settings.cgroup, run_as=settings.run_as)
+                           cgroup=settings.cgroup, run_as=settings.run_as,
+                           journal_dir=settings.state_dir.expanduser() / "journal")

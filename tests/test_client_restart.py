@@ -1,0 +1,160 @@
+"""Issue 19: a client restart, however it happens, never fails a task.
+
+Real clients (`python -m gpu_client`) killed with their whole process group (SIGKILL, as
+`systemctl restart` with the default KillMode does) at points of a launch chosen by the
+test-only hook GPUMESH_TEST_CRASH_AT, or mid-run by the test, then started again: each task
+completes exactly once with its own output, and the attempt budget is untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from coordinator.settings import Settings
+from gpu_client.detect import FakeGpus
+from gpu_client.executors.journal import Found, Verdict, decide
+from gpu_client.executors.process import ProcessExecutor
+from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
+
+Spawn = Callable[..., Proc]
+
+
+# --- the decision table ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("found", "verdict"),
+    [
+        (Found(dir_exists=False, exit_code=False, pid_record=False, wrapper_alive=False),
+         Verdict.GONE),
+        (Found(dir_exists=True, exit_code=True, pid_record=True, wrapper_alive=False),
+         Verdict.EXITED),
+        (Found(dir_exists=True, exit_code=True, pid_record=True, wrapper_alive=True),
+         Verdict.EXITED),  # the wrapper is between writing exit_code and exiting
+        (Found(dir_exists=True, exit_code=False, pid_record=True, wrapper_alive=True),
+         Verdict.RUNNING),
+        (Found(dir_exists=True, exit_code=False, pid_record=True, wrapper_alive=False),
+         Verdict.LOST),
+        (Found(dir_exists=True, exit_code=False, pid_record=False, wrapper_alive=False),
+         Verdict.NOT_STARTED),
+    ],
+)
+def test_decision_table(found: Found, verdict: Verdict) -> None:
+    assert decide(found) is verdict
+
+
+def _executor(tmp_path: Path) -> ProcessExecutor:
+    return ProcessExecutor(tmp_path / "work", FakeGpus.parse("none"), kill_grace_s=1.0,
+                           journal_dir=tmp_path / "journal")
+
+
+async def test_an_intent_without_a_work_dir_is_reported_as_infra(tmp_path: Path) -> None:
+    ex = _executor(tmp_path)
+    d = ex.attempt_dir("t1", 3)
+    name = f"{ex._tag}-{d.name}"
+    ex._journal.intend(name, {"task_id": "t1", "attempt": 3, "dir": str(d), "marker": name,
+                              "at": 1.0})
+    (found,) = await _executor(tmp_path).adopt()
+    assert (found.task_id, found.attempt, found.running) == ("t1", 3, False)
+    outcome = await found.follow(lambda _: None)
+    assert outcome.infra and outcome.exit_code is None
+    assert "does not exist" in outcome.error
+    await ex.release("t1", 3)
+    assert await _executor(tmp_path).adopt() == []  # release drops the intent
+
+
+async def test_a_work_dir_without_a_pid_record_is_not_started(tmp_path: Path) -> None:
+    ex = _executor(tmp_path)
+    d = ex.attempt_dir("t1", 1)
+    d.mkdir(parents=True)
+    (d / "meta.json").write_text(json.dumps(
+        {"task_id": "t1", "attempt": 1, "started_at": 1.0, "timeout_s": None}))
+    (found,) = await ex.adopt()
+    outcome = await found.follow(lambda _: None)
+    assert outcome.infra and outcome.error.startswith("not started"), outcome.error
+
+
+# --- real clients, killed at points of a launch ---------------------------------------------
+
+
+async def _online(live: LiveCoordinator, name: str) -> None:
+    await wait_until(lambda: name in live.mesh.nodes and live.mesh.nodes[name].online, 20,
+                     f"node {name} online")
+
+
+def _kill_group(proc: Proc) -> None:
+    """What `systemctl restart` (KillMode=control-group) does to the client's own group."""
+    assert proc.popen is not None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.popen.wait(10)
+
+
+# (crash point, attempt that completes, infra losses): before the command runs, the attempt
+# is reported "not started" and placed again; once it has started, it is re-adopted.
+POINTS = [
+    ("intent", 2, 1),  # intent recorded, no work dir yet
+    ("dir", 2, 1),  # work dir made, launcher not started
+    ("launched", 1, 0),  # launcher running, its pid not yet read by the client
+    ("started", 1, 0),  # right after the start was reported
+    ("midrun", 1, 0),  # killed by the test while the task runs
+]
+
+
+@pytest.mark.parametrize(("point", "attempt", "losses"), POINTS, ids=[p[0] for p in POINTS])
+async def test_client_killed_at_a_point_of_launch_then_restarted(
+    settings: Settings, spawn_client: Spawn, tmp_path: Path, point: str, attempt: int,
+    losses: int,
+) -> None:
+    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    marks.mkdir()
+    # Each run leaves a mark named by task and attempt; the gate holds the first task in
+    # `midrun` until the client has been killed under it.
+    script = (f"touch {marks}/$MESH_TASK_ID.$MESH_ATTEMPT; "
+              f"while [ ! -e {gate} ]; do sleep 0.02; done; echo out-$MESH_TASK_ID")
+    async with run_coordinator(replace(settings, reconnect_grace_s=30)) as live:
+        crash = {} if point == "midrun" else {"GPUMESH_TEST_CRASH_AT": point}
+        first = spawn_client("a", live.ws_url, MESH_SLOTS="1", **crash)  # one launch at a time
+        await _online(live, "a")
+        ids = [await live.submit(task_type="custom", script=script, max_attempts=1)
+               for _ in range(3)]
+        if point == "midrun":
+            await wait_until(lambda: any(marks.iterdir()), 20, "the first task running")
+            await asyncio.to_thread(_kill_group, first)
+        else:
+            await wait_until(lambda: first.popen is not None and first.popen.poll() is not None,
+                             20, f"the client to die at {point}")
+        gate.touch()
+        spawn_client("a", live.ws_url, MESH_SLOTS="1")
+        docs = [await live.wait_finished(i, 40) for i in ids]
+        out = first.output()
+        for doc in docs:
+            assert doc["status"] == "completed", (doc, out)
+            assert doc["result"]["output"].strip() == f"out-{doc['task_id']}"
+            assert doc["max_attempts"] == 1
+            assert doc["attempt"] == 1 + doc["infra_losses"] == 1 + len(doc["history"])
+        crashed = docs[0]
+        assert [d["infra_losses"] for d in docs[1:]] == [0, 0], [d["history"] for d in docs]
+        assert (crashed["attempt"], crashed["infra_losses"]) == (attempt, losses), crashed
+        if losses:
+            assert crashed["history"][0]["infra"] and crashed["history"][0]["node"] == "a"
+            metrics = (await live.http.get("/metrics")).text
+            lines = [ln for ln in metrics.splitlines() if "infra_losses_total" in ln]
+            assert 'gpumesh_infra_losses_total{node="a"} 1.0' in lines, lines
+        ran = sorted(p.name for p in marks.iterdir())
+        assert ran == sorted(f"{d['task_id']}.{d['attempt']}" for d in docs), ran  # once each
+        assert live.mesh.finished_counts["failed"] == 0
+    if losses:  # the count survives a coordinator restart: it is in the task's row
+        async with run_coordinator(settings) as again:
+            doc = await again.task(ids[0])
+            assert doc["infra_losses"] == losses and len(doc["history"]) == losses
