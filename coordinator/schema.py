@@ -129,6 +129,16 @@ POSTGRES: dict[str, tuple[Migration, ...]] = {
             "CREATE TABLE node_drains (name text PRIMARY KEY, reason text NOT NULL,"
             " since double precision NOT NULL, actor text NOT NULL)",
         )),
+        # PostgreSQL only: lets a batch check its guards inside the server, so BEGIN, the
+        # writes and COMMIT go in one pipelined round trip (coordinator/store_pg.py).
+        Migration(5, "gm_assert", (
+            """CREATE FUNCTION gm_assert(ok boolean, what text) RETURNS void AS $$
+            BEGIN
+                IF ok IS NOT TRUE THEN
+                    RAISE EXCEPTION USING ERRCODE = 'GM001', MESSAGE = what;
+                END IF;
+            END $$ LANGUAGE plpgsql""",
+        )),
     ),
     "auth": (
         Migration(1, "tokens", (

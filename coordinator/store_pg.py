@@ -51,6 +51,13 @@ Conn = psycopg.AsyncConnection[Any]
 FENCE_SQL = (
     "SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s AND expires_at > now() FOR SHARE"
 )
+# The same check, in one statement that raises GUARD_FAILED (gm_assert, migration 5) instead.
+FENCE_ASSERT_SQL = (
+    "SELECT gm_assert(EXISTS (SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s "
+    "AND expires_at > now() FOR SHARE), %s)"
+)
+GUARDED_SQL = "WITH u AS ({update} RETURNING 1) SELECT gm_assert((SELECT count(*) FROM u) = 1, ?)"
+GUARD_FAILED = "GM001"
 _DECODE_ON_LOOP = 256  # rows; more are decoded on a worker thread
 
 
@@ -125,20 +132,30 @@ class PgStore(GroupCommitStore):
         return self._wconn
 
     async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
+        """BEGIN, the fence, every write and COMMIT in one pipelined round trip: the guards
+        are checked by the server (gm_assert), whose error aborts the transaction."""
         conn = await self._writer()
-        async with conn.transaction():
-            async with conn.pipeline():
-                fence = await self._fence_cursor(conn)
-                cursors = []
-                for op in ops:
+        try:
+            async with conn.pipeline(), conn.transaction():
+                if self.epoch is not None:
+                    await conn.execute(FENCE_ASSERT_SQL, (self.epoch, "deposed"))
+                for i, op in enumerate(ops):
                     sql, args = statement_of(op)
-                    cursors.append((op, await conn.execute(pg(sql), args)))
-            # The pipeline is synced: every result is in, and nothing is committed yet.
-            await self._check_fence(fence)
-            for op, cur in cursors:
-                if isinstance(op, Update) and cur.rowcount != 1:
-                    # Memory and the store disagree: nothing of this batch may commit.
-                    raise ShortWrite(op.task_id, op.prev_state, op.prev_attempt, cur.rowcount)
+                    if isinstance(op, Update):  # exactly one row, or nothing commits
+                        sql, args = GUARDED_SQL.format(update=sql), (*args, f"short {i}")
+                    await conn.execute(pg(sql), args)
+        except psycopg.Error as exc:
+            if exc.sqlstate != GUARD_FAILED or exc.diag.message_primary is None:
+                raise
+            raise self._guard_error(exc.diag.message_primary, ops) from None
+
+    def _guard_error(self, what: str, ops: list[Insert | Update | AuditInsert]) -> StoreError:
+        if what == "deposed":
+            assert self.epoch is not None
+            return Deposed(self.epoch)
+        op = ops[int(what.removeprefix("short "))]
+        assert isinstance(op, Update)
+        return ShortWrite(op.task_id, op.prev_state, op.prev_attempt, 0)
 
     async def _fence_cursor(self, conn: Conn) -> psycopg.AsyncCursor[Any] | None:
         if self.epoch is None:

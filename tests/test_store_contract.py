@@ -370,6 +370,11 @@ async def test_standbys_see_the_leaders_tokens_and_credentials(pg_server: PgServ
 # --- a real mesh on PostgreSQL --------------------------------------------------------------
 
 
+async def leads(live: Any) -> bool:
+    r = await live.http.get("/health")
+    return r.status_code == 200 and r.json().get("role") == "leader"
+
+
 async def test_a_real_mesh_runs_tasks_on_postgresql(
     pg_server: PgServer, tmp_path: Path, spawn_client: Any,  # noqa: F811
 ) -> None:
@@ -377,8 +382,7 @@ async def test_a_real_mesh_runs_tasks_on_postgresql(
     settings = replace(FAST, data_dir=tmp_path / "mesh-data", store=dsn,
                        admin_token=TEST_ADMIN_TOKEN)
     async with run_coordinator(settings) as live:
-        await wait_until(lambda: getattr(live.server.config.loaded_app.app.state, "mesh", None),
-                         20, "the coordinator leads")
+        await wait_until(lambda: leads(live), 20, "the coordinator leads")
         spawn_client("a", live.ws_url)
         ids = [await live.submit(task_type="test", priority=i % 10) for i in range(20)]
         for task_id in ids:
@@ -395,8 +399,7 @@ async def test_a_real_mesh_runs_tasks_on_postgresql(
         assert await cur.fetchall() == [("a",)]
     # A coordinator started again on the same database serves what the first one recorded.
     async with run_coordinator(settings) as again:
-        await wait_until(lambda: getattr(again.server.config.loaded_app.app.state, "mesh", None),
-                         20, "the coordinator leads again")
+        await wait_until(lambda: leads(again), 20, "the coordinator leads again")
         assert (await again.task(ids[-1]))["status"] == "completed"
 
 
