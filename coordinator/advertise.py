@@ -20,7 +20,7 @@ import logging
 import socket
 
 import ifaddr
-from zeroconf import IPVersion, NonUniqueNameException, ServiceInfo
+from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceInfo
 from zeroconf.asyncio import AsyncZeroconf
 
 from coordinator.settings import Settings
@@ -51,6 +51,13 @@ def host_addresses() -> list[str]:
         if ip.is_IPv4 and not ipaddress.ip_address(str(ip.ip)).is_loopback
     }
     return sorted(found)
+
+
+def interfaces_for(addresses: list[str]) -> list[str] | InterfaceChoice:
+    """Announce on the interfaces that hold the advertised addresses; on all of them when
+    none does (MESH_MDNS_ADDRESSES naming a NAT or proxy address). Blocking."""
+    local = {str(ip.ip) for a in ifaddr.get_adapters() for ip in a.ips if ip.is_IPv4}
+    return [a for a in addresses if a in local] or InterfaceChoice.All
 
 
 def addresses_to_advertise(settings: Settings) -> tuple[list[str], str]:
@@ -107,7 +114,8 @@ class Advertiser:
             log.info("not advertised on the local network: %s", why)
             return
         self.info = service_info(self._settings, addresses)
-        self._zc = AsyncZeroconf(interfaces=addresses, ip_version=IPVersion.V4Only)
+        interfaces = await asyncio.to_thread(interfaces_for, addresses)
+        self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         self._task = asyncio.create_task(self._register(self.info), name="mdns-advertise")
 
     async def _register(self, info: ServiceInfo) -> None:

@@ -16,6 +16,7 @@ on to the next candidate at once.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 import time
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import ifaddr
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
@@ -57,10 +59,16 @@ class Found:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://{self.addresses[0]}:{self.port}"
+        """The first advertised address's URL (what `gpumesh discover` shows)."""
+        return self.urls()[0]
 
-    def ws_url(self, node: str) -> str:
-        return f"{self.url}{self.path}/{node}"
+    def urls(self, networks: Iterable[ipaddress.IPv4Network] = ()) -> list[str]:
+        """A URL per advertised address, those on a network of this host first (a
+        multi-homed coordinator also advertises addresses this node cannot reach)."""
+        nets = list(networks)
+        on_link = sorted(self.addresses, key=lambda a: not any(
+            ipaddress.IPv4Address(a) in n for n in nets))
+        return [f"{self.scheme}://{a}:{self.port}" for a in on_link]
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -179,7 +187,7 @@ def choose(
                               "to choose one; waiting")
         mine = usable
         why = f"the only mesh in sight ({meshes[0]!r})" if meshes else ""
-    ready = [f for f in mine if held.get(f.url, 0.0) <= now]
+    ready = [f for f in mine if any(held.get(u, 0.0) <= now for u in f.urls())]
     if not ready:
         seen = ", ".join(sorted(f"{f.name} ({f.mesh})" for f in usable)) or "none"
         wanted = f"mesh {mesh_name!r}" if mesh_name else "a coordinator"
@@ -210,14 +218,8 @@ async def serve_discovered(agent: Agent) -> None:
     try:
         while True:
             choice = await _wait_for_candidates(browser, s.mesh_name, held)
-            for found in choice.candidates:
-                outcome = await _try(agent, found, choice.why)
-                if outcome == "refused":
-                    held[found.url] = time.monotonic() + REFUSED_HOLD_S
-                    continue
-                if outcome == "registered":
-                    backoff = reconnect_delays(s.reconnect_max_s)
-                break
+            if await _try_all(agent, choice, held) == "registered":
+                backoff = reconnect_delays(s.reconnect_max_s)
             await asyncio.sleep(next(backoff))
     finally:
         await browser.close()
@@ -245,23 +247,48 @@ async def _wait_for_candidates(browser: Browser, mesh: str, held: dict[str, floa
             pass
 
 
-async def _try(agent: Agent, found: Found, why: str) -> str:
-    """One connection to `found`: "refused" (no proof), "failed", "closed" or "registered"."""
+def local_networks() -> list[ipaddress.IPv4Network]:
+    """The IPv4 networks of this host's interfaces. Blocking: call through to_thread."""
+    return [
+        ipaddress.IPv4Network(f"{ip.ip}/{ip.network_prefix}", strict=False)
+        for adapter in ifaddr.get_adapters() for ip in adapter.ips if ip.is_IPv4
+    ]
+
+
+async def _try_all(agent: Agent, choice: Choice, held: dict[str, float]) -> str:
+    """Each candidate's addresses in turn until one serves: the last outcome. A URL whose
+    answer failed the proof is held for REFUSED_HOLD_S (it may be another host's address)."""
+    networks = await asyncio.to_thread(local_networks)
+    outcome = "failed"
+    for found in choice.candidates:
+        for url in found.urls(networks):
+            if held.get(url, 0.0) > time.monotonic():
+                continue
+            outcome = await _try(agent, found, url, choice.why)
+            if outcome == "refused":
+                held[url] = time.monotonic() + REFUSED_HOLD_S
+            elif outcome in ("registered", "closed"):
+                return outcome
+    return outcome
+
+
+async def _try(agent: Agent, found: Found, url: str, why: str) -> str:
+    """One connection to `url`: "refused" (no proof), "failed", "closed" or "registered"."""
     s = agent._settings
-    log.info("%s: %r at %s", why, found.name, found.url)
+    log.info("%s: %r at %s", why, found.name, url)
     try:
         ws = await connect(
-            found.ws_url(s.node_name), max_size=MAX_FRAME_BYTES, open_timeout=10,
+            f"{url}{found.path}/{s.node_name}", max_size=MAX_FRAME_BYTES, open_timeout=10,
             close_timeout=5, compression=None,
             create_connection=proving(agent.read_join_token, s.node_name, required=True),
             **_tls(agent, found),
         )
     except Unproven as exc:
         log.warning("refused coordinator %r at %s (mesh %s): %s; sent it nothing but the node "
-                    "name and a nonce", found.name, found.url, found.mesh, exc.reason)
+                    "name and a nonce", found.name, url, found.mesh, exc.reason)
         return "refused"
     except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
-        log.info("could not reach %r at %s: %s", found.name, found.url, exc)
+        log.info("could not reach %r at %s: %s", found.name, url, exc)
         return "failed"
-    agent.use_coordinator(found.url, f"mdns-{found.mesh}")
+    agent.use_coordinator(url, f"mdns-{found.mesh}")
     return "registered" if await agent.serve_connection(ws) else "closed"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import itertools
 import json
 import os
@@ -87,6 +88,10 @@ def test_choose_joins_the_named_or_the_only_mesh_and_never_guesses() -> None:
     assert choose([a1, a2], "alpha", {a2.url: 10.0}, 5.0).candidates == [a1]  # a2 held
     assert choose([a1, a2], "alpha", {a2.url: 10.0}, 11.0).candidates == [a2, a1]
     assert choose([_found("old", "alpha", 4, proto=99)], "", {}, 0).candidates == []
+    homed = replace(a1, addresses=("172.17.0.1", "192.168.1.10"))  # a docker bridge, the LAN
+    assert homed.urls([ipaddress.IPv4Network("192.168.1.0/24")]) == [
+        "ws://192.168.1.10:1", "ws://172.17.0.1:1"]
+    assert choose([homed], "", {"ws://192.168.1.10:1": 9.0}, 5.0).candidates == [homed]
 
 
 def test_what_is_advertised_where() -> None:
@@ -382,7 +387,8 @@ async def test_a_rogue_coordinator_gets_nothing_and_the_node_joins_the_real_one(
                      "the node refusing both rogues")
     out = client.output()
     assert "its join-token proof is wrong" in out and "sent no join-token proof" in out, out
-    netns.coordinator("real", 18001, MESH_NAME="alpha")
+    # It lists first an address this node cannot reach (not on its networks): it still joins.
+    netns.coordinator("real", 18001, MESH_NAME="alpha", MESH_MDNS_ADDRESSES=f"192.0.2.1,{ADDR}")
     await wait_until(lambda: netns.nodes_online(18001), 30, "the node joined the real mesh")
     for mode, record in records.items():
         events = [json.loads(line) for line in record.read_text().splitlines()]
