@@ -43,9 +43,10 @@ class Index(msgspec.Struct, kw_only=True):
 
 
 class Health(msgspec.Struct, kw_only=True):
-    """`GET /health`: 200 healthy; 503 while the coordinator rebuilds from its store."""
+    """`GET /health`: 200 healthy; 503 while the coordinator rebuilds from its store, or
+    (a standby, with PostgreSQL HA) while it starts or no leader is known."""
 
-    status: Literal["healthy", "rebuilding"]
+    status: Literal["healthy", "rebuilding", "starting", "no leader"]
     version: str
     online_nodes: int
     reason: str = ""
