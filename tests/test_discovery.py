@@ -34,6 +34,7 @@ from coordinator.cli_discover import table
 from coordinator.settings import Settings
 from gpu_client.discover import Found, choose
 from gpu_client.handshake import ProvingConnection, Unproven, proving, signed
+from gpu_client.settings import ClientSettings
 from shared import proof
 from shared.protocol import Register, encode
 from tests.conftest import (
@@ -114,6 +115,18 @@ def test_discover_prints_a_table_for_people() -> None:
     lines = table([_found("lab on gpu-box:8001", "lab", 8001)]).splitlines()
     assert lines[0].split() == ["NAME", "URL", "MESH", "PROTO"]
     assert lines[1].split() == ["lab", "on", "gpu-box:8001", f"ws://{ADDR}:8001", "lab", "1"]
+
+
+def test_the_url_always_wins_and_discovery_can_be_turned_off() -> None:
+    base = {"NODE_NAME": "n"}
+    assert ClientSettings.from_env(base).discover
+    assert not ClientSettings.from_env(base | {"MESH_COORDINATOR_URL": "ws://lead:8001"}).discover
+    off = ClientSettings.from_env(base | {"MESH_DISCOVERY": "off"})
+    assert not off.discover and off.coordinator_url == "ws://localhost:8001"
+    assert ClientSettings.from_env(base | {"MESH_NAME": "lab"}).mesh_name == "lab"
+    coord = Settings.from_env({"MESH_NAME": "lab", "MESH_MDNS_ADDRESSES": "10.0.0.5"})
+    assert (coord.mdns, coord.mesh_name, coord.mdns_addresses) == (True, "lab", ("10.0.0.5",))
+    assert not Settings.from_env({"MESH_ADVERTISE": "off"}).mdns and not Settings().mdns
 
 
 # --- the proof over a real WebSocket (explicit URL, in-process coordinator) ----------------
