@@ -2,7 +2,8 @@
 
 A node that holds tasks is refused with 409 (drain it or cancel its tasks first): forgetting
 it would leave its work with a node the mesh no longer knows. A connected idle node is
-closed with 4004 (fatal for its client); its name is free for the next node that joins.
+closed with 4004 (fatal for its client); its name is free for the next node that joins,
+undrained (a drain mark of the name is lifted with it, audited as `node.undrain`).
 The auth middleware lets only admin tokens reach this route.
 """
 
@@ -14,6 +15,7 @@ from starlette.routing import Route
 from coordinator.api import JSON, error
 from coordinator.audit import Audit
 from coordinator.auth import principal_of
+from coordinator.drain import undrain
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from shared.protocol import valid_node_name
@@ -34,9 +36,12 @@ async def forget_node(request: Request) -> JSON:
         )
     registered = mesh.forget_node(name, "node forgotten by an admin")
     had_credential = await ids.forget(name)
-    if not registered and not had_credential:
+    if not registered and not had_credential and name not in mesh.drains:
         return error(404, "unknown node", f"no node named {name!r}")
     audit: Audit = request.app.state.audit
+    if name in mesh.drains:  # the next node to join under this name starts undrained
+        row = audit.row(principal_of(request), "node.undrain", name, {"why": "forgotten"})
+        await undrain(mesh, name, principal_of(request).actor, row)
     await audit.record(principal_of(request), "node.forget", name,
                        {"was_registered": registered, "had_credential": had_credential})
     return JSON({"node": name, "forgotten": True, "was_registered": registered,

@@ -24,6 +24,7 @@ server's own words; a coordinator that cannot be reached raises `MeshUnreachable
 from __future__ import annotations
 
 import os
+import re
 import ssl
 import time
 import urllib.parse
@@ -58,7 +59,8 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8001"
-LONG_POLL_S = 60.0  # one `?wait=` request; under the server's MESH_MAX_WAIT_S (300 s)
+LONG_POLL_S = 60.0  # one `?wait=` request; lowered to the server's MESH_MAX_WAIT_S if less
+_WAIT_CAP = re.compile(r"`wait` must be between \S+ and (\d+(?:\.\d+)?)")
 T = TypeVar("T")
 
 
@@ -220,9 +222,17 @@ def wait_steps(task_id: str, timeout: float) -> Steps[TaskInfo]:
     """Long-poll `GET /tasks/{id}?wait=` until the task ends or `timeout` passes; the task
     as last seen (check `.finished`)."""
     deadline = time.monotonic() + timeout
+    poll = LONG_POLL_S
     while True:
         left = deadline - time.monotonic()
-        t: TaskInfo = yield Calls.get(task_id, wait=min(max(left, 0), LONG_POLL_S))
+        try:
+            t: TaskInfo = yield Calls.get(task_id, wait=min(max(left, 0), poll))
+        except MeshError as exc:  # a server whose MESH_MAX_WAIT_S is below our poll
+            cap = _WAIT_CAP.search(exc.reason) if exc.status == 400 else None
+            if cap is None or float(cap.group(1)) >= poll:
+                raise
+            poll = float(cap.group(1))
+            continue
         if t.finished or left <= 0:
             return t
 
@@ -314,7 +324,12 @@ class Client(_Base):
         try:
             call = next(steps)
             while True:
-                call = steps.send(self.call(call))
+                try:
+                    answer = self.call(call)
+                except MeshError as exc:  # the steps may handle it (wait: a lower cap)
+                    call = steps.throw(exc)
+                    continue
+                call = steps.send(answer)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
@@ -406,7 +421,12 @@ class AsyncClient(_Base):
         try:
             call = next(steps)
             while True:
-                call = steps.send(await self.call(call))
+                try:
+                    answer = await self.call(call)
+                except MeshError as exc:
+                    call = steps.throw(exc)
+                    continue
+                call = steps.send(answer)
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 

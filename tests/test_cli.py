@@ -157,6 +157,11 @@ async def test_drain_and_undrain_a_real_node(
     assert _row((await gpumesh("nodes", live=live)).stdout, "n1")[1] == "online"
     unknown = await gpumesh("node", "drain", "nobody", live=live)
     assert unknown.returncode == 1 and "unknown node" in _one_line_error(unknown)
+    # forgetting a drained node lifts its drain: the next node of that name starts clean
+    assert (await gpumesh("node", "drain", "n1", live=live)).returncode == 0
+    forgot = await gpumesh("node", "forget", "n1", live=live)
+    assert forgot.returncode == 0 and "forgot node n1" in forgot.stdout, forgot.stderr
+    assert live.mesh.drains == {} and await live.mesh.store.node_drains() == []
 
 
 async def test_dead_url_and_bad_input_are_one_line_and_exit_2() -> None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
 import pytest
 
+from coordinator.settings import Settings
 from shared.sdk import AsyncClient, Client, MeshError, MeshUnreachable
 from tests.conftest import (
     TEST_ADMIN_TOKEN,
@@ -17,6 +19,7 @@ from tests.conftest import (
     Proc,
     admin_token,
     free_port,
+    run_coordinator,
     wait_until,
 )
 
@@ -200,3 +203,11 @@ async def test_drain_survives_a_coordinator_restart_and_the_node_reconnecting(
 async def _is(value: object, want: str) -> bool:
     got = await value if asyncio.iscoroutine(value) else value
     return got == want
+
+
+async def test_wait_fits_a_server_whose_long_poll_is_shorter(settings: Settings) -> None:
+    async with run_coordinator(replace(settings, max_wait_s=0.5)) as live:
+        async with AsyncClient(live.url, admin_token(live.settings)) as mesh:
+            sub = await mesh.submit(task_type="test", requirements={"gpu_count": 4})
+            t = await mesh.wait(sub.task_id, timeout=1.2)  # polls of 0.5 s, not a 400
+            assert t.status == "queued" and not t.finished
