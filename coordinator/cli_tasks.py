@@ -134,9 +134,11 @@ async def _watch(c: AsyncClient, task_id: str, deadline: float, out: Console,
     live = out.status(f"task {task_id}: submitted") if out.is_terminal and not quiet else None
     try:
         with live if live is not None else contextlib.nullcontext():
+            poll = 0.0  # the state at once, then one long-poll a second for the progress line
             while True:
                 left = deadline - time.monotonic()
-                t = await c.wait(task_id, timeout=max(0.0, min(1.0, left)))
+                t = await c.wait(task_id, timeout=max(0.0, min(poll, left)))
+                poll = 1.0
                 if live is not None:
                     live.update(escape(f"task {task_id}: {describe(t)}"))
                 if t.finished or left <= 0:
