@@ -67,21 +67,23 @@ async def test_takeover_waits_for_a_leader_write_in_flight(db: str) -> None:
     """FOR SHARE on the lease row in a leader's write transaction makes a takeover wait for
     that commit: a successor never starts while the old leader is mid-commit."""
     a, b = await _lease(db, "a", 0.3), await _lease(db, "b", 6.0)
-    async with await psycopg.AsyncConnection.connect(db) as writer:
-        epoch = await a.acquire()
-        assert epoch is not None
-        cur = await writer.execute(
-            "SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s AND expires_at > now() "
-            "FOR SHARE", (epoch,))
-        assert await cur.fetchone() is not None
-        await wait_until(_lapsed(b), 5, "a's lease to lapse by the database's clock")
-        takeover = asyncio.create_task(b.acquire())
-        await wait_until(_lease_waits_on_lock(writer), 5, "the takeover to wait on the row")
-        assert not takeover.done()
-        await writer.commit()
-        assert await asyncio.wait_for(takeover, 5) == epoch + 1
-    await a.close()
-    await b.close()
+    try:
+        async with await psycopg.AsyncConnection.connect(db) as writer:
+            epoch = await a.acquire()
+            assert epoch is not None
+            cur = await writer.execute(
+                "SELECT 1 FROM leader_lease WHERE id = 1 AND epoch = %s AND expires_at > now() "
+                "FOR SHARE", (epoch,))
+            assert await cur.fetchone() is not None
+            await wait_until(_lapsed(b), 5, "a's lease to lapse by the database's clock")
+            takeover = asyncio.create_task(b.acquire())
+            await wait_until(_lease_waits_on_lock(writer), 5, "the takeover to wait on the row")
+            assert not takeover.done()
+            await writer.commit()
+            assert await asyncio.wait_for(takeover, 5) == epoch + 1
+    finally:
+        await a.close()
+        await b.close()
 
 
 def _lapsed(lease: Lease) -> Callable[[], Awaitable[bool]]:
@@ -272,6 +274,7 @@ async def test_a_standby_answers_health_and_503_and_points_nodes_at_the_leader(
     holder = await _lease(db, "gone", 60.0)
     holder.url = _url(gone)
     assert await holder.acquire() is not None
+    await holder.close()  # the row stays held for 60 s; nobody renews it
     port = free_port()
     spawn_coordinator(port, tmp_path / "s", **_coordinator_env(db, port, "coord-s"))
     async with httpx.AsyncClient(headers=ADMIN_HEADERS, timeout=30) as http:
@@ -287,7 +290,6 @@ async def test_a_standby_answers_health_and_503_and_points_nodes_at_the_leader(
     assert closed.value.rcvd is not None
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
         CloseCode.NOT_LEADER, f"ws://127.0.0.1:{gone}")
-    await holder.close()
 
 
 async def test_a_leader_frozen_past_its_lease_commits_nothing_and_steps_down(
