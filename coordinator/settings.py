@@ -96,6 +96,7 @@ class Settings:
                 Path(env["MESH_METRICS_TOKEN_FILE"]) if env.get("MESH_METRICS_TOKEN_FILE") else None
             ),
             sqlite_synchronous=env_str(env, "MESH_SQLITE_SYNC", d.sqlite_synchronous).upper(),
+            store=env_str(env, "MESH_STORE", d.store),
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
@@ -124,13 +125,11 @@ class Settings:
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
-            store=env_str(env, "MESH_STORE", d.store),
-        fields = {k: v for k, v in overrides.items() if v is not None}
-        return replace(base, **fields)  # type: ignore[arg-type]
-
         store = str(overrides.get("store") or base.store)
         if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
             raise ConfigError("MESH_STORE", store, "sqlite | postgresql://user@host/db")
+        fields = {k: v for k, v in overrides.items() if v is not None}
+        return replace(base, **fields)  # type: ignore[arg-type]
 
 def _tenant_env(env: Mapping[str, str], d: Settings) -> dict[str, object]:
     """MESH_TENANT_DEFAULT_*, MESH_FAIRSHARE_HALFLIFE_S, MESH_PREEMPTION(_GRACE_S)."""
