@@ -18,6 +18,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+from typing import Any
 
 import ifaddr
 from zeroconf import InterfaceChoice, IPVersion, NonUniqueNameException, ServiceInfo
@@ -100,10 +101,14 @@ def service_info(settings: Settings, addresses: list[str]) -> ServiceInfo:
 
 class Advertiser:
     """Registers the service in the background (probing takes about a second, the
-    coordinator is serving meanwhile) and withdraws it on `stop`."""
+    coordinator is serving meanwhile) and withdraws it on `stop`. While it advertises,
+    `state.mdns_endpoints` holds the `address:port`s a node that found us may have dialed
+    (coordinator/join_proof.py refuses to prove itself through any other)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, state: Any) -> None:
         self._settings = settings
+        self._state = state
+        state.mdns_endpoints = frozenset()
         self._zc: AsyncZeroconf | None = None
         self._task: asyncio.Task[None] | None = None
         self.info: ServiceInfo | None = None
@@ -114,6 +119,7 @@ class Advertiser:
             log.info("not advertised on the local network: %s", why)
             return
         self.info = service_info(self._settings, addresses)
+        self._state.mdns_endpoints = frozenset(f"{a}:{self._settings.port}" for a in addresses)
         interfaces = await asyncio.to_thread(interfaces_for, addresses)
         self._zc = AsyncZeroconf(interfaces=interfaces, ip_version=IPVersion.V4Only)
         self._task = asyncio.create_task(self._register(self.info), name="mdns-advertise")
@@ -130,6 +136,7 @@ class Advertiser:
                  ", ".join(info.parsed_addresses()), info.port)
 
     async def stop(self) -> None:
+        self._state.mdns_endpoints = frozenset()
         if self._zc is None:
             return
         if self._task is not None:

@@ -16,9 +16,9 @@ from starlette.responses import Response
 from starlette.routing import WebSocketRoute
 
 from coordinator.admin_api import admin_routes, open_auth
+from coordinator.advertise import Advertiser
 from coordinator.api import error, routes
 from coordinator.artifacts import ArtifactFiles, artifact_routes
-from coordinator.advertise import Advertiser
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.drain_api import drain_routes
 from coordinator.identity import NodeIdentities
@@ -89,7 +89,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             gc.collect()
             gc.freeze()  # what was loaded at start lives long: keep it out of every collection
         log.info("coordinator %s ready; data in %s", settings.name, settings.data_dir)
-        advertiser = Advertiser(settings)  # mDNS, only while leading; withdrawn first on exit
+        advertiser = Advertiser(settings, app.state)  # mDNS, while leading; withdrawn first
         await advertiser.start()
         try:
             yield

@@ -166,12 +166,14 @@ class NodeIdentities:
     def join_ok(self, token: str) -> bool:
         return _same(token, self._join)
 
-    def prove(self, node: str, nonce_n: str) -> tuple[str, str]:
+    def prove(self, node: str, nonce_n: str, bound: str) -> tuple[str, str]:
         """Answer a node's nonce (shared/proof.py): (our nonce, the proof header's value)."""
-        return proof.coordinator_header(self._join, node, nonce_n)
+        return proof.coordinator_header(self._join, node, nonce_n, bound)
 
-    def node_proof_ok(self, node: str, nonce_n: str, nonce_c: str, given: str) -> bool:
-        return proof.node_proof_ok(self._join, node, nonce_n, nonce_c, given)
+    def node_proof_ok(
+        self, node: str, nonce_n: str, nonce_c: str, bound: str, given: str
+    ) -> bool:
+        return proof.node_proof_ok(self._join, node, nonce_n, nonce_c, bound, given)
 
     def known(self, name: str) -> bool:
         return name in self._hashes

@@ -272,7 +272,7 @@ class Agent:
             close_timeout=5, compression=None, **_tls(self._settings, url),
             # offer the join-token proof; checked if the coordinator answers with one
             create_connection=proving(self.read_join_token, self._settings.node_name,
-                                      required=False),
+                                      discovered=False),
         )
 
     async def read_join_token(self) -> str:

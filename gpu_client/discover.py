@@ -280,7 +280,7 @@ async def _try(agent: Agent, found: Found, url: str, why: str) -> str:
         ws = await connect(
             f"{url}{found.path}/{s.node_name}", max_size=MAX_FRAME_BYTES, open_timeout=10,
             close_timeout=5, compression=None,
-            create_connection=proving(agent.read_join_token, s.node_name, required=True),
+            create_connection=proving(agent.read_join_token, s.node_name, discovered=True),
             **_tls(agent, found),
         )
     except Unproven as exc:

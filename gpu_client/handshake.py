@@ -18,7 +18,15 @@ from websockets.asyncio.client import ClientConnection
 from websockets.datastructures import Headers, HeadersLike
 from websockets.http11 import USER_AGENT
 
-from shared.proof import NONCE_HEADER, PROOF_HEADER, Unproven, check_coordinator, new_nonce
+from shared.proof import (
+    FOUND_HEADER,
+    NONCE_HEADER,
+    PROOF_HEADER,
+    Unproven,
+    binding,
+    check_coordinator,
+    new_nonce,
+)
 from shared.proof import node_proof as _node_proof
 from shared.protocol import Register
 
@@ -30,16 +38,17 @@ TokenSource = Callable[[], Awaitable[str]]
 class ProvingConnection(ClientConnection):
     """A client connection that asks the coordinator to prove the join token.
 
-    `required`: refuse a coordinator that answers without a proof (discovered ones);
-    otherwise such an answer (an older coordinator the user named) is let through and the
-    node sends its token in `register` as it always did."""
+    `discovered`: the address came from mDNS. Then a coordinator that answers without a
+    proof is refused, and the proof is bound to the Host dialed (a relay elsewhere cannot
+    pass one on). Otherwise (a URL the user named) such an answer, from an older
+    coordinator, is let through and the node sends its token in `register` as before."""
 
     def __init__(
-        self, *args: Any, token_source: TokenSource, node: str, required: bool, **kwargs: Any
+        self, *args: Any, token_source: TokenSource, node: str, discovered: bool, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        self._token_source, self.node, self.required = token_source, node, required
-        self.token = self.nonce_n = self.nonce_c = ""
+        self._token_source, self.node, self.discovered = token_source, node, discovered
+        self.token = self.nonce_n = self.nonce_c = self.bound = ""
 
     async def handshake(
         self, additional_headers: HeadersLike | None = None,
@@ -47,23 +56,28 @@ class ProvingConnection(ClientConnection):
     ) -> None:
         self.token = await self._token_source()
         headers = Headers(additional_headers) if additional_headers is not None else Headers()
+        found = "mdns" if self.discovered else "url"
         if self.token:
             self.nonce_n = new_nonce()
             headers[NONCE_HEADER] = self.nonce_n
-        elif self.required:
+            if self.discovered:
+                headers[FOUND_HEADER] = found
+        elif self.discovered:
             raise Unproven("this node has no join token (MESH_TOKEN or MESH_TOKEN_FILE) to "
                            "check a coordinator's proof with")
         await super().handshake(headers, user_agent_header)
         if not self.nonce_n:
             return
-        header = self.response.headers.get(PROOF_HEADER) if self.response else None
-        if header is None and not self.required:
+        assert self.request is not None and self.response is not None
+        header = self.response.headers.get(PROOF_HEADER)
+        if header is None and not self.discovered:
             log.info("%s did not prove it knows the join token (an older coordinator): "
-                     "sending the token in register, as before", self.request.path
-                     if self.request else "the coordinator")
+                     "sending the token in register, as before", self.request.path)
             self.nonce_n = ""
             return
-        self.nonce_c = check_coordinator(self.token, self.node, self.nonce_n, header)
+        self.bound = binding(found, self.request.headers.get("Host", ""))
+        self.nonce_c = check_coordinator(self.token, self.node, self.nonce_n, self.bound,
+                                         header)
 
     @property
     def proven(self) -> bool:
@@ -71,13 +85,13 @@ class ProvingConnection(ClientConnection):
 
 
 def proving(
-    token_source: TokenSource, node: str, *, required: bool
+    token_source: TokenSource, node: str, *, discovered: bool
 ) -> type[ClientConnection]:
     """For `connect(create_connection=...)`: each connection proves itself afresh."""
 
     def factory(*args: Any, **kwargs: Any) -> ProvingConnection:
         return ProvingConnection(
-            *args, token_source=token_source, node=node, required=required, **kwargs
+            *args, token_source=token_source, node=node, discovered=discovered, **kwargs
         )
 
     return cast(type[ClientConnection], factory)  # websockets only calls it
@@ -86,7 +100,7 @@ def proving(
 def signed(reg: Register, ws: object) -> Register:
     """`reg` with the node's proof in place of the join token, if `ws` was proven."""
     if isinstance(ws, ProvingConnection) and ws.proven:
-        proof = _node_proof(ws.token, ws.node, ws.nonce_n, ws.nonce_c)
+        proof = _node_proof(ws.token, ws.node, ws.nonce_n, ws.nonce_c, ws.bound)
         return msgspec.structs.replace(reg, token="", proof=proof)
     return reg
 

@@ -54,23 +54,29 @@ _names = itertools.count()
 # --- the proof, without a network ----------------------------------------------------------
 
 
-def test_proofs_are_bound_to_role_node_and_both_nonces() -> None:
+def test_proofs_are_bound_to_role_node_nonces_and_the_address_dialed() -> None:
     n, c = proof.new_nonce(), proof.new_nonce()
-    mine = proof.mac("tok", "coordinator", "n1", n, c)
-    assert mine != proof.mac("tok", "node", "n1", n, c)  # one side's answer is not the other's
-    assert mine != proof.mac("tok", "coordinator", "n2", n, c)
-    assert mine != proof.mac("tok", "coordinator", "n1", c, n)
-    assert mine != proof.mac("other", "coordinator", "n1", n, c)
-    nonce_c, header = proof.coordinator_header("tok", "n1", n)
-    assert proof.check_coordinator("tok", "n1", n, header) == nonce_c
+    here = proof.binding("mdns", "10.0.0.5:8001")
+    mine = proof.mac("tok", "coordinator", "n1", n, c, here)
+    assert mine != proof.mac("tok", "node", "n1", n, c, here)  # one side's is not the other's
+    assert mine != proof.mac("tok", "coordinator", "n2", n, c, here)
+    assert mine != proof.mac("tok", "coordinator", "n1", c, n, here)
+    assert mine != proof.mac("other", "coordinator", "n1", n, c, here)
+    for other in (proof.binding("mdns", "10.0.0.6:8001"), proof.binding("", "10.0.0.5:8001")):
+        assert mine != proof.mac("tok", "coordinator", "n1", n, c, other)
+    assert proof.binding("", "a:1") == proof.binding("url", "b:2") == "url"  # proxies rewrite Host
+    nonce_c, header = proof.coordinator_header("tok", "n1", n, here)
+    assert proof.check_coordinator("tok", "n1", n, here, header) == nonce_c
     for bad, why in [
         (None, "no join-token proof"), ("v1.short.x", "malformed"),
         ("v2" + header[2:], "malformed"), (header[:-2] + "AA", "wrong"),
     ]:
         with pytest.raises(Unproven, match=why):
-            proof.check_coordinator("tok", "n1", n, bad)
+            proof.check_coordinator("tok", "n1", n, here, bad)
     with pytest.raises(Unproven, match="wrong"):  # a recorded answer to another nonce
-        proof.check_coordinator("tok", "n1", proof.new_nonce(), header)
+        proof.check_coordinator("tok", "n1", proof.new_nonce(), here, header)
+    with pytest.raises(Unproven, match="relays"):  # an answer made for another address
+        proof.check_coordinator("tok", "n1", n, proof.binding("mdns", "10.0.0.66:8001"), header)
 
 
 def _found(name: str, mesh: str, port: int, seen: float = 0.0, proto: int | None = 1) -> Found:
@@ -143,7 +149,7 @@ async def test_a_proven_coordinator_gets_a_proof_and_never_the_token(
     coordinator: LiveCoordinator,
 ) -> None:
     url = f"{coordinator.ws_url}/ws/raw"
-    async with connect(url, create_connection=proving(_token, "raw", required=True)) as ws:
+    async with connect(url, create_connection=proving(_token, "raw", discovered=False)) as ws:
         assert isinstance(ws, ProvingConnection) and ws.proven
         reg = signed(REGISTER, ws)
         assert reg.token == "" and reg.proof
@@ -151,12 +157,23 @@ async def test_a_proven_coordinator_gets_a_proof_and_never_the_token(
         assert json.loads(await ws.recv())["type"] == "registered"
     # The same proof on another connection (other nonces) is refused like a bad token.
     async with connect(f"{coordinator.ws_url}/ws/raw2",
-                       create_connection=proving(_token, "raw2", required=True)) as ws:
+                       create_connection=proving(_token, "raw2", discovered=False)) as ws:
         await ws.send(encode(msgspec.structs.replace(REGISTER, token="", proof=reg.proof)))
         assert "bad join-token proof" in json.loads(await ws.recv())["reason"]
         with pytest.raises(ConnectionClosed) as closed:
             await ws.recv()
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_found_by_mdns_at_an_address_not_advertised_gets_no_proof(
+    coordinator: LiveCoordinator,
+) -> None:
+    """What a relay gets when it passes a discovered node's handshake on unchanged: this
+    coordinator advertises nothing, so a node that claims to have found it by mDNS at
+    127.0.0.1 reached it through something else."""
+    with pytest.raises(Unproven, match="sent no join-token proof"):
+        await connect(f"{coordinator.ws_url}/ws/n",
+                      create_connection=proving(_token, "n", discovered=True))
 
 
 async def test_old_clients_without_a_nonce_still_join_with_the_token(
@@ -177,7 +194,7 @@ async def test_a_node_with_another_token_refuses_the_coordinator_before_register
 
         with pytest.raises(Unproven, match="does not know this mesh's join token"):
             await connect(f"{live.ws_url}/ws/n", create_connection=proving(wrong, "n",
-                                                                          required=False))
+                                                                          discovered=False))
         client = spawn_client("n", live.ws_url, MESH_TOKEN="not-the-real-one")
         assert await asyncio.to_thread(client.popen.wait, 20) == 2  # type: ignore[union-attr]
         assert "does not know this mesh's join token" in client.output()
@@ -432,3 +449,107 @@ async def test_advertising_off_or_loopback_leaves_nothing_and_shutdown_withdraws
     assert "withdrew the local-network advertisement" in on.output()
     code, seen = await asyncio.to_thread(netns.discover)
     assert (code, seen) == (1, []), seen
+
+
+RELAY = r"""
+import asyncio, json, sys
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from zeroconf import IPVersion, ServiceInfo
+from zeroconf.asyncio import AsyncZeroconf
+
+port, mesh, record, mode, addr, upstream = sys.argv[1:7]
+up_host, up_port = upstream.split(":")
+upstreams = {}
+
+def note(**kw):
+    with open(record, "a") as f:
+        f.write(json.dumps(kw) + "\n")
+
+async def pipe(reader, writer, from_node):
+    try:
+        while data := await reader.read(65536):
+            if from_node:
+                note(event="bytes", data=data.decode("latin-1"))
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+async def tcp_relay(reader, writer):  # passes every byte on, Host header included
+    up_r, up_w = await asyncio.open_connection(up_host, int(up_port))
+    await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+
+async def answer(conn, request, response):  # dials the real one: its Host is the real address
+    keep = ("X-Gpumesh-Nonce", "X-Gpumesh-Found")
+    up = await connect(f"ws://{upstream}{request.path}",
+                       additional_headers={k: request.headers[k] for k in keep
+                                           if k in request.headers})
+    proof = up.response.headers.get("X-Gpumesh-Proof")
+    note(event="handshake", upstream_proof=bool(proof))
+    if proof:
+        response.headers["X-Gpumesh-Proof"] = proof
+    upstreams[conn] = up
+    return response
+
+async def ws_relay(ws):
+    up = upstreams.pop(ws)
+    async def pump(a, b, from_node):
+        async for frame in a:
+            if from_node:
+                note(event="frame", frame=str(frame)[:300])
+            await b.send(frame)
+    await asyncio.gather(pump(ws, up, True), pump(up, ws, False), return_exceptions=True)
+
+async def main():
+    if mode == "tcp":
+        server = await asyncio.start_server(tcp_relay, "0.0.0.0", int(port))
+    else:
+        server = await serve(ws_relay, "0.0.0.0", int(port), process_response=answer)
+    zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
+    info = ServiceInfo(
+        "_gpumesh._tcp.local.", f"{mesh} {mode} relay._gpumesh._tcp.local.", port=int(port),
+        properties={"scheme": "ws", "mesh": mesh, "proto": "1", "path": "/ws"},
+        server=f"relay-{mode}.local.", parsed_addresses=[addr])
+    await (await zc.async_register_service(info))
+    note(event="advertised")
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_a_relay_to_the_real_coordinator_gets_nothing(netns: Netns, tmp_path: Path) -> None:
+    """A rogue without the token that advertises itself and passes the node's handshake on
+    to the real coordinator (which does prove itself) still gets no register: passed on
+    byte for byte, the coordinator sees a discovered node that dialed an address it does
+    not advertise and proves nothing; re-dialed, the proof is bound to the real address,
+    not the relay's, and the node refuses it."""
+    real = netns.coordinator("real", 18001, MESH_NAME="elsewhere")  # the node looks for alpha
+    await wait_until(lambda: _logged(real, "advertised 'elsewhere on"), 20, "real advertised")
+    records = {mode: tmp_path / f"relay-{mode}.jsonl" for mode in ("tcp", "ws")}
+    for port, (mode, record) in zip((18201, 18202), records.items(), strict=True):
+        netns.spawn(f"relay-{mode}", [sys.executable, "-c", RELAY, str(port), "alpha",
+                                      str(record), mode, ADDR, f"{ADDR}:18001"])
+    for record in records.values():
+        await wait_until(lambda r=record: r.exists() and "advertised" in r.read_text(), 20,
+                         "relay advertised")
+    client = netns.client("n1", MESH_NAME="alpha")
+    await wait_until(lambda: client.output().count("refused coordinator") >= 2, 30,
+                     "the node refusing both relays")
+    out = client.output()
+    assert "alpha tcp relay' at ws://10.251.0.1:18201 (mesh alpha): it sent no join-token" in out
+    assert "alpha ws relay' at ws://10.251.0.1:18202 (mesh alpha): its join-token proof is " \
+           "wrong" in out, out
+    assert "relayed? no proof given" in real.output()
+    passed = "".join(json.loads(line).get("data", "")
+                     for line in records["tcp"].read_text().splitlines())
+    assert passed.startswith("GET /ws/n1 ") and passed.endswith("\r\n\r\n"), passed
+    assert passed.count("\r\n\r\n") == 1  # the upgrade request, and not one byte after it
+    ws_events = [json.loads(line) for line in records["ws"].read_text().splitlines()]
+    assert {"event": "handshake", "upstream_proof": True} in ws_events  # the real one proved
+    assert not [e for e in ws_events if e["event"] == "frame"], ws_events
+    assert await netns.nodes_online(18001) == set()
+    assert "registered with" not in out
