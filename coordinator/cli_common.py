@@ -55,8 +55,7 @@ def async_client(args: argparse.Namespace) -> AsyncClient:
 
 
 def print_json(doc: Any) -> None:
-    if isinstance(doc, msgspec.Struct) or isinstance(doc, list):
-        doc = msgspec.to_builtins(doc)
+    doc = msgspec.to_builtins(doc)  # Structs, and lists or dicts holding them
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
 
 

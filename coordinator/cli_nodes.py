@@ -53,7 +53,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("top", help="a live view of nodes and queue (Ctrl-C quits)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="draw once and exit")
-    add_common(p, json_flag=False)
+    add_common(p)  # --json: one snapshot (status, nodes, unfinished tasks), then exit
     p.set_defaults(func=cmd_top)
 
 
@@ -187,6 +187,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_top(args: argparse.Namespace) -> int:
     out = console()
     with client(args) as c:
+        if args.json:
+            print_json({"status": c.request("GET", "/mesh/status"), "nodes": c.nodes(),
+                        "tasks": c.tasks(limit=QUEUE_ROWS).tasks})
+            return OK
         if args.once or not out.is_terminal:
             out.print(screen(c))
             return OK

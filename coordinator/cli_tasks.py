@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("logs", help="a task's output")
     p.add_argument("id")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
-    add_common(p, json_flag=False)
+    add_common(p)  # --json: one {"task_id", "line"} object per line (JSON Lines)
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("cancel", help="cancel a task")
@@ -253,6 +253,8 @@ def cmd_task(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     with client(args) as c:
         for line in c.logs(args.id, follow=args.follow):
+            if args.json:
+                line = json.dumps({"task_id": args.id, "line": line})
             sys.stdout.write(line + "\n")
             if args.follow:
                 sys.stdout.flush()

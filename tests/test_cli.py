@@ -102,6 +102,9 @@ async def test_submit_wait_tasks_task_nodes_status_cancel(
     assert json.loads((await gpumesh("status", "--json", live=live)).stdout)["queued_tasks"] == 1
     top = await gpumesh("top", "--once", live=live)
     assert top.returncode == 0 and _row(top.stdout, "n1")[1] == "online"
+    snapshot = json.loads((await gpumesh("top", "--json", live=live)).stdout)
+    assert [n["name"] for n in snapshot["nodes"]] == ["n1"]
+    assert [t["task_id"] for t in snapshot["tasks"]] == [stuck]
     cancelled = await gpumesh("cancel", stuck, live=live)
     assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
     again = await gpumesh("cancel", stuck, live=live)
@@ -127,6 +130,9 @@ async def test_logs_follow_a_running_task_until_it_ends(
     assert time.monotonic() - started > 0.8  # it followed, it did not just print the start
     plain = await gpumesh("logs", task_id, live=live)
     assert plain.stdout.splitlines() == [f"line{i}" for i in range(1, 6)]
+    as_json = await gpumesh("logs", task_id, "--json", live=live)
+    assert [json.loads(x)["line"] for x in as_json.stdout.splitlines()] == [
+        f"line{i}" for i in range(1, 6)]
     # submit --wait prints the live logs too, then the end
     waited = await gpumesh("submit", json.dumps({"task_type": "custom", "script": script}),
                            "--wait", "30", live=live)
