@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from benchmarks.stats import Result
+from benchmarks.stores import STORE_AWARE, databases
 
 NAMES = ("placement", "roundtrip", "throughput", "scale", "backlog", "blocked")
 
@@ -74,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("names", nargs="*", metavar="name", help=f"any of {', '.join(NAMES)}; none: all")
     p.add_argument("--json", action="store_true", help="JSON on stdout, tables on stderr")
     p.add_argument("--quick", action="store_true", help="smaller sizes, about 3 minutes for all")
+    p.add_argument(
+        "--store", metavar="URL",
+        help="also run roundtrip and throughput on this PostgreSQL store (a postgresql:// "
+        "URL, or `pg`: a private server started for the run), beside SQLite",
+    )
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in NAMES]
     if unknown:
@@ -88,18 +94,26 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     results: dict[str, Result] = {}
-    for name in names:
-        began = time.monotonic()
-        module = importlib.import_module(f"benchmarks.{name}")
-        result: Result = module.run(quick=args.quick)
-        result.notes.append(f"({time.monotonic() - began:.0f} s)")
-        results[name] = result
-        print(table(result), file=out, flush=True)
+    runs = [(n, "sqlite") for n in names]
+    if args.store:
+        runs += [(n, args.store) for n in names if n in STORE_AWARE]
+    with databases(args.store or "sqlite") as database:
+        for name, store in runs:
+            began = time.monotonic()
+            module = importlib.import_module(f"benchmarks.{name}")
+            if store == "sqlite":
+                result: Result = module.run(quick=args.quick)
+            else:
+                result = module.run(quick=args.quick, store=database())
+                result.name += " (postgresql)"
+            result.notes.append(f"({time.monotonic() - began:.0f} s)")
+            results[name if store == "sqlite" else f"{name}_postgresql"] = result
+            print(table(result), file=out, flush=True)
     if args.json:
-        if len(names) == 1:
-            doc: Any = results[names[0]].rows
+        if len(results) == 1:
+            doc: Any = next(iter(results.values())).rows
         else:
-            doc = {"machine": info, "quick": args.quick}
+            doc = {"machine": info, "quick": args.quick, "store": args.store}
             doc.update({n: r.rows for n, r in results.items()})
         json.dump(doc, sys.stdout, indent=1, default=str)
         print()

@@ -18,6 +18,7 @@ from typing import Any
 from benchmarks import dask_baseline, procs
 from benchmarks.httpc import HttpConn
 from benchmarks.stats import Result, ratio, summary
+from benchmarks.stores import store_env, store_label, store_name
 
 TASK = {"task_type": "test"}
 
@@ -50,7 +51,7 @@ def _row(system: str, samples_ns: list[int]) -> dict[str, Any]:
     }
 
 
-def run(quick: bool = False) -> Result:
+def run(quick: bool = False, store: str = "sqlite") -> Result:
     n, rounds, warm = (100, 2, 30) if quick else (150, 3, 50)
     ours: list[int] = []
     theirs: list[int] = []
@@ -58,7 +59,7 @@ def run(quick: bool = False) -> Result:
     try:
         dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
         with tempfile.TemporaryDirectory(prefix="bench-rt-") as tmp:
-            with procs.mesh(Path(tmp), clients=1) as (port, coord, nodes):
+            with procs.mesh(Path(tmp), clients=1, **store_env(store)) as (port, coord, nodes):
                 our_cpu = procs.CpuMeter([coord.pid, *(p.pid for p in nodes)])
                 conn = HttpConn("127.0.0.1", port)
                 for _ in range(warm):
@@ -73,7 +74,7 @@ def run(quick: bool = False) -> Result:
     finally:
         client.close()
         cluster.close()
-    mine, base = _row("gpumesh", ours), _row("dask", theirs)
+    mine, base = _row(f"gpumesh{store_label(store)}", ours), _row("dask", theirs)
     mine["cpu_ms_per_task"] = round(1000 * our_cpu.total / len(ours), 2)
     base["cpu_ms_per_task"] = round(1000 * dask_cpu.total / len(theirs), 2)
     mine["vs_dask_p50"] = ratio(mine["p50_ms"], base["p50_ms"])
@@ -88,7 +89,7 @@ def run(quick: bool = False) -> Result:
         f"sequential tasks after {warm} warm-up each; {rounds} alternating blocks of {n}; "
         f"dask {dask_baseline.version()} LocalCluster(2 worker processes, 1 thread each)",
         "gpumesh: POST /tasks/submit + GET /tasks/{id}?wait=10 on one kept-alive connection; "
-        "the task is durable (SQLite) before the POST is answered",
+        f"the task is durable ({store_name(store)}) before the POST is answered",
         "cpu_ms_per_task: CPU of the system's processes per task (gpumesh: coordinator + "
         "client; dask: workers + the process holding client, scheduler and nannies)",
     ]

@@ -21,6 +21,7 @@ from typing import Any
 from benchmarks import dask_baseline, procs
 from benchmarks.httpc import AsyncHttpConn
 from benchmarks.stats import Result
+from benchmarks.stores import store_env, store_label
 
 TASK = {"task_type": "test"}
 CONCURRENCY = 32
@@ -72,7 +73,7 @@ async def ours(port: int, n: int, batch: int) -> dict[str, Any]:
     return {"tasks_per_s": n / (t_done - t0), "acks_per_s": n / (t_acked - t0)}
 
 
-def run(quick: bool = False) -> Result:
+def run(quick: bool = False, store: str = "sqlite") -> Result:
     n, rounds = (2_000, 2) if quick else (2_000, 3)
     single: list[dict[str, Any]] = []
     batched: list[dict[str, Any]] = []
@@ -83,7 +84,9 @@ def run(quick: bool = False) -> Result:
         dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
         with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
             env = {"MESH_SLOTS": SLOTS}
-            with procs.mesh(Path(tmp), clients=2, client_env=env) as (port, coord, nodes):
+            with procs.mesh(
+                Path(tmp), clients=2, client_env=env, **store_env(store)
+            ) as (port, coord, nodes):
                 pids = [coord.pid, *(p.pid for p in nodes)]
                 single_cpu, batch_cpu = procs.CpuMeter(pids), procs.CpuMeter(pids)
                 asyncio.run(ours(port, 200, 1))  # warm-up
@@ -106,8 +109,8 @@ def run(quick: bool = False) -> Result:
     cpu = {"single": single_cpu.total, "batch": batch_cpu.total, "dask": dask_cpu.total}
     per_task = {k: round(1000 * v / (n * rounds), 2) for k, v in cpu.items()}
     for system, runs, key in (
-        ("gpumesh single POSTs", single, "single"),
-        ("gpumesh batch POSTs", batched, "batch"),
+        (f"gpumesh single POSTs{store_label(store)}", single, "single"),
+        (f"gpumesh batch POSTs{store_label(store)}", batched, "batch"),
     ):
         rate = statistics.median(r["tasks_per_s"] for r in runs)
         rows.append(
