@@ -145,6 +145,8 @@ async def test_reopen_sees_everything_and_pages_finished(make_store: MakeStore) 
     await store.open()
     for i in range(6):
         t = make_task(i, tenant="a" if i % 3 else "b", history=[{"cause": "x", "n": i}])
+        if i == 3:
+            t.history.append({"cause": "node lost", "infra": True})
         await store.write(insert_of(t))
         if i % 2 == 0:
             t.state, t.finished_at = TaskState.COMPLETED, 1000.0 + i
@@ -165,6 +167,8 @@ async def test_reopen_sees_everything_and_pages_finished(make_store: MakeStore) 
         assert [t.id for t in page] == ["t4", "t2"]
         assert page[0].result == {"exit_code": 0, "output": "out 4"}
         assert page[0].history == [{"cause": "x", "n": 4}]
+        assert page[0].infra_retries == 0
+        assert [t.infra_retries for t in await again.load_unfinished()] == [0, 1, 0]
         assert [t.id for t in await again.finished(limit=2, offset=2)] == ["t0"]
         assert [t.id for t in await again.finished(10, 0, tenant="b")] == ["t0"]
         first = await again.finished_page(1)
