@@ -27,6 +27,7 @@ def check_invariants(mesh: Mesh) -> None:
             assert holders, (node.name, index)
             assert holders <= node.tasks, (node.name, index)
         assert node.cpu_tasks <= node.tasks
+        assert node.drain is mesh.drains.get(node.name), (node.name, node.drain)  # drain.py
     for t in mesh.tasks.values():
         assert t.state not in FINISHED and t.state is not LOST, (t.id, t.state)
         if t.state in ACTIVE:
