@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.websockets import WebSocket
 
@@ -42,6 +43,10 @@ def _advertised(ws: WebSocket, host: str) -> bool:
     return host in endpoints
 
 
+def _warning(key: str, msg: str, *args: object, **kwargs: Any) -> None:
+    log.warning(msg, *args, **kwargs)
+
+
 def answer(ws: WebSocket, ids: NodeIdentities, node: str) -> Challenge:
     """Prove the join token to a node that sent a well-formed nonce; else offer nothing."""
     nonce_n = ws.headers.get(NONCE_HEADER, "")
@@ -49,9 +54,11 @@ def answer(ws: WebSocket, ids: NodeIdentities, node: str) -> Challenge:
         return Challenge()
     found, host = ws.headers.get(FOUND_HEADER, ""), ws.headers.get("host", "")
     if found == "mdns" and not _advertised(ws, host):
-        log.warning("node %s says it found this coordinator by mDNS but dialed %r, which is "
-                    "not advertised here: relayed? no proof given", node, host[:100],
-                    extra={"node": node})
+        conns = getattr(ws.app.state, "connections", None)  # once per 10 s per node
+        warn = conns.refusals.warning if conns is not None else _warning
+        warn(f"relay:{node}", "node %s says it found this coordinator by mDNS but dialed %r, "
+             "which is not advertised here: relayed? no proof given", node, host[:100],
+             extra={"node": node})
         return Challenge()
     bound = binding(found, host)
     nonce_c, value = ids.prove(node, nonce_n, bound)
