@@ -363,3 +363,67 @@ async def test_a_leader_stopped_cleanly_hands_over_without_waiting_out_its_lease
         await wait_until(_role_is(http, pb, "leader", _url(pb)), lease, "B to lead")
         handover = time.monotonic() - stopped
         assert handover < lease * 0.6, f"took {handover:.2f}s: the lease was not released"
+
+
+class Partition:
+    """A TCP relay between one coordinator and PostgreSQL that the test can cut and heal."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.cut = port, False
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _relay(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if self.cut:
+            w.transport.abort()
+            return
+        ur, uw = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers |= {w, uw}
+        await asyncio.gather(_pipe(r, uw), _pipe(ur, w), return_exceptions=True)
+
+    def sever(self) -> None:
+        self.cut = True
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        self.sever()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.transport.abort()
+
+
+async def test_a_leader_cut_off_from_its_database_steps_down_after_its_lease(
+    db: str, pg_server: PgServer, spawn_coordinator: Callable[..., Proc],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    relay = Partition(pg_server.port)
+    via = db.replace(f":{pg_server.port}/", f":{await relay.start()}/")
+    try:
+        async with httpx.AsyncClient(headers=ADMIN_HEADERS, timeout=30) as http:
+            pa, pb = free_port(), free_port()
+            spawn_coordinator(pa, tmp_path / "a", **_coordinator_env(via, pa, "coord-a"))
+            await wait_until(_role_is(http, pa, "leader", _url(pa)), 30, "A to lead")
+            spawn_coordinator(pb, tmp_path / "b", **_coordinator_env(db, pb, "coord-b"))
+            await wait_until(_role_is(http, pb, "standby", _url(pa)), 30, "B to stand by")
+            relay.sever()  # A cannot renew: it steps down once a whole lease passed
+            await wait_until(_role_is(http, pb, "leader", _url(pb)), LEASE_S + LOAD_S, "B")
+            await wait_until(_role_is(http, pa, "standby"), LEASE_S + LOAD_S, "A to step down")
+            doc = await _health(http, pa)
+            assert doc is not None and doc["status"] == "no leader", doc  # it cannot see B
+            relay.cut = False  # healed: A finds the lease and follows B
+            await wait_until(_role_is(http, pa, "standby", _url(pb)), 30, "A to follow B")
+    finally:
+        await relay.close()
