@@ -11,8 +11,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from tests.conftest import ROOT, LiveCoordinator, Proc, admin_token, free_port, wait_until
+from tests.conftest import (
+    ROOT,
+    TEST_ADMIN_TOKEN,
+    LiveCoordinator,
+    Proc,
+    admin_token,
+    free_port,
+    wait_until,
+)
+from tests.test_tls import make_certs
 
 Spawn = Callable[..., Proc]
 
@@ -201,3 +211,20 @@ async def test_detect_reports_devices_and_why_it_skipped_any() -> None:
     for d in table["detectors"]:
         if d["usable"] == 0:
             assert any(s["vendor"] == d["vendor"] and s["why"] for s in table["skipped"]), d
+
+
+async def test_https_with_mesh_ca_file(spawn_coordinator: Spawn, tmp_path: Path) -> None:
+    ca, cert, key = make_certs(tmp_path)
+    port = free_port()
+    spawn_coordinator(port, tmp_path / "data", MESH_TLS_CERT=str(cert), MESH_TLS_KEY=str(key))
+    url = f"https://127.0.0.1:{port}"
+    token = {"MESH_API_TOKEN": TEST_ADMIN_TOKEN}
+
+    async def up() -> bool:
+        return (await gpumesh("status", "--url", url, MESH_CA_FILE=str(ca), **token)
+                ).returncode == 0
+
+    await wait_until(up, 30, "the CLI reaching the TLS coordinator")
+    unverified = await gpumesh("nodes", "--url", url, **token)
+    assert unverified.returncode == 2
+    assert "CERTIFICATE_VERIFY_FAILED" in _one_line_error(unverified)
