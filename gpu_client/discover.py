@@ -4,8 +4,10 @@ Only when `MESH_COORDINATOR_URL` is unset (the URL always wins; `MESH_DISCOVERY=
 the old `ws://localhost:8001`). The client browses for `_gpumesh._tcp.local.` for as long as
 it runs, so a coordinator that starts after the node, or comes back at another address, is
 found again. Which one it joins (`choose`): those whose TXT `mesh` equals `MESH_NAME`; with
-no `MESH_NAME`, the only mesh it sees (several meshes: it logs them and waits, it never picks
-one at random). Candidates of that mesh are tried in turn, the most recently announced first.
+no `MESH_NAME`, the only mesh it sees once it has listened SETTLE_S after the first answer
+(several meshes: it logs them and waits, it never picks one at random). Candidates of that
+mesh are tried in turn, the most recently announced first, each at every address it
+advertises, those on this host's networks first.
 
 Found is not trusted: every discovered coordinator must prove the join token in the
 handshake (shared/proof.py, gpu_client/handshake.py) before the node sends `register`. One
