@@ -13,8 +13,12 @@
 
 One implementation, two transports: every call is a `Call` (method, path, parameters and
 the parser of its answer) built by `Calls`; calls that take several requests (`wait`,
-paging) are generators that yield `Call`s and receive parsed answers. `Client` runs them on
-`httpx.Client`, `AsyncClient` on `httpx.AsyncClient`; nothing else differs.
+paging) are generators that yield `Call`s and receive parsed answers (shared/sdk_calls.py,
+no I/O). `Client` runs them on `httpx.Client`, `AsyncClient` on `httpx.AsyncClient`;
+nothing else differs. The results are msgspec Structs (shared/sdk_types.py).
+
+A URL may be a comma-separated list of the coordinators of one mesh (HA): a request goes to
+the one that answered last, and to the next when a connection cannot even be opened.
 
 Errors: an answer that is not 2xx raises `MeshError(status, error, reason)` with the
 server's own words; a coordinator that cannot be reached raises `MeshUnreachable` (a
@@ -24,19 +28,15 @@ server's own words; a coordinator that cannot be reached raises `MeshUnreachable
 from __future__ import annotations
 
 import os
-import re
 import ssl
-import time
-import urllib.parse
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import httpx
-import msgspec
 
+from shared.sdk_calls import Call, Calls, LogResume, Steps, tasks_steps, wait_steps
 from shared.sdk_types import (
     FINISHED,
     UNFINISHED,
@@ -59,8 +59,6 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8001"
-LONG_POLL_S = 60.0  # one `?wait=` request; lowered to the server's MESH_MAX_WAIT_S if less
-_WAIT_CAP = re.compile(r"`wait` must be between \S+ and (\d+(?:\.\d+)?)")
 T = TypeVar("T")
 
 
@@ -96,24 +94,6 @@ def _verify() -> ssl.SSLContext | bool:
 # --- requests and their parsers (shared by both clients) ------------------------------------
 
 
-@dataclass(frozen=True)
-class Call(Generic[T]):
-    method: str
-    path: str
-    parse: Callable[[Any], T]
-    params: Mapping[str, str] = field(default_factory=dict)
-    body: Any = None
-    timeout: float = 30.0
-
-
-def _as(kind: type[T]) -> Callable[[Any], T]:
-    return lambda doc: msgspec.convert(doc, kind, strict=False)
-
-
-def _q(part: str) -> str:
-    return urllib.parse.quote(part, safe="")
-
-
 def _check(resp: httpx.Response) -> Any:
     """The answer's JSON, or MeshError with the server's `error` and `reason`."""
     if resp.is_success:
@@ -132,163 +112,25 @@ def _unreachable(url: str, exc: httpx.TransportError) -> MeshUnreachable:
     return MeshUnreachable(url, why.splitlines()[0])
 
 
-def _spec(spec: Any, fields: dict[str, Any]) -> dict[str, Any]:
-    if spec is None:
-        return fields
-    doc = spec if isinstance(spec, dict) else msgspec.to_builtins(spec)
-    return {**doc, **fields}
-
-
-def _tasks_of(doc: Any) -> list[TaskInfo]:
-    views = doc.get("tasks", {})
-    items = views.values() if isinstance(views, dict) else views
-    return [msgspec.convert(v, TaskInfo, strict=False) for v in items]
-
-
-class Calls:
-    """Every request the SDK makes, as a value; no I/O here."""
-
-    @staticmethod
-    def submit(spec: Any = None, **fields: Any) -> Call[Submitted]:
-        return Call("POST", "/tasks/submit", _as(Submitted), body=_spec(spec, fields))
-
-    @staticmethod
-    def submit_many(specs: list[Any]) -> Call[list[Submitted]]:
-        body = [_spec(s, {}) for s in specs]
-        return Call("POST", "/tasks/submit", lambda d: msgspec.convert(
-            d["tasks"], list[Submitted], strict=False), body=body)
-
-    @staticmethod
-    def get(task_id: str, wait: float = 0) -> Call[TaskInfo]:
-        params = {"wait": f"{wait:g}"} if wait > 0 else {}
-        return Call("GET", f"/tasks/{_q(task_id)}", _as(TaskInfo), params, timeout=wait + 30)
-
-    @staticmethod
-    def cancel(task_id: str) -> Call[TaskInfo]:
-        return Call("POST", f"/tasks/{_q(task_id)}/cancel", _as(TaskInfo))
-
-    @staticmethod
-    def nodes() -> Call[list[NodeInfo]]:
-        def parse(doc: Any) -> list[NodeInfo]:
-            return [msgspec.convert({"name": k} | v, NodeInfo, strict=False)
-                    for k, v in doc.get("nodes", {}).items()]
-
-        return Call("GET", "/mesh/nodes", parse)
-
-    @staticmethod
-    def status() -> Call[MeshStatus]:
-        return Call("GET", "/mesh/status", _as(MeshStatus))
-
-    @staticmethod
-    def drain(name: str, reason: str = "", lift: bool = False) -> Call[DrainState]:
-        verb = "undrain" if lift else "drain"
-        body = {} if lift else {"reason": reason}
-        return Call("POST", f"/mesh/nodes/{_q(name)}/{verb}", _as(DrainState), body=body)
-
-    @staticmethod
-    def forget(name: str) -> Call[dict[str, Any]]:
-        return Call("DELETE", f"/mesh/nodes/{_q(name)}", dict)
-
-    @staticmethod
-    def raw(method: str, path: str, body: Any = None) -> Call[Any]:
-        """Any route, its JSON answer as is (the routes the typed calls do not cover)."""
-        return Call(method, path, lambda doc: doc, body=body)
-
-    @staticmethod
-    def active(tenant: str | None) -> Call[list[TaskInfo]]:
-        params = {"tenant": tenant} if tenant else {}
-        return Call("GET", "/tasks/active", _tasks_of, params, timeout=120)
-
-    @staticmethod
-    def completed(limit: int, cursor: str, tenant: str | None) -> Call[tuple[list[TaskInfo],
-                                                                             str | None]]:
-        params = {"limit": str(min(max(limit, 1), 1000))}
-        if cursor:
-            params["cursor"] = cursor
-        if tenant:
-            params["tenant"] = tenant
-        return Call("GET", "/tasks/completed", lambda d: (_tasks_of(d), d.get("next")), params)
-
-    @staticmethod
-    def logs(task_id: str, follow: bool) -> Call[str]:
-        params = {"follow": "1"} if follow else {}
-        return Call("GET", f"/tasks/{_q(task_id)}/logs", str, params)
-
-
-Steps = Generator[Call[Any], Any, T]
-
-
-def wait_steps(task_id: str, timeout: float) -> Steps[TaskInfo]:
-    """Long-poll `GET /tasks/{id}?wait=` until the task ends or `timeout` passes; the task
-    as last seen (check `.finished`)."""
-    deadline = time.monotonic() + timeout
-    poll = LONG_POLL_S
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            t: TaskInfo = yield Calls.get(task_id, wait=min(max(left, 0), poll))
-        except MeshError as exc:  # a server whose MESH_MAX_WAIT_S is below our poll
-            cap = _WAIT_CAP.search(exc.reason) if exc.status == 400 else None
-            if cap is None or float(cap.group(1)) >= poll:
-                raise
-            poll = float(cap.group(1))
-            continue
-        if t.finished or left <= 0:
-            return t
-
-
-def tasks_steps(
-    state: str | None, node: str | None, tenant: str | None, limit: int, cursor: str | None
-) -> Steps[TaskPage]:
-    """One page of tasks. Unfinished ones come first (from /tasks/active, cursor
-    "active:N"), then finished ones newest first (/tasks/completed, cursor "done:C").
-    `state` and `node` are filtered here, so a page may hold fewer than `limit` rows and
-    still have a `next`."""
-    cursor = cursor or ("done:" if state in FINISHED else "active:0")
-
-    def keep(t: TaskInfo) -> bool:
-        return (state is None or t.status == state) and (node is None or t.node == node)
-
-    if cursor.startswith("active:"):
-        offset = int(cursor.split(":", 1)[1] or 0)
-        rows = [t for t in (yield Calls.active(tenant)) if keep(t)]
-        rows.sort(key=lambda t: (-t.priority, t.submitted_at or ""))
-        page = rows[offset:offset + limit]
-        if offset + limit < len(rows):
-            return TaskPage(tasks=page, next=f"active:{offset + limit}")
-        return TaskPage(tasks=page, next="done:" if state is None else None)
-    rows, nxt = yield Calls.completed(limit, cursor.split(":", 1)[1], tenant)
-    return TaskPage(tasks=[t for t in rows if keep(t)], next=f"done:{nxt}" if nxt else None)
-
-
-class _Resume:
-    """What a log follow already gave, so that following again (after the server's idle
-    limit) skips it: the server resends the held log from its start."""
-
-    def __init__(self) -> None:
-        self.given = 0  # characters (newlines included) handed to the caller
-        self.pos = 0  # position in the current stream
-
-    def again(self) -> None:
-        self.pos = 0
-
-    def admit(self, line: str) -> str | None:
-        size = len(line) + 1
-        start, self.pos = self.given - self.pos, self.pos + size
-        if start >= size:
-            return None
-        self.given = self.pos
-        return line[max(start, 0):]
-
 
 # --- the two clients -----------------------------------------------------------------------
 
 
+_NOTHING_SENT = (httpx.ConnectError, httpx.ConnectTimeout)  # safe to try the next URL
+
+
 class _Base:
     def __init__(self, url: str | None, token: str | None) -> None:
-        self.url = (url or default_url()).rstrip("/")
+        # "http://a:8001,http://b:8001": coordinators of one mesh (HA); the one that last
+        # answered is asked first, the next one when a connection cannot even be opened.
+        urls = [u.strip().rstrip("/") for u in (url or default_url()).split(",")]
+        self.urls = list(dict.fromkeys(u for u in urls if u)) or [DEFAULT_URL]
+        self.url = self.urls[0]
         self.token = default_token() if token is None else token
         self._headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def _bases(self) -> list[str]:
+        return [self.url, *(u for u in self.urls if u != self.url)]
 
     def _req(self, call: Call[Any]) -> dict[str, Any]:
         args: dict[str, Any] = {"params": dict(call.params), "timeout": call.timeout}
@@ -302,7 +144,7 @@ class Client(_Base):
 
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
         super().__init__(url, token)
-        self._http = httpx.Client(base_url=self.url, headers=self._headers, verify=_verify())
+        self._http = httpx.Client(headers=self._headers, verify=_verify())
 
     def __enter__(self) -> Client:
         return self
@@ -314,11 +156,19 @@ class Client(_Base):
         self._http.close()
 
     def call(self, call: Call[T]) -> T:
-        try:
-            resp = self._http.request(call.method, call.path, **self._req(call))
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from None
-        return call.parse(_check(resp))
+        last: httpx.TransportError | None = None
+        for base in self._bases():
+            try:
+                resp = self._http.request(call.method, base + call.path, **self._req(call))
+            except _NOTHING_SENT as exc:
+                last = exc
+                continue
+            except httpx.TransportError as exc:
+                raise _unreachable(base, exc) from None
+            self.url = base
+            return call.parse(_check(resp))
+        assert last is not None
+        raise _unreachable(", ".join(self.urls), last)
 
     def _run(self, steps: Steps[T]) -> T:
         try:
@@ -372,11 +222,13 @@ class Client(_Base):
 
     def logs(self, task_id: str, follow: bool = False) -> Iterator[str]:
         """The task's output, line by line; with `follow`, until the task ends."""
-        resume = _Resume()
+        resume = LogResume()
+        if len(self.urls) > 1:
+            self.get(task_id)  # finds the coordinator that answers
         while True:
             call = Calls.logs(task_id, follow)
             try:
-                with self._http.stream("GET", call.path, params=dict(call.params),
+                with self._http.stream("GET", self.url + call.path, params=dict(call.params),
                                        timeout=httpx.Timeout(30, read=None)) as resp:
                     if not resp.is_success:
                         resp.read()
@@ -396,8 +248,7 @@ class AsyncClient(_Base):
 
     def __init__(self, url: str | None = None, token: str | None = None) -> None:
         super().__init__(url, token)
-        self._http = httpx.AsyncClient(base_url=self.url, headers=self._headers,
-                                       verify=_verify())
+        self._http = httpx.AsyncClient(headers=self._headers, verify=_verify())
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -411,11 +262,20 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def call(self, call: Call[T]) -> T:
-        try:
-            resp = await self._http.request(call.method, call.path, **self._req(call))
-        except httpx.TransportError as exc:
-            raise _unreachable(self.url, exc) from None
-        return call.parse(_check(resp))
+        last: httpx.TransportError | None = None
+        for base in self._bases():
+            try:
+                resp = await self._http.request(call.method, base + call.path,
+                                                **self._req(call))
+            except _NOTHING_SENT as exc:
+                last = exc
+                continue
+            except httpx.TransportError as exc:
+                raise _unreachable(base, exc) from None
+            self.url = base
+            return call.parse(_check(resp))
+        assert last is not None
+        raise _unreachable(", ".join(self.urls), last)
 
     async def _run(self, steps: Steps[T]) -> T:
         try:
@@ -470,11 +330,13 @@ class AsyncClient(_Base):
 
     async def logs(self, task_id: str, follow: bool = False) -> AsyncIterator[str]:
         """The task's output, line by line; with `follow`, until the task ends."""
-        resume = _Resume()
+        resume = LogResume()
+        if len(self.urls) > 1:
+            await self.get(task_id)
         while True:
             call = Calls.logs(task_id, follow)
             try:
-                async with self._http.stream("GET", call.path, params=dict(call.params),
+                async with self._http.stream("GET", self.url + call.path, params=dict(call.params),
                                              timeout=httpx.Timeout(30, read=None)) as resp:
                     if not resp.is_success:
                         await resp.aread()

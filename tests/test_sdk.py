@@ -109,6 +109,21 @@ async def test_async_logs_follow_a_running_task_to_its_end(
         assert again == lines
 
 
+async def test_a_url_list_skips_a_coordinator_that_does_not_answer(
+    coordinator: LiveCoordinator,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    async with AsyncClient(f"{dead}, {coordinator.url}", admin_token(coordinator.settings)
+                           ) as mesh:
+        assert (await mesh.status()).total_nodes == 0
+        assert mesh.url == coordinator.url  # asked first from now on
+        sub = await mesh.submit(task_type="test", requirements={"gpu_count": 1})
+        assert [line async for line in mesh.logs(sub.task_id)] == []
+    with pytest.raises(MeshUnreachable) as both, Client(f"{dead},{dead}/") as mesh2:
+        mesh2.nodes()
+    assert both.value.error == f"cannot reach {dead}"  # the same one twice: listed once
+
+
 async def test_unreachable_coordinator_is_a_connection_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(MeshUnreachable) as sync_err, Client(url, "t") as mesh:
