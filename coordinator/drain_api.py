@@ -24,6 +24,7 @@ from coordinator import drain as drains
 from coordinator.api import JSON, error
 from coordinator.audit import Audit
 from coordinator.auth import principal_of
+from coordinator.edge import BodyTooLarge, read_body
 from coordinator.mesh import Mesh
 from coordinator.model import DrainMark
 from shared.protocol import valid_node_name
@@ -43,9 +44,10 @@ def _state(mesh: Mesh, name: str, mark: DrainMark | None) -> dict[str, Any]:
 
 
 async def _reason(request: Request) -> str | JSON:
-    body = await request.body()
-    if len(body) > MAX_BODY:
-        return error(413, "body too large", f"at most {MAX_BODY} bytes")
+    try:
+        body = await read_body(request, MAX_BODY)  # refused as it passes the limit
+    except BodyTooLarge as exc:
+        return error(413, "body too large", str(exc))
     try:
         doc = orjson.loads(body) if body.strip() else {}
     except orjson.JSONDecodeError as exc:

@@ -226,3 +226,20 @@ async def test_wait_fits_a_server_whose_long_poll_is_shorter(settings: Settings)
             sub = await mesh.submit(task_type="test", requirements={"gpu_count": 4})
             t = await mesh.wait(sub.task_id, timeout=1.2)  # polls of 0.5 s, not a 400
             assert t.status == "queued" and not t.finished
+
+
+async def test_drain_refuses_bad_bodies_with_reasons(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    spawn_client("n1", coordinator.ws_url)
+    await _online(coordinator, "n1")
+    http, path = coordinator.http, "/mesh/nodes/n1/drain"
+    big = await http.post(path, json={"reason": "x" * 20_000})
+    assert big.status_code == 413 and big.json()["error"] == "body too large"
+    bad = await http.post(path, content=b"{nope", headers={"Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"] == "invalid JSON"
+    odd = await http.post(path, json={"reason": 7})
+    assert odd.status_code == 422 and "`reason`" in odd.json()["reason"]
+    assert coordinator.mesh.drains == {}  # nothing refused changed anything
+    long = await http.post(path, json={"reason": "y" * 600})
+    assert long.status_code == 200 and long.json()["drain"]["reason"] == "y" * 512
