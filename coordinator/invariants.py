@@ -37,6 +37,7 @@ def check_invariants(mesh: Mesh) -> None:
         assert by_state[state] == mesh.state_counts[state], (state, by_state[state])
     assert sum(mesh.queued_by_band.values()) == by_state[Q]
     _check_queue(mesh)
+    mesh.fair.check(mesh.tasks.values())  # tenants' usage ledger (coordinator/tenants.py)
 
 
 def _check_queue(mesh: Mesh) -> None:

@@ -182,6 +182,25 @@ class Tenants:
         self._notes[tenant] = (now, note)
         return note
 
+    def check(self, tasks: Iterable[Task]) -> None:
+        """The ledger agrees with the tasks: what each tenant holds and has queued."""
+        held: dict[str, list[int]] = {}
+        queued: Counter[str] = Counter()
+        for t in tasks:
+            if t.state in ACTIVE:
+                held[t.id] = [len(t.gpu_indices)]
+            elif t.state is TaskState.QUEUED:
+                queued[tenant_of(t.tenant)] += 1
+        assert set(self.ledger.holds) == set(held), ("ledger holds", set(self.ledger.holds)
+                                                     ^ set(held))
+        gpus: Counter[str] = Counter()
+        for task_id, hold in self.ledger.holds.items():
+            assert hold.gpus == held[task_id][0], ("ledger GPUs of", task_id)
+            gpus[hold.tenant] += hold.gpus
+        for tenant, use in self.ledger.use.items():
+            assert use.queued == queued[tenant], ("queued of tenant", tenant, use.queued)
+            assert use.gpus == gpus[tenant], ("GPUs of tenant", tenant, use.gpus)
+
     # --- views -----------------------------------------------------------------------
 
     def names(self) -> list[str]:
