@@ -59,6 +59,7 @@ FENCE_ASSERT_SQL = (
 )
 GUARDED_SQL = "WITH u AS ({update} RETURNING 1) SELECT gm_assert((SELECT count(*) FROM u) = 1, ?)"
 GUARD_FAILED = "GM001"
+POOL_WAIT_S = 5.0  # a read waits this long for a pooled connection, then fails (503)
 _DECODE_ON_LOOP = 256  # rows; more are decoded on a worker thread
 
 
@@ -84,12 +85,13 @@ class PgStore(GroupCommitStore):
         on_commit: Callable[[float, int], None] | None = None,
         on_failure: Callable[[StoreError], None] | None = None,
         pool_size: int = 4,
+        pool_wait_s: float = POOL_WAIT_S,
     ) -> None:
         super().__init__(on_commit=on_commit, on_failure=on_failure)
         self.url = url
         self.where = describe(url)
         self.epoch: int | None = None
-        self._pool_size = pool_size
+        self._pool_size, self._pool_wait_s = pool_size, pool_wait_s
         self._wconn: Conn | None = None
         self._pool: AsyncConnectionPool[Conn] | None = None
 
@@ -103,7 +105,8 @@ class PgStore(GroupCommitStore):
             await migrate_pg(self._wconn, self.where)
             self._pool = AsyncConnectionPool(
                 self.url, min_size=1, max_size=self._pool_size, open=False,
-                kwargs={"autocommit": True}, name="gpumesh-store",
+                kwargs={"autocommit": True}, name="gpumesh-store", timeout=self._pool_wait_s,
+                check=AsyncConnectionPool.check_connection,  # none lost to a server restart
             )
             await self._pool.open(wait=True, timeout=30)
         except psycopg.OperationalError as exc:
@@ -188,9 +191,12 @@ class PgStore(GroupCommitStore):
 
     async def transact(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Run `fn` in one fenced transaction on a pooled connection (tokens, credentials)."""
-        async with self._connection() as conn, conn.transaction():
-            await self._check_fence(await self._fence_cursor(conn))
-            return await fn(conn)
+        try:
+            async with self._connection() as conn, conn.transaction():
+                await self._check_fence(await self._fence_cursor(conn))
+                return await fn(conn)
+        except psycopg.Error as exc:
+            raise StoreError(f"store write failed at {self.where}: {exc}") from exc
 
     # --- reads -------------------------------------------------------------------------
 
@@ -200,10 +206,14 @@ class PgStore(GroupCommitStore):
         return self._pool.connection()
 
     async def fetch(self, sql: str, args: tuple[Any, ...] = ()) -> list[Row]:
-        async with self._connection() as conn:
-            cur = await conn.execute(pg(sql), args)
-            rows: list[Row] = await cur.fetchall()
-            return rows
+        """One read on a pooled connection; an engine error is a StoreError (HTTP 503)."""
+        try:
+            async with self._connection() as conn:
+                cur = await conn.execute(pg(sql), args)
+                rows: list[Row] = await cur.fetchall()
+                return rows
+        except psycopg.Error as exc:
+            raise StoreError(f"store read failed at {self.where}: {exc}") from exc
 
     async def _query(self, sql: str, args: tuple[Any, ...], decode: Callable[[list[Row]], T]) -> T:
         rows = await self.fetch(sql, args)
@@ -214,12 +224,15 @@ class PgStore(GroupCommitStore):
     async def iter_queued(self, aging_s: float, chunk: int = 5000) -> AsyncIterator[Task]:
         """Queued tasks best first, through a server-side cursor, decoded off the loop."""
         sql, args = queued_order(aging_s)
-        async with self._connection() as conn, conn.transaction():
-            async with conn.cursor(name=f"queued_{uuid.uuid4().hex}") as cur:
-                await cur.execute(pg(sql), args)
-                while rows := await cur.fetchmany(chunk):
-                    for t in await asyncio.to_thread(tasks_from_rows, rows):
-                        yield t
+        try:
+            async with self._connection() as conn, conn.transaction():
+                async with conn.cursor(name=f"queued_{uuid.uuid4().hex}") as cur:
+                    await cur.execute(pg(sql), args)
+                    while rows := await cur.fetchmany(chunk):
+                        for t in await asyncio.to_thread(tasks_from_rows, rows):
+                            yield t
+        except psycopg.Error as exc:
+            raise StoreError(f"store read failed at {self.where}: {exc}") from exc
 
 
 class PgAuthStore:

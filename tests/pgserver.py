@@ -97,6 +97,10 @@ class PgServer:
              "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
             check=True, capture_output=True, user=self.user, cwd=self.root,
         )
+        self.resume(timeout)
+
+    def resume(self, timeout: float = 30.0) -> None:
+        """Start the server process on the existing data directory (after `halt`)."""
         args = [
             str(self.bindir / "postgres"), "-D", str(self.datadir),
             "-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}",
@@ -104,7 +108,7 @@ class PgServer:
             "-c", "shared_buffers=32MB", "-c", f"fsync={'on' if self.fsync else 'off'}",
             "-c", "full_page_writes=off" if not self.fsync else "full_page_writes=on",
         ]
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, user=self.user, cwd=self.root,
                 start_new_session=True,
@@ -139,6 +143,13 @@ class PgServer:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.dsn_for(name)
+
+    def halt(self, how: signal.Signals = signal.SIGINT) -> None:
+        """Stop the server process, keeping its data: SIGINT is a fast shutdown, SIGQUIT an
+        immediate one (crash recovery on `resume`), SIGKILL of the postmaster a crash."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(how)
+            self.proc.wait(30)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -351,6 +351,41 @@ async def test_a_successor_waits_for_the_leaders_commit_in_flight(pg_server: PgS
         await store.close()
 
 
+async def test_postgresql_going_away_and_coming_back() -> None:
+    """A server restart: writes and reads fail as StoreError (the Mesh rebuilds, the API
+    answers 503) while it is down, and work again once it is back, with nothing lost."""
+    server = PgServer()
+    await asyncio.to_thread(server.start)
+    try:
+        store = PgStore(await asyncio.to_thread(server.create_database), pool_wait_s=0.5)
+        await store.open()
+        failures: list[StoreError] = []
+        store.on_failure = failures.append
+        await store.write(insert_of(make_task(1)))
+        await asyncio.to_thread(server.halt)
+        with pytest.raises(StoreError):
+            await store.write(insert_of(make_task(2)))
+        assert len(failures) == 1
+        with pytest.raises(StoreError):
+            await store.get("t1")
+        with pytest.raises(StoreError):
+            await PgAuthStore(store).tokens()
+        await asyncio.to_thread(server.resume)
+        await store.reset()
+        await store.write(insert_of(make_task(3)))  # the write connection reconnects at once
+
+        async def reads() -> list[str] | None:  # the pool reconnects with its own backoff
+            try:
+                return [t.id for t in await store.load_unfinished()]
+            except StoreError:
+                return None
+
+        assert await wait_until(reads, 20, "reads again") == ["t1", "t3"]
+        await store.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
 async def test_standbys_see_the_leaders_tokens_and_credentials(pg_server: PgServer) -> None:  # noqa: F811
     dsn = pg_server.create_database()
     leader, standby = PgStore(dsn), PgStore(dsn)
