@@ -24,6 +24,9 @@ from coordinator.cli_common import OK, add_common, client, console, print_json, 
 from shared.sdk import Client, MeshStatus, NodeInfo, TaskInfo
 
 QUEUE_ROWS = 15
+# The task list comes from /tasks/active, which holds every unfinished task; past this many
+# `status` and `top` show the counts only, rather than fetch it all at every refresh.
+LIST_MAX = 5000
 
 
 def register(sub: Any) -> None:
@@ -130,12 +133,17 @@ def summary(s: MeshStatus) -> Table:
 def screen(c: Client) -> Group:
     """Everything `status` and `top` draw: summary, nodes, the head of the queue."""
     status, nodes = c.status(), c.nodes()
-    page = c.tasks(limit=QUEUE_ROWS)
     parts: list[Any] = [summary(status), "", nodes_table(nodes)]
     if not nodes:
         parts.append("[dim](no nodes have joined)[/]")
-    parts += ["", f"[bold]unfinished tasks[/] (highest priority first, {QUEUE_ROWS} at most)",
-              queue_table(page.tasks) if page.tasks else "[dim](none)[/]"]
+    parts += ["", f"[bold]unfinished tasks[/] (highest priority first, {QUEUE_ROWS} at most)"]
+    unfinished = status.queued_tasks + status.active_tasks
+    if unfinished > LIST_MAX:
+        parts.append(f"[dim]({unfinished} unfinished: too many to list at every refresh; "
+                     "`gpumesh tasks --state queued --limit N` lists them)[/]")
+        return Group(*parts)
+    page = c.tasks(limit=QUEUE_ROWS)
+    parts.append(queue_table(page.tasks) if page.tasks else "[dim](none)[/]")
     return Group(*parts)
 
 

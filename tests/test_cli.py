@@ -5,6 +5,7 @@ drain and undrain of a real node, a dead URL, `detect`."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -13,6 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from rich.console import Console
+
+from coordinator import cli_nodes
+from shared.sdk import Client
 from tests.conftest import (
     ROOT,
     TEST_ADMIN_TOKEN,
@@ -228,3 +234,20 @@ async def test_https_with_mesh_ca_file(spawn_coordinator: Spawn, tmp_path: Path)
     unverified = await gpumesh("nodes", "--url", url, **token)
     assert unverified.returncode == 2
     assert "CERTIFICATE_VERIFY_FAILED" in _one_line_error(unverified)
+
+
+async def test_status_lists_no_tasks_past_its_limit(
+    coordinator: LiveCoordinator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli_nodes, "LIST_MAX", 1)
+    for _ in range(2):
+        await coordinator.submit(task_type="test", requirements={"gpu_count": 2})
+
+    def draw() -> str:
+        with Client(coordinator.url, admin_token(coordinator.settings)) as c:
+            out = Console(record=True, width=200, file=io.StringIO())
+            out.print(cli_nodes.screen(c))
+            return out.export_text()
+
+    text = await asyncio.to_thread(draw)
+    assert "2 unfinished: too many to list" in text and "no node fits" not in text
