@@ -31,6 +31,7 @@ from coordinator.cli_common import (
     client,
     console,
     exit_for,
+    fail,
     print_json,
     since,
     styled,
@@ -106,7 +107,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for s in subs:
                 sys.stdout.write(f"{s.task_id}\n")
         return OK
-    done = asyncio.run(_wait_all(args, [s.task_id for s in subs]))
+    try:
+        done = asyncio.run(_wait_all(args, [s.task_id for s in subs]))
+    except KeyboardInterrupt:
+        ids = " ".join(s.task_id for s in subs)
+        return fail(f"stopped waiting; the task goes on (gpumesh cancel {ids})", 130)
     if args.json:
         print_json(done if isinstance(body, list) else done[0])
     return max(exit_for(t.status) for t in done)

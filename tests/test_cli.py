@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -251,3 +252,27 @@ async def test_status_lists_no_tasks_past_its_limit(
 
     text = await asyncio.to_thread(draw)
     assert "2 unfinished: too many to list" in text and "no node fits" not in text
+
+
+async def test_ctrl_c_while_waiting_leaves_the_task_and_says_how_to_cancel_it(
+    coordinator: LiveCoordinator,
+) -> None:
+    live = coordinator
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator.cli", "submit",
+        '{"task_type": "test", "requirements": {"gpu_count": 1}}', "--wait", "60",
+        env=_env(live), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        await wait_until(lambda: set(live.mesh.tasks) & set(live.mesh._done), 20,
+                         "the CLI long-polling its task")
+        proc.send_signal(signal.SIGINT)
+        _, raw = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    err = raw.decode()
+    (task_id,) = live.mesh.tasks
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert f"gpumesh cancel {task_id}" in err and live.mesh.tasks[task_id].state == "queued"
