@@ -19,8 +19,10 @@ A class is either ready or blocked:
 
 Removal is lazy: a cancelled task's entry stays until it reaches the head of its class,
 where `live(task_id)` says it is no longer waiting and it is dropped. The ready heap is
-lazy the same way: an entry that no longer is its class's head (the head was taken,
-cancelled, or a better task arrived) is skipped when it surfaces.
+lazy the same way: a class is listed under one entry at a time (`_listed`); any other entry
+of it (the head was taken, cancelled, or a better task arrived) is stale and dropped when it
+surfaces, never pushed again, so the heap holds O(pushes) entries and a decision costs
+O(log) however long the backlog (re-pushing stale entries once made it O(queued)).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class TaskQueue:
         self._live = live
         self._classes: dict[ClassKey, list[Entry]] = {}
         self._ready: list[tuple[float, int, str, ClassKey]] = []  # (head entry..., class)
+        self._listed: dict[ClassKey, Entry] = {}  # the one live ready entry of a ready class
         self._blocked: dict[ClassKey, tuple[Hashable, ...]] = {}  # class -> its wake keys
         self._waiting: dict[Hashable, set[ClassKey]] = {}  # wake key -> blocked classes
         self.reasons: dict[ClassKey, Reason] = {}  # why the head of a class did not place
@@ -57,12 +60,12 @@ class TaskQueue:
         heap = self._classes.get(key)
         if heap is None:
             self._classes[key] = [entry]
-            heapq.heappush(self._ready, (*entry, key))
+            self._list(key, entry)
             return
         better = not heap or entry < heap[0]
         heapq.heappush(heap, entry)
         if better and key not in self._blocked:
-            heapq.heappush(self._ready, (*entry, key))  # the old head's entry goes stale
+            self._list(key, entry)  # the old head's entry goes stale
         # a blocked class stays blocked: the same needs, so the same NoFit
 
     def head(self, key: ClassKey) -> Entry | None:
@@ -82,16 +85,20 @@ class TaskQueue:
         ready = self._ready
         while ready:
             rank, seq, task_id, key = ready[0]
-            if key in self._blocked or key not in self._classes:
-                heapq.heappop(ready)  # parked or gone since this entry was pushed
+            if self._listed.get(key) != (rank, seq, task_id):
+                heapq.heappop(ready)  # stale: taken, parked, gone, or listed under another
                 continue
             entry = self.head(key)
             if entry == (rank, seq, task_id):
                 return key, entry
-            heapq.heappop(ready)
+            heapq.heappop(ready)  # its head was cancelled: the class under its real head
             if entry is not None:
-                heapq.heappush(ready, (*entry, key))  # stale: the class under its real head
+                self._list(key, entry)
         return None
+
+    def _list(self, key: ClassKey, entry: Entry) -> None:
+        self._listed[key] = entry
+        heapq.heappush(self._ready, (*entry, key))
 
     def pop(self, key: ClassKey) -> Entry:
         """Take the head of a ready class (the one `next` returned)."""
@@ -99,7 +106,9 @@ class TaskQueue:
         self.reasons.pop(key, None)
         following = self.head(key)
         if following is not None:
-            heapq.heappush(self._ready, (*following, key))
+            self._list(key, following)
+        else:
+            self._listed.pop(key, None)
         return entry
 
     # --- blocking and waking -----------------------------------------------------------
@@ -109,6 +118,7 @@ class TaskQueue:
         keys = tuple(dict.fromkeys(wake_keys))
         while self._ready and self._ready[0][3] == key:
             heapq.heappop(self._ready)  # its entry from `next`: drop it now, not later
+        self._listed.pop(key, None)
         self.reasons[key] = reason
         self._unlink(key)
         self._blocked[key] = keys
@@ -141,7 +151,7 @@ class TaskQueue:
         entry = self.head(key)
         if entry is None:
             return 0
-        heapq.heappush(self._ready, (*entry, key))
+        self._list(key, entry)
         self.woken += 1
         return 1
 
@@ -155,6 +165,7 @@ class TaskQueue:
 
     def _forget(self, key: ClassKey) -> None:
         del self._classes[key]
+        self._listed.pop(key, None)
         self._unlink(key)
         self.reasons.pop(key, None)
 
@@ -183,15 +194,15 @@ class TaskQueue:
             assert classes, ("empty wake bucket", wk)
             for key in classes:
                 assert wk in self._blocked.get(key, ()), ("indexed class not blocked", key, wk)
-        first: dict[ClassKey, Entry] = {}
-        for *entry, key in self._ready:
-            if key not in first or tuple(entry) < first[key]:
-                first[key] = (entry[0], entry[1], entry[2])
+        in_heap = {(r, s, t, k) for r, s, t, k in self._ready}
+        for key, listed in self._listed.items():
+            assert key not in self._blocked, ("blocked class listed as ready", key)
+            assert (*listed, key) in in_heap, ("listed entry not in the ready heap", key)
         for key, heap in self._classes.items():
             live = [e for e in heap if self._live(e[2])]
             if key in self._blocked or not live:
                 continue
-            assert key in first and first[key] <= min(live), (
+            assert key in self._listed and self._listed[key] <= min(live), (
                 "ready class without an entry at or before its head in the ready heap", key,
             )
 

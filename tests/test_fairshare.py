@@ -18,7 +18,7 @@ from coordinator.fairshare import (
     quota_hold,
     weighted_jain,
 )
-from coordinator.queue import TaskQueue
+from coordinator.queue import ClassKey, TaskQueue
 from coordinator.tenants import TokenBucket
 
 
@@ -191,3 +191,62 @@ def test_fair_queue_picks_by_chooser_and_parks_a_tenant_at_quota() -> None:
     assert fair.wake_tenant("a") == 0 and fair.wake_tenant("b") == 1
     assert fair.next()[0][0] == "b"  # type: ignore[index]
     fair.check()
+
+
+def test_a_decision_costs_the_same_however_long_the_backlog() -> None:
+    """A stale ready entry is dropped, never pushed again (coordinator/queue.py): the ready
+    heap stays as small as the classes, so next+pop is O(log), not O(queued)."""
+    q = TaskQueue(lambda _: True)
+    for i in range(5000):
+        q.push(("process", b"%d" % (i % 3)), float(i % 7), i, f"t{i}")
+    filled = peak = len(q._ready)  # the fill's stale entries are dropped as they surface
+    while (found := q.next()) is not None:
+        q.pop(found[0])
+        peak = max(peak, len(q._ready))
+    assert peak <= filled + 3, (filled, peak)  # re-pushing stale entries grew it to 5000
+
+
+queue_ops = st.lists(
+    st.tuples(st.sampled_from(["push", "push", "take", "block", "wake", "cancel"]),
+              st.integers(0, 3), st.integers(0, 5)),
+    max_size=120,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=queue_ops)
+def test_task_queue_matches_a_sorted_model(ops: list[tuple[str, int, int]]) -> None:
+    """Whatever the interleaving of pushes, takes, blocks, wakes and cancels, `next` is the
+    best live entry of the classes not blocked, and the queue's invariants hold."""
+    live: dict[str, tuple[float, int, str, ClassKey]] = {}
+    q = TaskQueue(lambda task_id: task_id in live)
+    blocked: set[ClassKey] = set()
+    for seq, (op, cls, rank) in enumerate(ops):
+        key = ("process", b"%d" % cls)
+        if op == "push":
+            live[f"t{seq}"] = (float(rank), seq, f"t{seq}", key)
+            q.push(key, float(rank), seq, f"t{seq}")
+        elif op == "cancel" and live:
+            del live[sorted(live)[rank % len(live)]]
+        elif op == "wake":
+            q.wake({("wk", cls)})
+            blocked.discard(key)
+        elif op in ("take", "block"):
+            found = q.next()
+            ready = [e for e in live.values() if e[3] not in blocked]
+            want = min(ready) if ready else None
+            assert (found is None) == (want is None)
+            if found is None or want is None:
+                continue
+            assert found == (want[3], want[:3])
+            if op == "take":
+                q.pop(found[0])
+                del live[found[1][2]]
+            else:
+                q.block(found[0], QuotaHold("held"), [("wk", cls_of(found[0]))])
+                blocked.add(found[0])
+        q.check()
+
+
+def cls_of(key: ClassKey) -> int:
+    return int(key[1])
