@@ -33,7 +33,6 @@ import msgspec
 from coordinator.drain import load_drains
 from coordinator.fairqueue import FairQueue, QuotaHold, quota_wake_key
 from coordinator.fairshare import tenant_of
-from coordinator.drain import load_drains
 from coordinator.faults import LoopWatch
 from coordinator.invariants import check_invariants
 from coordinator.logs import TaskLogs
