@@ -134,8 +134,11 @@ class Settings:
 def _tenant_env(env: Mapping[str, str], d: Settings) -> dict[str, object]:
     """MESH_TENANT_DEFAULT_*, MESH_FAIRSHARE_HALFLIFE_S, MESH_PREEMPTION(_GRACE_S)."""
     pre = "MESH_TENANT_DEFAULT_"
+    weight = env_float(env, pre + "WEIGHT", d.tenant_default_weight)
+    if not weight > 0:
+        raise ConfigError(pre + "WEIGHT", str(weight), "a number above 0")
     return {
-        "tenant_default_weight": env_float(env, pre + "WEIGHT", d.tenant_default_weight),
+        "tenant_default_weight": weight,
         "tenant_default_max_gpus": env_int(env, pre + "MAX_GPUS", 0),
         "tenant_default_max_running": env_int(env, pre + "MAX_RUNNING", 0),
         "tenant_default_max_queued": env_int(env, pre + "MAX_QUEUED", 0),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from coordinator.fairshare import (
@@ -277,3 +277,7 @@ def tenant_gauges(mesh: Mesh) -> Iterator[Metric]:
         for key, family in gauges.items():
             family.add_metric([name], view[key])
     yield from gauges.values()
+    yield CounterMetricFamily(
+        "gpumesh_preemptions", "Running tasks stopped and requeued for critical work",
+        value=mesh.preempted_total,
+    )

@@ -198,6 +198,8 @@ async def test_critical_task_preempts_low_work_which_completes_after_requeue(
         assert victim["status"] == "completed"
         assert victim["attempt"] == 2 and victim["max_attempts"] == 1  # no attempt spent
         assert "preempted by critical task" in victim["history"][0]["cause"]
+        metrics = (await coordinator.http.get("/metrics")).text
+        assert "gpumesh_preemptions_total 1.0" in metrics
         doc = await coordinator.wait_finished(pinned)  # lower priority, but not preemptible
         assert doc["status"] == "completed" and doc["attempt"] == 1 and not doc["history"]
 
@@ -226,3 +228,21 @@ async def test_cli_sets_and_lists_tenants(coordinator: LiveCoordinator) -> None:
     assert doc["tenants"][0]["quota"]["max_gpus"] == 4 and doc["tenants"][0]["queued"] == 1
     res = await asyncio.to_thread(_cli, ["tenant", "set", "lab", "--weight", "0"], coordinator)
     assert res.returncode == 1 and "invalid tenant config" in res.stderr
+
+
+async def test_defaults_from_env_bound_unknown_tenants(settings: Settings) -> None:
+    env = {"MESH_TENANT_DEFAULT_MAX_QUEUED": "1", "MESH_TENANT_DEFAULT_WEIGHT": "2",
+           "MESH_FAIRSHARE_HALFLIFE_S": "60", "MESH_PREEMPTION": "on",
+           "MESH_PREEMPT_GRACE_S": "2.5"}
+    from_env = Settings.from_env(env)
+    assert (from_env.tenant_default_max_queued, from_env.fairshare_halflife_s,
+            from_env.preemption, from_env.preempt_grace_s) == (1, 60.0, True, 2.5)
+    tuned = replace(settings, tenant_default_max_queued=1, tenant_default_weight=2.0)
+    async with run_coordinator(tuned) as coordinator:
+        assert (await coordinator.http.post("/tasks/submit", json=gpu_task("new", 0))).is_success
+        r = await coordinator.http.post("/tasks/submit", json=gpu_task("new", 0))
+        assert r.status_code == 429 and "tenant new has 1 tasks queued" in r.json()["reason"]
+        await put_tenant(coordinator, "new", max_queued=5)  # a stored config replaces defaults
+        assert (await coordinator.http.post("/tasks/submit", json=gpu_task("new", 0))).is_success
+        doc = (await coordinator.http.get("/admin/tenants")).json()
+        assert doc["defaults"] == {"weight": 2.0, "max_queued": 1}
