@@ -8,7 +8,7 @@
     gpumesh token create|list|revoke                           (coordinator/cli_tokens.py)
 
 Every command but `up` and `detect` talks to the coordinator through the SDK (shared/sdk.py):
---url or MESH_URL says where; the token is MESH_API_TOKEN, else MESH_TOKEN, else the admin
+--url or MESH_URL says where; the token is MESH_API_TOKEN, else the admin
 token the coordinator wrote to <MESH_DATA_DIR or ./mesh-data>/admin.token. `--json` on every
 command. Exit codes: 0 ok/completed, 1 failed/cancelled/refused, 2 usage or connection error
 (coordinator/cli_common.py).

@@ -46,7 +46,7 @@ def add_common(p: argparse.ArgumentParser, json_flag: bool = True) -> None:
 
 
 def client(args: argparse.Namespace) -> Client:
-    """The token: $MESH_API_TOKEN, else $MESH_TOKEN, else <MESH_DATA_DIR>/admin.token."""
+    """The token: $MESH_API_TOKEN, else <MESH_DATA_DIR>/admin.token."""
     return Client(args.url)
 
 

@@ -74,12 +74,12 @@ def token_file() -> Path:
 
 
 def default_token() -> str:
-    """MESH_API_TOKEN, else MESH_TOKEN, else the admin token the coordinator wrote to
-    <MESH_DATA_DIR or ./mesh-data>/admin.token; "" when there is none."""
-    for var in ("MESH_API_TOKEN", "MESH_TOKEN"):
-        token = os.environ.get(var, "").strip()
-        if token:
-            return token
+    """MESH_API_TOKEN, else the admin token the coordinator wrote to
+    <MESH_DATA_DIR or ./mesh-data>/admin.token; "" when there is none. (Never MESH_TOKEN:
+    that is a node's join token, not an API token.)"""
+    token = os.environ.get("MESH_API_TOKEN", "").strip()
+    if token:
+        return token
     try:
         return token_file().read_text().strip()
     except OSError:
