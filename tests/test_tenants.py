@@ -152,10 +152,10 @@ async def test_weights_one_to_three_split_gpu_seconds_25_75(
         def done() -> bool:  # and, meanwhile, who waits for fair share says so
             queued = [t for t in mesh.tasks.values() if t.state.value == "queued"]
             notes.update(t.tenant for t in queued[:50] if "fair share" in mesh.queued_reason(t))
-            return sum(mesh.gpu_seconds.values()) >= 60
+            return sum(mesh.gpu_seconds.values()) >= 40
 
         try:
-            await wait_until(done, 40, "60 GPU-seconds of work done")
+            await wait_until(done, 60, "40 GPU-seconds of work done")
         finally:
             stop.set()
             await asyncio.gather(*feeders)
