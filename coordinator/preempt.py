@@ -156,4 +156,5 @@ class Preemption:
         self._transition(v, TaskState.QUEUED, cause=cause)
         log.info("task %s %s", v.id, cause, extra={"task": v.id, "node": node.name})
         if node.link is not None:
-            node.link.send(Cancel(task_id=v.id, attempt=attempt, reason=cause))
+            node.link.send(Cancel(task_id=v.id, attempt=attempt, reason=cause,
+                                  grace_s=self.settings.preempt_grace_s))

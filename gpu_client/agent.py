@@ -436,7 +436,8 @@ class Agent:
             case Assign():
                 self._on_assign(msg)
             case Cancel():
-                self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}")
+                self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}",
+                                msg.grace_s or None)
             case Ack():
                 self._on_ack(msg)
             case Drain(lifted=True):
@@ -483,14 +484,16 @@ class Agent:
             work = partial(executor.run, a, lambda: self._on_started(run))
             run.task = self._spawn(self._complete(run, work, run.stream.feed))
 
-    def _on_cancel(self, task_id: str, attempt: int, cause: str) -> None:
+    def _on_cancel(
+        self, task_id: str, attempt: int, cause: str, grace_s: float | None = None
+    ) -> None:
         extra = {"task": task_id, "attempt": attempt, "cause": cause}
         run = self._runs.pop((task_id, attempt), None)
         if run is None:
             log.debug("%s for unknown attempt %s.%d ignored", cause, task_id, attempt, extra=extra)
             return
         log.info("stopping task %s.%d (%s)", task_id, attempt, cause, extra=extra)
-        self._spawn(self._stop_run(run))
+        self._spawn(self._stop_run(run, grace_s))
 
     def _on_ack(self, ack: Ack) -> None:
         run = self._runs.get((ack.task_id, ack.attempt))
@@ -549,15 +552,17 @@ class Agent:
                  extra={"task": run.task_id, "attempt": run.attempt})
         self._send(run.result)
 
-    async def _stop_run(self, run: Run) -> None:
+    async def _stop_run(self, run: Run, grace_s: float | None = None) -> None:
         task = run.task
         if run.executor is not None and task is not None and not task.done():
             # An executor can only stop work it has started: wait for that, or for the end.
             started = asyncio.create_task(run.started.wait())
             await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
             started.cancel()
-            if not task.done():
+            if not task.done() and grace_s is None:
                 await run.executor.cancel(run.task_id, run.attempt)
+            elif not task.done():  # the coordinator's grace (a preemption)
+                await run.executor.cancel(run.task_id, run.attempt, grace_s=grace_s)
             await asyncio.gather(task, return_exceptions=True)
         await self._release(run)
 

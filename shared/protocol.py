@@ -213,6 +213,8 @@ class Cancel(Msg, tag="cancel"):
     task_id: str
     attempt: NonNegInt
     reason: str = ""
+    # SIGTERM to SIGKILL, seconds; 0: the node's own (preemption sends MESH_PREEMPT_GRACE_S)
+    grace_s: Annotated[float, msgspec.Meta(ge=0, le=600)] = 0.0
 
 
 class Ack(Msg, tag="ack"):

@@ -12,7 +12,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
+
+import psutil
 
 from coordinator.model import ACTIVE
 from coordinator.settings import Settings
@@ -246,3 +249,38 @@ async def test_defaults_from_env_bound_unknown_tenants(settings: Settings) -> No
         assert (await coordinator.http.post("/tasks/submit", json=gpu_task("new", 0))).is_success
         doc = (await coordinator.http.get("/admin/tenants")).json()
         assert doc["defaults"] == {"weight": 2.0, "max_queued": 1}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def test_preemption_grace_reaches_the_node(
+    settings: Settings, spawn_client: Spawn, tmp_path: Path
+) -> None:
+    """A victim that ignores SIGTERM is killed after MESH_PREEMPT_GRACE_S (1 s), not after
+    the node's own 5 s: the grace travels in `cancel`."""
+    tuned = replace(settings, preemption=True, preempt_grace_s=1.0)
+    pidfile = tmp_path / "victim.pid"
+    script = (f'if [ "$MESH_ATTEMPT" = 1 ]; then trap "" TERM; echo $$ > {pidfile}; '
+              "sleep 30; fi; echo done")
+    async with run_coordinator(tuned) as coordinator:
+        spawn_client("p1", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="1xA100-80GB")
+        await online(coordinator, "p1", 1)
+        victim = await coordinator.submit(task_type="custom", script=script, priority=1,
+                                          requirements={"gpu_count": 1}, max_attempts=1)
+        await wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 15,
+                         "the victim running")
+        pid = int(pidfile.read_text())
+        asked = time.monotonic()
+        crit = await coordinator.submit(**gpu_task("ops", 0, priority=10))
+        await wait_until(lambda: not _alive(pid), 10, "the victim's process gone")
+        gone = time.monotonic() - asked
+        print(f"victim ignoring SIGTERM gone {gone:.2f}s after the critical submit (grace 1s)")
+        assert 0.9 <= gone <= 3.0
+        assert (await coordinator.wait_finished(crit))["status"] == "completed"
+        doc = await coordinator.wait_finished(victim)
+        assert doc["status"] == "completed" and doc["result"]["output"].strip() == "done"

@@ -81,7 +81,9 @@ class Executor(Protocol):
     async def run(self, assign: Assign, on_started: OnStarted, on_output: OnOutput) -> RunOutcome:
         ...
 
-    async def cancel(self, task_id: str, attempt: int) -> None: ...
+    async def cancel(
+        self, task_id: str, attempt: int, grace_s: float | None = None
+    ) -> None: ...  # grace_s: SIGTERM to SIGKILL; None: the executor's own
 
     async def adopt(self) -> list[Adopted]: ...
 

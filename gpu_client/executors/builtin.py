@@ -71,7 +71,7 @@ class BuiltinExecutor:
             )
         return RunOutcome(exit_code=0, output=message, duration_s=_since(began), data=data)
 
-    async def cancel(self, task_id: str, attempt: int) -> None:
+    async def cancel(self, task_id: str, attempt: int, grace_s: float | None = None) -> None:
         nap = self._running.get((task_id, attempt))
         if nap is not None:
             nap.cancel()

@@ -155,7 +155,7 @@ class DockerExecutor:
         on_started()
         return await self._follow(watch, on_output, tail="all")
 
-    async def cancel(self, task_id: str, attempt: int) -> None:
+    async def cancel(self, task_id: str, attempt: int, grace_s: float | None = None) -> None:
         watch = self._watches.get((task_id, attempt))
         if watch is not None:
             watch.cancelled = True
@@ -170,7 +170,7 @@ class DockerExecutor:
                             exc, extra={"task": task_id, "attempt": attempt})
                 return
         for cid in ids:
-            await self._stop(cid)
+            await self._stop(cid, grace_s)
 
     async def adopt(self) -> list[Adopted]:
         if not await self.available():
@@ -296,13 +296,15 @@ class DockerExecutor:
             return f"{missing}; pulling it failed: {_explain(exc)}"
         return ""
 
-    async def _stop(self, cid: str) -> None:
-        """SIGTERM the container, SIGKILL after the grace (the engine does both)."""
+    async def _stop(self, cid: str, grace_s: float | None = None) -> None:
+        """SIGTERM the container, SIGKILL after the grace (the engine does both; docker-py
+        adds it to the HTTP timeout)."""
         client = self._client
         if client is None:
             return
+        grace = self._grace if grace_s is None else grace_s
         try:
-            await asyncio.to_thread(client.api.stop, cid, timeout=max(1, round(self._grace)))
+            await asyncio.to_thread(client.api.stop, cid, timeout=max(1, round(grace)))
         except NotFound:
             pass
         except DOCKER_ERRORS as exc:
