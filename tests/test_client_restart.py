@@ -82,6 +82,28 @@ async def test_a_work_dir_without_a_pid_record_is_not_started(tmp_path: Path) ->
     assert outcome.infra and outcome.error.startswith("not started"), outcome.error
 
 
+async def test_pids_recorded_under_another_pid_space_name_nothing_here(tmp_path: Path) -> None:
+    """After a reboot or a container restart the recorded pid and group may belong to
+    someone else now: the attempt is lost, and that process is left alone."""
+    stranger = await asyncio.create_subprocess_exec("sleep", "60", start_new_session=True)
+    try:
+        ex = _executor(tmp_path)
+        d = ex.attempt_dir("t1", 1)
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps(
+            {"task_id": "t1", "attempt": 1, "started_at": 1.0, "timeout_s": None,
+             "pid_space": "another-boot:1"}))
+        (d / "pid").write_text(f"{stranger.pid} {stranger.pid}\n")
+        (found,) = await ex.adopt()
+        assert not found.running
+        outcome = await found.follow(lambda _: None)
+        assert outcome.infra and outcome.error.startswith("lost with the client")
+        assert stranger.returncode is None  # not ours: not ended
+    finally:
+        stranger.kill()
+        await stranger.wait()
+
+
 # --- real clients, killed at points of a launch ---------------------------------------------
 
 

@@ -169,7 +169,8 @@ def survey(work_dir: Path, journal: Journal, settle_s: float) -> list[Survey]:
         if meta is None:  # the client died before (or while) it wrote meta.json
             meta = {"task_id": entry["task_id"], "attempt": entry["attempt"],
                     "started_at": float(entry.get("at") or time.time()),
-                    "marker": entry.get("marker"), "timeout_s": None}
+                    "marker": entry.get("marker"), "timeout_s": None,
+                    "pid_space": entry.get("pid_space")}
         out.append(judge(d, meta, settle_s))
     out.extend(judge(d, meta, settle_s) for d, meta in dirs.values())
     return out
@@ -184,13 +185,29 @@ def judge(d: Path, meta: dict[str, Any], settle_s: float) -> Survey:
         pid, pgid = map(int, (d / "pid").read_text().split())
     except (OSError, ValueError):
         pid, pgid = 0, 0
+    recorded = bool(pid)
+    here = pid_space()
+    if (meta.get("pid_space") or here) != here:
+        # Another boot or another container's pid namespace: these numbers now name other
+        # processes. Nothing of the attempt can be alive; its tree is found by marker only.
+        pid = pgid = 0
     if pid and meta.get("pid") != pid:
         meta.pop("create_time", None)  # that was of another process: the marker decides
     meta["pid"], meta["pgid"] = pid, pgid
     alive = bool(pid) and pid_is(pid, meta.get("create_time"), pgid, MARKER_VAR, name)
     found = Found(dir_exists=d.is_dir(), exit_code=(d / "exit_code").exists(),
-                  pid_record=bool(pid), wrapper_alive=alive)
+                  pid_record=recorded, wrapper_alive=alive)
     return Survey(d, meta, decide(found))
+
+
+def pid_space() -> str:
+    """Which pid numbering this process sees: the boot, and the pid namespace (a container
+    restart gets a new one). Pids recorded under another are meaningless here."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
 
 
 def _settle(d: Path, name: str, settle_s: float) -> None:

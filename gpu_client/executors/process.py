@@ -51,6 +51,7 @@ from gpu_client.executors.journal import (
     Journal,
     Verdict,
     crash_point,
+    pid_space,
     survey,
 )
 from gpu_client.executors.pids import alive, create_time, wait_pid
@@ -140,6 +141,7 @@ class ProcessExecutor:
         journal_dir = journal_dir or work_dir.parent / f".{work_dir.name}.journal"
         self._journal = Journal(journal_dir / self._tag)
         self._crash_at = os.environ.get(CRASH_VAR, "")  # test hook, read once
+        self._pid_space = pid_space()
         self._cgroup_root: Path | None = None
         self._cgroup_probed = False
         self._launching: set[int] = set()  # launcher pids asyncio still has to reap
@@ -169,6 +171,7 @@ class ProcessExecutor:
         meta: dict[str, Any] = {
             "task_id": assign.task_id, "attempt": assign.attempt,
             "started_at": time.time(), "timeout_s": assign.timeout_s, "marker": name,
+            "pid_space": self._pid_space,  # pids below mean nothing under another
             "artifacts": assign.artifacts,  # collected after it ends, adopted or not
         }
         if failed := await self._intend(assign, d, name, meta["started_at"]):
@@ -212,7 +215,7 @@ class ProcessExecutor:
     ) -> RunOutcome | None:
         """Durably record the launch intent before anything of the attempt exists."""
         intent = {"task_id": assign.task_id, "attempt": assign.attempt, "dir": str(d),
-                  "marker": name, "at": at}
+                  "marker": name, "at": at, "pid_space": self._pid_space}
         try:
             await asyncio.to_thread(self._journal.intend, name, intent)
         except OSError as exc:
