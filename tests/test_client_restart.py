@@ -12,17 +12,21 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from coordinator.mesh import Mesh
+from coordinator.model import TaskState
 from coordinator.settings import Settings
+from coordinator.store import Store
 from gpu_client.detect import FakeGpus
 from gpu_client.executors.journal import Found, Verdict, decide
 from gpu_client.executors.process import ProcessExecutor
-from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
+from tests.conftest import FAST, LiveCoordinator, Proc, run_coordinator, wait_until
+from tests.test_mesh import assigned, join, submit
 
 Spawn = Callable[..., Proc]
 
@@ -102,6 +106,43 @@ async def test_pids_recorded_under_another_pid_space_name_nothing_here(tmp_path:
     finally:
         stranger.kill()
         await stranger.wait()
+
+
+# --- the coordinator's side -----------------------------------------------------------------
+
+
+@pytest.fixture
+async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
+    store = Store(tmp_path / "mesh.sqlite3")
+    await store.open()
+    m = Mesh(store, replace(FAST, data_dir=tmp_path))
+    await m.start()
+    yield m
+    m.check_invariants()
+    await m.stop()
+    await store.close()
+
+
+async def test_a_restarted_node_without_the_task_spends_no_attempt(mesh: Mesh) -> None:
+    """A client that died before it journaled the assignment re-registers without it: an
+    infrastructure loss, not the task's; only the cap (MESH_MAX_INFRA_RETRIES) ends it."""
+    task_id = await submit(mesh, max_attempts=1)
+    link = join(mesh, "a", slots=1)
+    await assigned(mesh, link, task_id)
+    for attempt in (2, 3):  # two restarts in a row, each losing the attempt
+        link = join(mesh, "a", slots=1, running=[])
+        assert (await assigned(mesh, link, task_id)).attempt == attempt
+    t = await mesh.lookup(task_id)
+    assert t is not None and t.state is TaskState.ASSIGNED and t.infra_retries == 2
+    assert [e["attempt"] for e in t.history] == [1, 2]
+    assert all(e["infra"] and "re-registered without it" in e["cause"] for e in t.history)
+    stored = await mesh.store.get(task_id)  # durable: a coordinator restart keeps the count
+    assert stored is not None and stored.infra_retries == 2 and stored.history == t.history
+    mesh.settings = replace(mesh.settings, max_infra_retries=2)
+    join(mesh, "a", slots=1, running=[])  # a third loss is past the cap
+    t = await mesh.lookup(task_id)
+    assert t is not None and t.state is TaskState.FAILED
+    assert t.error.startswith("gave up after 3 node faults"), t.error
 
 
 # --- real clients, killed at points of a launch ---------------------------------------------
