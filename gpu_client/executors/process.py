@@ -23,7 +23,6 @@ ENOSPC is a `RunOutcome` with `infra=True`, which the coordinator runs elsewhere
 from __future__ import annotations
 
 import asyncio
-import codecs
 import json
 import logging
 import os
@@ -54,6 +53,7 @@ from gpu_client.executors.journal import (
     pid_space,
     survey,
 )
+from gpu_client.executors.output import Tail, file_size, read_tail
 from gpu_client.executors.pids import alive, create_time, wait_pid
 from gpu_client.executors.tree import (
     MARKER_VAR,
@@ -70,8 +70,6 @@ from shared.protocol import Assign
 
 log = logging.getLogger(__name__)
 
-TAIL_INTERVAL_S = 0.25  # how often output.log is read for streaming
-TAIL_READ_MAX = 256 * 1024  # more than this per read is skipped, with a marker
 NO_EXIT_CODE = "process ended without recording an exit code"
 GPU_RELEASE_WAIT_S = 10.0  # how long NVML may go on listing an ended task's processes
 GPU_RELEASE_POLL_S = 0.2
@@ -300,12 +298,12 @@ class ProcessExecutor:
                            int(meta["pid"]), int(meta["pgid"]), _tree_of(meta))
             if verdict in INFRA_VERDICTS:  # the node lost it: what it left goes, then rerun
                 await self._end(att)
-                output = await asyncio.to_thread(_read_tail, d / "output.log", self._tail_bytes)
+                output = await asyncio.to_thread(read_tail, d / "output.log", self._tail_bytes)
                 return _infra(_lost_reason(verdict, d), output)
             if verdict is Verdict.EXITED:  # it ended while no client watched
                 await self._end(att)
                 return await asyncio.to_thread(self._read_outcome, d, meta, "")
-            offset = await asyncio.to_thread(_size, d / "output.log")
+            offset = await asyncio.to_thread(file_size, d / "output.log")
             return await self._follow(att, meta, on_output, offset=offset)
 
         return follow
@@ -318,7 +316,7 @@ class ProcessExecutor:
         self._attempts[key] = att
         timeout_s = meta.get("timeout_s")
         left = None if timeout_s is None else timeout_s - (time.time() - meta["started_at"])
-        tail = _Tail(att.dir / "output.log", offset, on_output)
+        tail = Tail(att.dir / "output.log", offset, on_output)
         tail_task = asyncio.create_task(tail.loop())
         error = ""
         try:
@@ -366,7 +364,7 @@ class ProcessExecutor:
 
     def _read_outcome(self, d: Path, meta: dict[str, Any], error: str) -> RunOutcome:
         """Blocking: the exit code and output tail from an attempt's directory."""
-        output = _read_tail(d / "output.log", self._tail_bytes)
+        output = read_tail(d / "output.log", self._tail_bytes)
         duration = round(max(0.0, _mtime(d / "exit_code") - meta["started_at"]), 3)
         try:
             exit_code: int | None = int((d / "exit_code").read_text().strip())
@@ -436,28 +434,6 @@ def task_env(
     return env
 
 
-class _Tail:
-    """Streams what is appended to a file, decoded as UTF-8 across read boundaries."""
-
-    def __init__(self, path: Path, offset: int, on_output: OnOutput) -> None:
-        self._path, self._offset, self._on_output = path, offset, on_output
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    async def loop(self) -> None:
-        while True:
-            await self.read_once()
-            await asyncio.sleep(TAIL_INTERVAL_S)
-
-    async def read_once(self) -> None:
-        data, offset, skipped = await asyncio.to_thread(_read_from, self._path, self._offset)
-        self._offset = offset
-        if skipped:
-            self._on_output(f"[... {skipped} bytes skipped]\n")
-        text = self._decoder.decode(data)
-        if text:
-            self._on_output(text)
-
-
 # --- blocking helpers: call through asyncio.to_thread -----------------------------------
 
 
@@ -481,39 +457,6 @@ def _await_pid_record(d: Path, pid: int) -> None:
         if not alive(pid):
             return
         time.sleep(0.002)
-
-
-def _read_from(path: Path, offset: int) -> tuple[bytes, int, int]:
-    """(new bytes, new offset, bytes skipped because more than TAIL_READ_MAX were new)."""
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            skipped = max(0, size - offset - TAIL_READ_MAX)
-            f.seek(offset + skipped)
-            data = f.read(TAIL_READ_MAX)
-    except FileNotFoundError:
-        return b"", offset, 0
-    return data, offset + skipped + len(data), skipped
-
-
-def _read_tail(path: Path, limit: int) -> str:
-    try:
-        with path.open("rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - limit))
-            data = f.read(limit)
-    except FileNotFoundError:
-        return ""
-    if len(data) == limit and size > limit:
-        data = data.lstrip(bytes(range(0x80, 0xC0)))[:limit]  # no half character in front
-    return data.decode("utf-8", errors="replace")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:
-        return 0
 
 
 def _rmdir_quietly(path: Path) -> None:
