@@ -50,6 +50,7 @@ _spec_decoder = msgspec.json.Decoder(TaskSubmit)
 _enc_ask = msgspec.json.Encoder()
 # Submissions are encoded without defaults: a spec without these keys asks nothing of policy.
 _POLICY_KEYS = (b'"image"', b'"volumes"', b'"env"')
+_PINNED = b'"preemptible":false'  # encoded without defaults: present only when false
 
 
 @dataclass(slots=True, eq=False)
@@ -96,9 +97,12 @@ class Task:
     @property
     def class_key(self) -> tuple[str, bytes]:
         """Tasks that placement cannot tell apart share a queue class: same executor and
-        requirements, and (for node policy) the same image, volumes and env names."""
+        requirements, and (for node policy) the same image, volumes and env names.
+        `preemptible: false` work has classes of its own: a tenant's quota of it
+        (coordinator/tenants.py) must not hold preemptible work queued behind it."""
         digest = self.policy_digest
-        return (self.executor, self.req_raw + b"\0" + digest if digest else self.req_raw)
+        key = self.req_raw + b"\0" + digest if digest else self.req_raw
+        return (self.executor, key + b"\0np" if _PINNED in self.spec_raw else key)
 
     @property
     def policy_ask(self) -> PolicyAsk:

@@ -284,3 +284,20 @@ async def test_preemption_grace_reaches_the_node(
         assert (await coordinator.wait_finished(crit))["status"] == "completed"
         doc = await coordinator.wait_finished(victim)
         assert doc["status"] == "completed" and doc["result"]["output"].strip() == "done"
+
+
+async def test_nonpreemptible_work_counts_against_its_own_quota(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    spawn_client("np", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="3xA100-80GB")
+    await online(coordinator, "np", 3)
+    await put_tenant(coordinator, "svc", max_nonpreemptible=1)
+    pinned = [await coordinator.submit(**gpu_task("svc", 1.0, preemptible=False))
+              for _ in range(2)]
+    loose = await coordinator.submit(**gpu_task("svc", 0.2))
+    assert (await coordinator.wait_finished(loose))["status"] == "completed"
+    docs = [await coordinator.task(i) for i in pinned]
+    assert sorted(d["status"] for d in docs) in (["queued", "running"], ["assigned", "queued"])
+    held = next(d for d in docs if d["status"] == "queued")
+    assert "quota of 1 GPUs for non-preemptible work" in held["reason"]
+    assert {(await coordinator.wait_finished(i))["status"] for i in pinned} == {"completed"}
