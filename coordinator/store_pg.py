@@ -109,9 +109,11 @@ class PgStore(GroupCommitStore):
                 check=AsyncConnectionPool.check_connection,  # none lost to a server restart
             )
             await self._pool.open(wait=True, timeout=30)
-        except psycopg.OperationalError as exc:
-            await self.close()
-            raise StoreError(f"cannot open the store at {self.where}: {exc}") from exc
+        except BaseException as exc:
+            await self.close()  # nothing left open behind a failed start
+            if isinstance(exc, psycopg.Error):
+                raise StoreError(f"cannot open the store at {self.where}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         """Commit what is pending, then close the connection and the pool."""

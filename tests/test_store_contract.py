@@ -389,8 +389,8 @@ async def test_postgresql_going_away_and_coming_back() -> None:
 async def test_standbys_see_the_leaders_tokens_and_credentials(pg_server: PgServer) -> None:  # noqa: F811
     dsn = pg_server.create_database()
     leader, standby = PgStore(dsn), PgStore(dsn)
-    await leader.open()
-    await standby.open()  # migrations already ran: nothing to do, no error
+    # Two coordinators starting at once on an empty database: one migrates, one waits.
+    await asyncio.wait_for(asyncio.gather(leader.open(), standby.open()), 30)
     try:
         await PgAuthStore(leader).add_token(TokenRow("k1", "h1", "a", "submit", "n", 1.0, None))
         await PgCredentials(leader).insert("node-a", b"\x01\x02")
