@@ -25,6 +25,7 @@ from coordinator.store import Store
 from gpu_client.detect import FakeGpus
 from gpu_client.executors.journal import Found, Verdict, decide
 from gpu_client.executors.process import ProcessExecutor
+from shared.protocol import Assign
 from tests.conftest import FAST, LiveCoordinator, Proc, run_coordinator, wait_until
 from tests.test_mesh import assigned, join, submit
 
@@ -43,6 +44,8 @@ Spawn = Callable[..., Proc]
          Verdict.EXITED),
         (Found(dir_exists=True, exit_code=True, pid_record=True, wrapper_alive=True),
          Verdict.EXITED),  # the wrapper is between writing exit_code and exiting
+        (Found(dir_exists=True, exit_code=True, pid_record=True, wrapper_alive=False,
+               signalled=True), Verdict.KILLED),
         (Found(dir_exists=True, exit_code=False, pid_record=True, wrapper_alive=True),
          Verdict.RUNNING),
         (Found(dir_exists=True, exit_code=False, pid_record=True, wrapper_alive=False),
@@ -106,6 +109,31 @@ async def test_pids_recorded_under_another_pid_space_name_nothing_here(tmp_path:
     finally:
         stranger.kill()
         await stranger.wait()
+
+
+async def test_a_group_signalled_while_no_client_watched_is_killed_not_failed(
+    tmp_path: Path,
+) -> None:
+    """systemd's default stop: SIGTERM to every process of the unit, tasks included. The
+    task answers with exit code 143 while no client watches: that is not its outcome."""
+    first = _executor(tmp_path)
+    started = asyncio.Event()
+    run = asyncio.create_task(first.run(
+        Assign(task_id="t1", attempt=1, task_type="custom", executor="process",
+               script="touch ran; sleep 60"), started.set, lambda _: None))
+    await asyncio.wait_for(started.wait(), 10)
+    run.cancel()  # the client goes away...
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    d = first.attempt_dir("t1", 1)
+    await wait_until(lambda: (d / "ran").exists(), 10, "the command running")
+    pgid = int((d / "pid").read_text().split()[1])
+    os.killpg(pgid, signal.SIGTERM)  # ...and its tasks get SIGTERM with it
+    await wait_until(lambda: (d / "exit_code").exists(), 10, "the wrapper's exit code")
+    assert (d / "exit_code").read_text().strip() == "143"
+    (found,) = await _executor(tmp_path).adopt()
+    outcome = await found.follow(lambda _: None)
+    assert outcome.infra and outcome.error.startswith("killed with the client"), outcome
 
 
 # --- the coordinator's side -----------------------------------------------------------------

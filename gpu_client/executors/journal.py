@@ -13,6 +13,9 @@ atomically (a temp file renamed over the name), say how far the attempt got:
 - `exit_code` in the work dir, written by the wrapper once the command ended. The wrapper
   is no child of the client (the launcher's own session, reparented on the launcher's exit),
   so a task that ends while no client watches still records its exit code and output.
+- `signalled` in the work dir: the wrapper itself got TERM, INT or HUP, i.e. the signal
+  went to the whole process group or cgroup (systemd stopping the unit with the default
+  KillMode), not just to the task's command.
 
 `decide()` turns what a restarted client finds into one verdict; see its table.
 """
@@ -44,9 +47,10 @@ class Verdict(StrEnum):
     NOT_STARTED = "not started"  # infra: its command never ran; run it again
     LOST = "lost with the client"  # infra: it ran, but ended with no exit code recorded
     GONE = "work dir gone"  # infra: the intent is there, its work dir is not
+    KILLED = "killed with the client"  # infra: its whole group was signalled, it answered
 
 
-INFRA_VERDICTS = frozenset({Verdict.NOT_STARTED, Verdict.LOST, Verdict.GONE})
+INFRA_VERDICTS = frozenset({Verdict.NOT_STARTED, Verdict.LOST, Verdict.GONE, Verdict.KILLED})
 SETTLE_POLL_S = 0.05
 
 
@@ -58,29 +62,33 @@ class Found:
     exit_code: bool  # `exit_code` is in the work dir
     pid_record: bool  # `pid` is in the work dir
     wrapper_alive: bool  # the recorded wrapper pid is alive and carries the attempt's marker
+    signalled: bool = False  # `signalled`: the wrapper itself was sent TERM, INT or HUP
 
 
 def decide(found: Found) -> Verdict:
     """The decision table, in the order it is checked (first match wins):
 
-    | work dir | exit_code | pid | wrapper alive | verdict      | reported as                  |
-    |----------|-----------|-----|---------------|--------------|------------------------------|
-    | missing  | -         | -   | -             | GONE         | infra: run it again          |
-    | yes      | yes       | -   | -             | EXITED       | its exit code and output     |
-    | yes      | no        | yes | yes           | RUNNING      | re-adopted (running: True)   |
-    | yes      | no        | yes | no            | LOST         | infra "lost with the client" |
-    | yes      | no        | no  | -             | NOT_STARTED  | infra "not started"          |
+    | work dir | exit_code | signalled | pid | wrapper alive | verdict     | reported as         |
+    |----------|-----------|-----------|-----|---------------|-------------|---------------------|
+    | missing  | -         | -         | -   | -             | GONE        | infra: run it again |
+    | yes      | yes       | yes       | -   | -             | KILLED      | infra: run it again |
+    | yes      | yes       | no        | -   | -             | EXITED      | its exit code, output |
+    | yes      | no        | -         | yes | yes           | RUNNING     | re-adopted          |
+    | yes      | no        | -         | yes | no            | LOST        | infra: run it again |
+    | yes      | no        | -         | no  | -             | NOT_STARTED | infra: run it again |
 
     The wrapper writes `pid` before it runs the command and `exit_code` after, so "no pid"
     means the command never ran, and "pid, no exit code, no wrapper" means the wrapper was
     killed with the client (same cgroup, same container) or by someone else; never the
-    task's own end, which always leaves an exit code. Before deciding, the caller lets a
-    launch still in flight (processes with the marker but no `pid` yet) settle.
+    task's own end, which always leaves an exit code. An exit code with `signalled` is the
+    command's answer to a signal sent to its whole group while no client watched (systemd's
+    control-group stop of the client): the node's doing, not the task's. Before deciding,
+    the caller lets a launch still in flight (processes with the marker, no `pid`) settle.
     """
     if not found.dir_exists:
         return Verdict.GONE
     if found.exit_code:
-        return Verdict.EXITED
+        return Verdict.KILLED if found.signalled else Verdict.EXITED
     if found.pid_record:
         return Verdict.RUNNING if found.wrapper_alive else Verdict.LOST
     return Verdict.NOT_STARTED
@@ -196,7 +204,8 @@ def judge(d: Path, meta: dict[str, Any], settle_s: float) -> Survey:
     meta["pid"], meta["pgid"] = pid, pgid
     alive = bool(pid) and pid_is(pid, meta.get("create_time"), pgid, MARKER_VAR, name)
     found = Found(dir_exists=d.is_dir(), exit_code=(d / "exit_code").exists(),
-                  pid_record=recorded, wrapper_alive=alive)
+                  pid_record=recorded, wrapper_alive=alive,
+                  signalled=(d / "signalled").exists())
     return Survey(d, meta, decide(found))
 
 

@@ -88,9 +88,12 @@ echo "$!"
 """
 # The wrapper ($1 the launcher's pid = the process group) records its own start (`pid`)
 # before it runs the command, and the command's exit code after: both by rename, so a reader
-# never sees half of one. It outlives the client; see journal.py for what each file means.
+# never sees half of one. A TERM/INT/HUP to the wrapper itself (the whole group or cgroup
+# signalled, as systemd's control-group stop does) leaves `signalled`; the command gets its
+# signal as usual (a caught signal is reset on exec). It outlives the client; see journal.py.
 _WRAPPER = """
 pg=$1; shift
+trap ': >signalled' TERM INT HUP
 echo "$$ $pg" >pid.tmp && mv -f pid.tmp pid || exit 111
 "$@" </dev/null >>output.log 2>&1
 echo $? >exit_code.tmp && mv -f exit_code.tmp exit_code
@@ -402,6 +405,9 @@ def _lost_reason(verdict: Verdict, d: Path) -> str:
     if verdict is Verdict.GONE:
         return (f"not started or lost with the client: its work dir {d} does not exist (the "
                 "client died before making it, or it went with the client's container)")
+    if verdict is Verdict.KILLED:
+        return ("killed with the client: a signal to its whole process group or cgroup "
+                "(a supervisor stopping the client with its tasks) ended it")
     return ("lost with the client: its processes ended with the client (same cgroup or "
             "container) before recording an exit code")
 
