@@ -1,15 +1,16 @@
 """The launch journal: what a process-executor attempt had reached when its client died.
 
 A client can die at any point of a launch (`kill -9` of its process group, `systemctl
-restart` with the default KillMode, a container restart). Three records, each written
-atomically (a temp file renamed over the name), say how far the attempt got:
+restart` with the default KillMode, a container restart). These records, each written
+atomically (a temp file renamed over the name, or an empty file), say how far it got:
 
 - the **intent**, `{state_dir}/journal/{tag}/{name}.json` ({task_id, attempt, dir, marker,
-  at}), written and fsync'd (file and directory) by the client before anything of the
+  at, pid_space}), written and fsync'd (file and directory) by the client before anything of the
   attempt exists; removed by `release()` once the coordinator has the result (or fenced
   the attempt off). An intent with no work dir is an attempt that never started.
 - `pid` in the attempt's work dir ("<wrapper pid> <launcher pid = pgid>"), written by the
-  wrapper itself before it runs the task's command: no `pid`, the command never ran.
+  wrapper itself before it runs the task's command: no `pid`, the command never ran. Pids
+  count only under the same `pid_space` (boot and pid namespace) as the intent's.
 - `exit_code` in the work dir, written by the wrapper once the command ended. The wrapper
   is no child of the client (the launcher's own session, reparented on the launcher's exit),
   so a task that ends while no client watches still records its exit code and output.
