@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -174,6 +175,9 @@ async def test_console_end_to_end(
         made = await live.http.post("/admin/tokens", json={"tenant": "ops", "role": "read"})
         await page.type("#token", made.json()["token"])
         await page.click("#token-save")
+        await page.wait_for("document.getElementById('detail').hidden",
+                            what="alice's task closed: not this token's to see")
+        assert "404" in await page.text("#message")
         await page.wait_for("document.querySelector(\"tr.node-row[data-node='worker'] "
                             "button.drain\")")
         await page.click("tr.node-row[data-node='worker'] button.drain")
@@ -213,3 +217,92 @@ async def test_docs_renders_every_operation(
         assert "TaskSubmit" in body and "422" in body and "submit" in body
         await page.screenshot(tmp_path / "docs.png")
         assert not page.errors, page.errors
+
+
+async def tenant_submit(live: LiveCoordinator, token: str, **body: Any) -> str:
+    r = await live.http.post("/tasks/submit", json=body,
+                             headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, r.text
+    task_id: str = r.json()["task_id"]
+    return task_id
+
+
+async def test_console_tenants_panel(
+    coordinator: LiveCoordinator, spawn_client: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """Two tenants (weights 1 and 3, a GPU quota of 1 on alpha) with queued work and alpha
+    holding a GPU: the panel shows each one's weight, quotas, use and queue as
+    /admin/tenants has them, and a queued task's detail names the quota that holds it.
+    A read token gets the server's 403 in one line; the rest of the page goes on."""
+    live = coordinator
+    spawn_client("g2", live.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="2xA100-80GB")
+    configs = {"alpha": {"weight": 1, "max_gpus": 1, "max_queued": 10, "rate": 50, "burst": 20},
+               "beta": {"weight": 3}}
+    for name, config in configs.items():
+        assert (await live.http.put(f"/admin/tenants/{name}", json=config)).status_code == 200
+    tokens = {name: (await live.http.post("/admin/tokens", json={"tenant": name})).json()["token"]
+              for name in configs}
+    await wait_until(lambda: "g2" in live.mesh.nodes, 20, "g2 online")
+    one_gpu = {"task_type": "custom", "script": "sleep 60", "requirements": {"gpu_count": 1}}
+    running = await tenant_submit(live, tokens["alpha"], **one_gpu)
+    await wait_until(lambda: live.mesh.tasks[running].state == "running", 20, "alpha's GPU task")
+    # alpha's next tasks wait for its GPU quota; beta's need more GPUs than the mesh has
+    held = [await tenant_submit(live, tokens["alpha"], **one_gpu) for _ in range(2)]
+    for _ in range(2):
+        await tenant_submit(live, tokens["beta"], task_type="custom", script="true",
+                            requirements={"gpu_count": 4})
+    await wait_until(lambda: "GPU quota" in live.mesh.queued_reason(live.mesh.tasks[held[0]]),
+                     10, "alpha held by its quota")
+    server = {t["name"]: t for t in (await live.http.get("/admin/tenants")).json()["tenants"]}
+    assert (server["alpha"]["gpus"], server["alpha"]["queued"], server["beta"]["queued"]) == \
+        (1, 2, 2)
+
+    async with Browser(tmp_path / "chromium") as page:
+        await page.goto(f"{live.url}/ui")
+        await page.type("#token", admin_token(live.settings))
+        await page.click("#token-save")
+        await page.wait_for("document.querySelectorAll('tr.tenant-row').length >= 2",
+                            what="the tenants' rows")
+        for name in configs:
+            row, want = f"tr.tenant-row[data-tenant='{name}']", server[name]
+            assert await page.text(f"{row} td.weight") == f"{want['weight']:g}"
+            assert await page.text(f"{row} td.queued") == \
+                f"{want['queued']} / {want['quota'].get('max_queued', '∞')}"
+            assert await page.text(f"{row} td.gpus") == \
+                f"{want['gpus']} / {want['quota'].get('max_gpus', '∞')}"
+            assert await page.text(f"{row} td.running") == f"{want['running']} / ∞"
+            assert await page.text(f"{row} td.share") == \
+                f"{want['share']:.0%} / {want['target_share']:.0%}"
+        assert await page.text("tr.tenant-row[data-tenant='alpha'] td.gpus") == "1 / 1"
+        assert await page.text("tr.tenant-row[data-tenant='alpha'] td.rate") == \
+            "50/s (burst 20)"
+        assert await page.text("tr.tenant-row[data-tenant='beta'] td.rate") == "unlimited"
+        assert await page.text("tr.tenant-row[data-tenant='alpha'] td.share") == "100% / 25%"
+        assert await page.text("tr.tenant-row[data-tenant='beta'] td.share") == "0% / 75%"
+        assert "weighted Jain index" in await page.text("#tenants-jain")
+
+        # a queued task's detail says what holds it: its tenant's GPU quota
+        await page.click(f"tr.task-row[data-task='{held[0]}']")
+        await page.wait_for("document.querySelector('#detail-fields dd[data-field=\"waiting "
+                            "for\"]')", what="the task's reason")
+        reason = await page.text("#detail-fields dd[data-field='waiting for']")
+        assert "tenant alpha is at its GPU quota" in reason, reason
+        await page.screenshot(tmp_path / "tenants.png")
+
+        # a read token: the panel says why in one line; the rest of the page still works
+        made = await live.http.post("/admin/tokens", json={"tenant": "beta", "role": "read"})
+        await page.type("#token", made.json()["token"])
+        await page.click("#token-save")
+        await page.wait_for("document.getElementById('tenants-note').textContent"
+                            ".includes('403')", what="the tenants' refusal")
+        note = await page.text("#tenants-note")
+        assert "needs admin" in note and "\n" not in note, note
+        assert await page.evaluate("document.getElementById('tenants-table').hidden") is True
+        await page.wait_for("document.querySelectorAll('tr.task-row').length === 2",
+                            what="beta's own two tasks, for beta's read token")
+        await page.wait_for("document.getElementById('detail').hidden",
+                            what="alpha's task closed: not the read token's to see")
+        assert (await page.text("#conn")).startswith("connected")
+        await page.screenshot(tmp_path / "tenants-403.png")
+        assert not page.errors, page.errors
+    assert (tmp_path / "tenants.png").stat().st_size > 1000

@@ -138,6 +138,53 @@ function renderQueue(s, active) {
     el("span", {text: t.name || t.task_type}), " ", el("span", {class: "muted", text: t.reason || ""}))));
 }
 
+// --- tenants: GET /admin/tenants (admin only) and /mesh/status fairness ----------------------
+
+function pct(x) { return (100 * Number(x || 0)).toFixed(0) + "%"; }
+function ofMax(used, max) { return `${used} / ${max === undefined || max === null ? "∞" : max}`; }
+
+function rateText(quota) {
+  if (quota.rate === undefined || quota.rate === null) return "unlimited";
+  return `${quota.rate}/s` + (quota.burst ? ` (burst ${quota.burst})` : "");
+}
+
+function shareCell(t) {
+  const fill = el("div", {class: "fill"});
+  fill.style.width = Math.max(0, Math.min(100, 100 * t.share)) + "%";
+  const mark = el("div", {class: "target"});
+  mark.style.left = Math.max(0, Math.min(100, 100 * t.target_share)) + "%";
+  return el("td", {class: "share"}, el("div", {class: "bar"}, fill, mark),
+    el("span", {text: `${pct(t.share)} / ${pct(t.target_share)}`}));
+}
+
+function renderTenants(doc, fairness) {
+  const jain = fairness ? fairness.weighted_jain_index : null;
+  $("tenants-jain").textContent = "· weighted Jain index " + (jain === null || jain === undefined ? "–" : jain.toFixed(2));
+  const note = $("tenants-note");
+  const body = clear($("tenants-table").tBodies[0]);
+  if (doc instanceof ApiError) {  // a non-admin token: say why in one line, show nothing else
+    $("tenants-table").hidden = true;
+    note.hidden = false;
+    note.className = "bad";
+    note.textContent = `tenants: ${doc.message}`;
+    return;
+  }
+  $("tenants-table").hidden = false;
+  note.hidden = doc.tenants.length > 0;
+  note.className = "muted";
+  note.textContent = "no tenants yet";
+  for (const t of doc.tenants) {
+    const quota = t.quota || {};
+    body.append(el("tr", {class: "tenant-row", dataset: {tenant: t.name}},
+      el("td", {class: "name"}, el("strong", {text: t.name}), t.configured ? null : el("span", {class: "muted", text: " (defaults)"})),
+      el("td", {class: "weight", text: t.weight}), shareCell(t),
+      el("td", {class: "gpus", text: ofMax(t.gpus, quota.max_gpus)}),
+      el("td", {class: "running", text: ofMax(t.running, quota.max_running)}),
+      el("td", {class: "queued", text: ofMax(t.queued, quota.max_queued)}),
+      el("td", {class: "rate", text: rateText(quota)})));
+  }
+}
+
 // --- tasks ----------------------------------------------------------------------------------
 
 function filters() {
@@ -173,10 +220,10 @@ function renderDetail(t) {
   const fields = [["name", t.name], ["type", t.task_type], ["priority", t.priority], ["tenant", t.tenant],
     ["node", t.node], ["GPUs", (t.gpu_indices || []).join(", ")], ["attempt", `${t.attempt} / ${t.max_attempts}`],
     ["executor", t.executor], ["image", t.image], ["submitted", t.submitted_at], ["started", t.started_at],
-    ["finished", t.finished_at], ["exit code", t.result ? t.result.exit_code : null], ["error", t.error]];
+    ["finished", t.finished_at], ["exit code", t.result ? t.result.exit_code : null], ["error", t.error],
+    ["waiting for", t.status === "queued" ? t.reason : null]];
   clear($("detail-fields")).append(...fields.filter(([, v]) => v !== undefined && v !== null && v !== "")
     .flatMap(([k, v]) => [el("dt", {text: k}), el("dd", {dataset: {field: k}, text: v})]));
-  $("detail-reason").textContent = t.reason || "";
 }
 
 function stopLogs() {
@@ -265,17 +312,30 @@ async function cancelSelected() {
 
 // --- the loop -------------------------------------------------------------------------------
 
+async function refreshDetail() {
+  const id = state.selected;
+  try {
+    renderDetail(await api(`/tasks/${q(id)}`));
+  } catch (e) {
+    if (e.status !== 404) throw e;
+    closeTask();  // gone, or not this token's to see (another tenant's): the rest goes on
+    say(`task ${id}: ${e.message}`, true);
+  }
+}
+
 async function refresh() {
   clearTimeout(state.timer);
   const tenant = filters().tenant;
   const tq = tenant ? `tenant=${q(tenant)}` : "";
   try {
-    const [status, nodes, active, completed] = await Promise.all([
+    const [status, nodes, active, completed, tenants] = await Promise.all([
       api("/mesh/status"), api("/mesh/nodes"), api("/tasks/active" + (tq ? "?" + tq : "")),
-      api("/tasks/completed?limit=100" + (tq ? "&" + tq : ""))]);
+      api("/tasks/completed?limit=100" + (tq ? "&" + tq : "")),
+      api("/admin/tenants").catch((e) => e)]);  // a 403 here leaves the rest of the page be
     state.active = active.tasks; state.completed = completed.tasks;
     renderSummary(status); renderNodes(nodes.nodes); renderQueue(status, active.tasks); renderTasks();
-    if (state.selected) renderDetail(await api(`/tasks/${q(state.selected)}`));
+    renderTenants(tenants, status.fairness);
+    if (state.selected) await refreshDetail();
     $("conn").textContent = `connected · ${new Date().toLocaleTimeString()}`;
     $("conn").className = "ok";
   } catch (e) {
