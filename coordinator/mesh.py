@@ -499,14 +499,19 @@ class Mesh(Preemption, NodeSide):
             await asyncio.sleep(0)  # a pass cut at its budget: let the loop breathe first
         if not placed:
             return
-        results = await asyncio.shield(
-            asyncio.gather(*(w for _, w in placed), return_exceptions=True)
-        )
-        for (t, _), res in zip(placed, results, strict=True):
-            if isinstance(res, BaseException):
-                log.error("assignment of task %s not stored: %s", t.id, res)
-                continue
-            self._send_assign(t)
+        # The pass's writes were queued in one turn, so they commit (or fail) in one batch:
+        # once the last is done all are. The assigns go out then, while the next pass runs.
+        placed[-1][1].add_done_callback(lambda _: self._send_placed(placed, started))
+
+    def _send_placed(self, placed: list[tuple[Task, asyncio.Future[None]]],
+                     started: float) -> None:
+        for t, write in placed:
+            if not write.done():  # not in that batch after all: send it after its own
+                write.add_done_callback(lambda w, t=t: self._send_placed([(t, w)], started))
+            elif write.cancelled() or write.exception() is not None:
+                log.error("assignment of task %s not stored", t.id)
+            else:
+                self._send_assign(t)
         self.metrics.dispatched(time.perf_counter() - started, len(placed))
 
     def _dispatch_pass(self) -> list[tuple[Task, asyncio.Future[None]]]:
@@ -570,8 +575,8 @@ class Mesh(Preemption, NodeSide):
                 wait, lambda: t.attempt == attempt and self._send_assign(t)
             )
             return
-        node = self.nodes[t.node]
-        if node.link is None:
+        node = self.nodes.get(t.node)
+        if node is None or node.link is None:
             return  # the node is away; register's reconciliation requeues or keeps it
         node.link.send(self._assign_msg(t, node))
 

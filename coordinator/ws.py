@@ -26,12 +26,16 @@ from coordinator.mesh import Mesh
 from coordinator.store import StoreError
 from shared.limits import MAX_NAME, Throttled, message_refusal
 from shared.protocol import (
+    BUNDLE,
+    FEATURES,
     SUPPORTED_PROTOCOLS,
     BadMessage,
+    ClientBundle,
     CloseCode,
     Error,
     Msg,
     Register,
+    bundle_frame,
     decode_client,
     encode,
     valid_node_name,
@@ -58,6 +62,8 @@ class WsLink:
     CLOSE_TIMEOUT_S the TCP connection is aborted, so a stuck peer holds no memory."""
 
     CLOSE_TIMEOUT_S = 10.0
+    BUNDLE_FRAMES = 256  # at most this many messages, and BUNDLE_BYTES, in one bundle
+    BUNDLE_BYTES = 256 << 10
 
     def __init__(
         self, ws: WebSocket, node: str, max_frames: int | None = None,
@@ -72,6 +78,8 @@ class WsLink:
         self.queued_bytes = 0
         self.closing = False
         self.slow = False
+        self.bundle = False  # the node offered "bundle": frames queued together leave as one
+        self._sent = False  # the first frame (`registered`, which says so) always goes alone
 
     def send(self, msg: Msg) -> None:
         if self.closing:
@@ -116,7 +124,24 @@ class WsLink:
                 await self.ws.close(item.code, item.reason)
                 return
             self.queued_bytes -= len(item)
+            if self._sent and self.bundle and self._out and not isinstance(self._out[0], _Close):
+                item = self._bundle(item)
+            self._sent = True
             await self.ws.send_text(item.decode())
+
+    def _bundle(self, first: bytes) -> bytes:
+        """`first` and the frames queued behind it, up to the caps, as one `bundle` frame:
+        one ASGI send and one socket write instead of one per message."""
+        frames, size, out = [first], len(first), self._out
+        while out and len(frames) < self.BUNDLE_FRAMES:
+            nxt = out[0]
+            if isinstance(nxt, _Close) or size + len(nxt) > self.BUNDLE_BYTES:
+                break
+            out.popleft()
+            frames.append(nxt)
+            size += len(nxt)
+            self.queued_bytes -= len(nxt)
+        return frames[0] if len(frames) == 1 else bundle_frame(frames)
 
 
 def _abort(ws: WebSocket) -> None:
@@ -280,7 +305,9 @@ async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
     try:
         registered = mesh.register(name, first, link)
         registered.credential = issued  # its hash committed before this reply goes out
+        registered.features = sorted(FEATURES.intersection(first.features))
         link.send(registered)
+        link.bundle = BUNDLE in registered.features  # from the next frame on
         if (notice := drain_notice(mesh, name)) is not None:
             link.send(notice)  # drained before it (re)joined: it still takes no new work
         why = await _read_loop(ws, mesh, name, link)
@@ -299,13 +326,14 @@ async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
         if raw is None:
             return "peer closed"
         msg = decode_client(raw)
-        if _refused(ws, mesh, name, link, msg):
-            continue
-        try:
-            mesh.handle(name, link, msg)
-        except Exception:  # a bug in the Mesh must not take this node's connection down
-            log.exception("handling %s from %s failed", type(msg).__name__, name)
-            link.send(Error(reason="internal error handling this message", code="internal"))
+        for one in msg.msgs if isinstance(msg, ClientBundle) else (msg,):
+            if link.closing or _refused(ws, mesh, name, link, one):
+                continue
+            try:
+                mesh.handle(name, link, one)
+            except Exception:  # a bug in the Mesh must not take this node's connection down
+                log.exception("handling %s from %s failed", type(one).__name__, name)
+                link.send(Error(reason="internal error handling this message", code="internal"))
     return "closed by coordinator"
 
 

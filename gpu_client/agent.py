@@ -38,7 +38,9 @@ from gpu_client.settings import ClientSettings
 from gpu_client.telemetry import Telemetry
 from shared import __version__
 from shared.protocol import (
+    BUNDLE,
     FATAL_CLOSE_CODES,
+    FEATURES,
     MAX_FRAME_BYTES,
     Ack,
     Assign,
@@ -51,12 +53,14 @@ from shared.protocol import (
     Msg,
     Register,
     Registered,
+    ServerBundle,
     ServerMsg,
     TaskAccepted,
     TaskOutcome,
     TaskRef,
     TaskResult,
     TaskStarted,
+    bundle_frame,
     decode_server,
     encode,
 )
@@ -64,6 +68,8 @@ from shared.protocol import (
 log = logging.getLogger(__name__)
 
 REGISTER_TIMEOUT_S = 10.0
+BUNDLE_MSGS = 256  # at most this many messages, and BUNDLE_BYTES, in one `bundle` frame
+BUNDLE_BYTES = 256 << 10
 EXIT_FATAL = 2
 Key = tuple[str, int]
 
@@ -137,6 +143,7 @@ class Agent:
         self._executors = dict(executors)
         self._runs: dict[Key, Run] = {}
         self._outbox: asyncio.Queue[Msg] | None = None  # set while registered
+        self._bundle = False  # the coordinator takes several messages in one frame
         self._ws: ClientConnection | None = None
         self._draining = False
         self._heartbeat_s = 5.0
@@ -317,6 +324,7 @@ class Agent:
         self.registrations += 1
         self._heartbeat_s = registered.heartbeat_interval_s
         self._draining = False
+        self._bundle = BUNDLE in registered.features
         outbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._outbox = outbox
         log.info("registered with %s as %s", self._endpoints.current, registered.node_id,
@@ -358,7 +366,7 @@ class Agent:
             gpus=reading.gpus, cpu_count=host.cpu_count if host else os.cpu_count() or 1,
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
-            running=self._refs(), policy=self._policy,
+            running=self._refs(), policy=self._policy, features=sorted(FEATURES),
             credential=await asyncio.to_thread(load_any, self._credential_paths),
             token=await asyncio.to_thread(join_token, s.token, s.token_file),
         )
@@ -366,7 +374,15 @@ class Agent:
     async def _write(self, ws: ClientConnection, outbox: asyncio.Queue[Msg]) -> None:
         try:
             while True:
-                await ws.send(encode(await outbox.get()))
+                first = await outbox.get()
+                if not self._bundle or outbox.empty():
+                    await ws.send(encode(first))
+                    continue
+                msgs = [first]  # what queued up meanwhile leaves together (negotiated)
+                while not outbox.empty() and len(msgs) < BUNDLE_MSGS:
+                    msgs.append(outbox.get_nowait())
+                for frame in _bundles(msgs):
+                    await ws.send(frame)
         except ConnectionClosed:
             return  # the reader sees the close too
         except Exception:
@@ -431,8 +447,11 @@ class Agent:
 
     # --- coordinator messages (synchronous: no await between check and change) --------
 
-    def _handle(self, msg: ServerMsg | BadMessage) -> None:
+    def _handle(self, msg: ServerMsg | ServerBundle | BadMessage) -> None:
         match msg:
+            case ServerBundle():
+                for one in msg.msgs:
+                    self._handle(one)
             case Assign():
                 self._on_assign(msg)
             case Cancel():
@@ -581,3 +600,21 @@ class Agent:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
+
+def _bundles(msgs: list[Msg]) -> list[bytes]:
+    """`msgs` as few frames as the caps allow, in order. A `task_accepted` whose attempt's
+    result leaves with it is dropped: the result says as much (the coordinator only fences
+    on it)."""
+    done = {(m.task_id, m.attempt) for m in msgs if isinstance(m, TaskResult)}
+    frames: list[list[bytes]] = [[]]
+    size = 0
+    for m in msgs:
+        if isinstance(m, TaskAccepted) and (m.task_id, m.attempt) in done:
+            continue
+        raw = encode(m)
+        if frames[-1] and size + len(raw) > BUNDLE_BYTES:
+            frames.append([])
+            size = 0
+        frames[-1].append(raw)
+        size += len(raw)
+    return [f[0] if len(f) == 1 else bundle_frame(f) for f in frames if f]

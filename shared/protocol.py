@@ -123,6 +123,7 @@ class Register(Msg, tag="register"):
     credential: str = ""  # the node's own credential, issued on its first registration
     policy: NodePolicy | None = None  # None: an older client that states no policy
     proof: str = ""  # HMAC of the join token over this connection's nonces (shared/proof.py)
+    features: list[str] = []  # optional protocol features the client speaks (FEATURES)
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -174,6 +175,20 @@ class TaskResult(Msg, tag="task_result"):
 
 ClientMsg = Register | Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
 
+# Optional features, offered in `register.features` and accepted in `registered.features`;
+# a peer that does not list one never receives it. "bundle": several messages in one frame
+# (`bundle` below, each direction), in the order they were made, handled as if sent one by one.
+BUNDLE = "bundle"
+FEATURES = frozenset({BUNDLE})
+MAX_BUNDLE = 1024  # messages in one bundle; more is a bad frame
+
+
+class ClientBundle(Msg, tag="bundle"):
+    msgs: Annotated[
+        list[Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult],
+        msgspec.Meta(max_length=MAX_BUNDLE),
+    ] = []
+
 
 # --- coordinator -> client ---------------------------------------------------------------
 
@@ -185,6 +200,7 @@ class Registered(Msg, tag="registered"):
     keep: list[TaskRef] = []  # reported tasks whose attempt is current: carry on
     stop: list[TaskRef] = []  # reported tasks that were fenced off: stop and forget them
     credential: str = ""  # set on a node's first registration: keep it, present it from now on
+    features: list[str] = []  # those of the register's `features` the coordinator will use
 
 
 class Assign(Msg, tag="assign"):
@@ -242,25 +258,37 @@ class Error(Msg, tag="error"):
 ServerMsg = Registered | Assign | Cancel | Ack | Drain | Error
 
 
+class ServerBundle(Msg, tag="bundle"):
+    msgs: Annotated[
+        list[Registered | Assign | Cancel | Ack | Drain | Error],
+        msgspec.Meta(max_length=MAX_BUNDLE),
+    ] = []
+
+
+def bundle_frame(frames: list[bytes]) -> bytes:
+    """One `bundle` frame of already encoded messages (each a JSON object): no re-encoding."""
+    return b'{"type":"bundle","msgs":[' + b",".join(frames) + b"]}"
+
+
 class BadMessage(msgspec.Struct, frozen=True):
     """A frame that did not decode; `reason` says why, in msgspec's words."""
 
     reason: str
 
 
-_client_decoder = msgspec.json.Decoder(ClientMsg)
-_server_decoder = msgspec.json.Decoder(ServerMsg)
+_client_decoder = msgspec.json.Decoder(ClientMsg | ClientBundle)
+_server_decoder = msgspec.json.Decoder(ServerMsg | ServerBundle)
 _encoder = msgspec.json.Encoder()
 
 
-def decode_client(raw: bytes | str) -> ClientMsg | BadMessage:
+def decode_client(raw: bytes | str) -> ClientMsg | ClientBundle | BadMessage:
     try:
         return _client_decoder.decode(raw)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         return BadMessage(str(exc))
 
 
-def decode_server(raw: bytes | str) -> ServerMsg | BadMessage:
+def decode_server(raw: bytes | str) -> ServerMsg | ServerBundle | BadMessage:
     try:
         return _server_decoder.decode(raw)
     except msgspec.DecodeError as exc:
