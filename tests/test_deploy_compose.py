@@ -292,3 +292,47 @@ def test_stack_runs_a_task_and_the_client_rejoins_after_a_coordinator_restart(
     assert kept["status"] == "completed", kept
     again = run_task({"task_type": "test"})
     assert again["status"] == "completed", again
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@needs_compose
+@needs_engine
+def test_a_process_task_survives_a_client_container_restart_by_running_again(
+    stack: tuple[str, dict[str, str], httpx.Client],
+) -> None:
+    """Issue 19: the client's container restarts under a running process task; the task dies
+    with it, the restarted client reports it lost (its journal is in the state volume), and
+    it runs again as attempt 2 without spending max_attempts."""
+    project, env, api = stack
+
+    def admin() -> bool:
+        token = compose(project, "exec", "-T", "gpu-coordinator", "cat", "/data/admin.token",
+                        env=env, timeout=60, check=False).stdout.strip()
+        if token:
+            api.headers["Authorization"] = f"Bearer {token}"
+        return bool(token)
+
+    def online() -> bool:
+        try:
+            doc = api.get("/mesh/status").json()
+        except (httpx.TransportError, ValueError):
+            return False
+        return bool(doc.get("nodes", {}).get("cpu-client", {}).get("status") == "online")
+
+    wait_for(admin, 90, "the coordinator's admin token")
+    wait_for(online, 90, "cpu-client online")
+    script = "echo started-$MESH_ATTEMPT; sleep 8; echo done-$MESH_ATTEMPT"
+    body = {"task_type": "custom", "script": script, "max_attempts": 1}
+    task_id = api.post("/tasks/submit", json=body).json()["task_id"]
+    wait_for(lambda: api.get(f"/tasks/{task_id}").json()["status"] == "running", 60,
+             "the task running")
+    compose(project, "restart", "cpu-client", env=env, timeout=120)
+    doc: dict[str, Any] = {}
+    deadline = time.monotonic() + 90
+    while doc.get("status") not in ("completed", "failed") and time.monotonic() < deadline:
+        doc = api.get(f"/tasks/{task_id}", params={"wait": 20}).json()
+    assert doc["status"] == "completed", doc
+    assert doc["attempt"] == 2 and doc["infra_losses"] == 1, doc
+    assert doc["result"]["output"].strip().endswith("done-2"), doc["result"]
+    assert "lost with the client" in doc["history"][0]["cause"], doc["history"]
