@@ -469,8 +469,9 @@ class Mesh(Preemption, NodeSide):
         if task_id not in self.tasks:
             return
         event = self._done.setdefault(task_id, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), wait_s)
+        try:  # asyncio.timeout, not wait_for: no task of its own per long-poll (3.11)
+            async with asyncio.timeout(wait_s):
+                await event.wait()
         except TimeoutError:
             pass
 
