@@ -57,9 +57,13 @@ def test_ctrl_c_under_make_up_exits_0_and_says_what_happens_to_running_tasks(
     try:
         out = _read_until(fd, b"Ctrl-C stops", 60)
         token = (data_dir / "admin.token").read_text().strip()
-        r = httpx.post(f"http://127.0.0.1:{port}/tasks/submit", json={"task_type": "test"},
-                       headers={"Authorization": f"Bearer {token}"})
+        auth = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"http://127.0.0.1:{port}/tasks/submit", headers=auth,
+                       json={"task_type": "custom", "script": "sleep 3; echo survived"})
         assert r.status_code == 200, r.text
+        task_id = r.json()["task_id"]
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/tasks/{task_id}", headers=auth)
+                 .json()["status"] == "running", 30, "the task running")
         os.write(fd, b"\x03")  # the terminal turns it into SIGINT for its foreground group
         out += _read_until(fd, b"gpumesh stopped", 60)
         _, status = os.waitpid(pid, 0)
@@ -76,6 +80,24 @@ def test_ctrl_c_under_make_up_exits_0_and_says_what_happens_to_running_tasks(
     with socket.socket() as s:  # the coordinator is gone: the port is free again
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+    # What the message promised: the running task went on, and the next `up` records it.
+    again = subprocess.Popen([*GPUMESH, "up"], env=_env(tmp_path, port, data_dir), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _healthy(port), 60, "the second gpumesh up healthy")
+        doc = wait_for(lambda: _finished(port, auth, task_id), 60, "the task recorded")
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.wait(60)
+    assert doc["status"] == "completed" and doc["attempt"] == 1, doc
+    assert doc["result"]["output"].strip() == "survived", doc
+
+
+def _finished(port: int, auth: dict[str, str], task_id: str) -> dict[str, object] | None:
+    doc: dict[str, object] = httpx.get(
+        f"http://127.0.0.1:{port}/tasks/{task_id}", headers=auth, timeout=5
+    ).json()
+    return doc if doc["status"] in ("completed", "failed", "cancelled") else None
 
 
 def test_sigterm_stops_up_with_exit_0(tmp_path: Path) -> None:
