@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers and sets `func`) and gets one line here."""
     p = argparse.ArgumentParser(prog="gpumesh", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Also before the command, as `nomad -address` is: `gpumesh --url URL tasks --json`.
+    p.add_argument("--url", dest="global_url", default=None, help="coordinator URL")
+    p.add_argument("--json", dest="global_json", action="store_true", help="print JSON")
     sub = p.add_subparsers(dest="cmd", required=True)
     _up_parser(sub)
     cli_tasks.register(sub)
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.global_url and getattr(args, "url", "absent") is None:
+        args.url = args.global_url
+    if args.global_json and hasattr(args, "json"):
+        args.json = True
     sys.exit(cli_common.run(args))
 
 

@@ -194,6 +194,8 @@ async def test_dead_url_and_bad_input_are_one_line_and_exit_2() -> None:
         res = await gpumesh(*args, "--url", dead)
         assert res.returncode == 2, (args, res.stderr)
         assert f"cannot reach {dead}" in _one_line_error(res)
+    res = await gpumesh("--url", dead, "tasks")  # before the command, as `nomad -address`
+    assert res.returncode == 2 and f"cannot reach {dead}" in _one_line_error(res)
     res = await gpumesh("submit", "{not json", "--url", dead)
     assert res.returncode == 2 and "not valid JSON" in _one_line_error(res)
     res = await gpumesh("submit", "@/no/such/file.json", "--url", dead)

@@ -49,8 +49,8 @@ def test_ctrl_c_under_make_up_exits_0_and_says_what_happens_to_running_tasks(
 ) -> None:
     """The real Makefile's `up` target on a real terminal (a pty); Ctrl-C is the ^C byte."""
     port, data_dir = free_port(), tmp_path / "mesh-data"
-    make = ["make", "-s", "-C", str(ROOT), "-o", ".venv/.installed", "up",
-            f"VENV={Path(sys.executable).parent.parent}"]
+    venv = Path(sys.executable).parent.parent  # this venv: make must not rebuild it
+    make = ["make", "-s", "-C", str(ROOT), "-o", f"{venv}/.installed", "up", f"VENV={venv}"]
     pid, fd = pty.fork()
     if pid == 0:  # the child: make on a terminal of its own, as in a user's shell
         os.execvpe(make[0], make, _env(tmp_path, port, data_dir))
