@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.procs import raise_fd_limit
+from benchmarks.procs import BENCH_JOIN_TOKEN, raise_fd_limit
 from shared.protocol import (
     MAX_FRAME_BYTES,
     Ack,
@@ -103,6 +103,7 @@ class SimNode:
             executors=["builtin"],
             slots=4,
             labels={"sim": "1"},
+            token=BENCH_JOIN_TOKEN,  # what the benchmark's coordinator admits (MESH_JOIN_TOKEN)
         )
 
     def heartbeat(self) -> Heartbeat:
