@@ -109,9 +109,9 @@ class RayBaseline:
         self.close()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
             self.proc.stdin.close()  # ray.shutdown() on EOF
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -121,6 +121,8 @@ class RayBaseline:
             os.killpg(self.proc.pid, 9)
         except (ProcessLookupError, PermissionError):
             pass
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 if __name__ == "__main__":
