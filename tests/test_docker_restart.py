@@ -1,11 +1,11 @@
 """Nodes that fail well (issue 11): a Docker daemon stopped and restarted under a node.
 
 A private `dockerd` of its own (own socket, data root, exec root, pid file, its own bridge
-interface, no iptables) runs under a real `python -m gpu_client`, so the machine's engine
-that the other docker tests use is never touched. Stopping it must take `docker` out of what the node
-offers (its heartbeats), a docker task submitted meanwhile must wait in the queue (not fail,
-not be sent to the node), and once the daemon is back the node offers docker again and the
-task completes there, its first attempt, never counted as a node fault.
+interface, no iptables) runs under a real `python -m gpu_client`, so the machine's engine that
+the other docker tests use is never touched. Stopping it must take `docker` out of what the
+node offers (its heartbeats), a docker task submitted meanwhile must wait in the queue (not
+fail, not be sent to the node), and once the daemon is back the node offers docker again and
+the task completes there, its first attempt, never counted as a node fault.
 """
 
 from __future__ import annotations
