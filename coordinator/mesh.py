@@ -261,9 +261,10 @@ class Mesh(Preemption, NodeSide):
         step(self, t, to, **change)
         t.state = to
         self._count(t, prev, to)
-        log.info(
-            "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
-        )
+        if log.isEnabledFor(logging.INFO):  # its context dict is not built for nothing
+            log.info(
+                "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
+            )
         try:
             op = update_of(t, prev, prev_attempt)
         except Exception as exc:  # noqa: BLE001 - memory moved, the store cannot follow
