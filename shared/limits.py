@@ -43,43 +43,105 @@ def refusal(
     max_bytes: int = MAX_BYTES,
 ) -> str | None:
     """Why `value` (decoded JSON: dict, list, str, int, float, bool, None) cannot be kept,
-    or None when it can. Iterative, so a hostile depth cannot exhaust the Python stack."""
+    or None when it can. Iterative, so a hostile depth cannot exhaust the Python stack.
+
+    It runs on every submitted task and every result, so the walk keeps no path strings:
+    an entry holds its parent's entry and its key, and the path is spelled out only for
+    a refusal."""
     size = 0
-    stack: list[tuple[Any, str, int]] = [(value, path, 1)]
+    stack: list[tuple[Any, int, Any]] = [(value, 1, None)]
+    pop, push = stack.pop, stack.append
     while stack:
-        v, where, depth = stack.pop()
-        if isinstance(v, str):
+        v, depth, at = pop()
+        kind = type(v)
+        if kind is str:
             if len(v) > max_string:
-                return f"{where}: string longer than {max_string} characters"
+                return f"{_path(path, at)}: string longer than {max_string} characters"
             size += len(v) + 2
-        elif isinstance(v, bool) or v is None:
-            size += 5
-        elif isinstance(v, int):
-            if not INT_MIN <= v <= INT_MAX:
-                return f"{where}: integer outside the signed 64-bit range [-2**63, 2**63-1]"
-            size += 20
-        elif isinstance(v, float):
-            size += 24
-        elif isinstance(v, dict | list):
+        elif kind is dict:
             if depth > max_depth:
-                return f"{where}: nesting deeper than {max_depth}"
+                return f"{_path(path, at)}: nesting deeper than {max_depth}"
             size += 2
-            if isinstance(v, dict):
-                for k, item in v.items():
-                    key = str(k)
-                    if len(key) > max_string:
-                        return f"{where}: key longer than {max_string} characters"
-                    size += len(key) + 4
-                    stack.append((item, _child(where, key), depth + 1))
-            else:
-                for i, item in enumerate(v):
-                    size += 1
-                    stack.append((item, f"{where}[{i}]", depth + 1))
+            for k, item in v.items():
+                key = k if type(k) is str else str(k)
+                if len(key) > max_string:
+                    return f"{_path(path, at)}: key longer than {max_string} characters"
+                size += len(key) + 4
+                push((item, depth + 1, (at, key)))
+        elif kind is list:
+            if depth > max_depth:
+                return f"{_path(path, at)}: nesting deeper than {max_depth}"
+            size += 2 + len(v)
+            for i, item in enumerate(v):
+                push((item, depth + 1, (at, i)))
+        elif v is None or kind is bool:
+            size += 5
+        elif kind is int:
+            if not INT_MIN <= v <= INT_MAX:
+                return (f"{_path(path, at)}: integer outside the signed 64-bit range "
+                        "[-2**63, 2**63-1]")
+            size += 20
+        elif kind is float:
+            size += 24
         else:
-            return f"{where}: {type(v).__name__} is not a JSON value"
+            why = _subclass_refusal(v, path, at, max_string)
+            if why is not None:
+                return why
+            size += _subclass_size(v)
+            if isinstance(v, dict | list):
+                if depth > max_depth:
+                    return f"{_path(path, at)}: nesting deeper than {max_depth}"
+                items = v.items() if isinstance(v, dict) else enumerate(v)
+                for k, item in items:
+                    push((item, depth + 1, (at, str(k) if isinstance(v, dict) else k)))
         if size > max_bytes:
-            return f"{where}: value larger than {max_bytes} bytes"
+            return f"{_path(path, at)}: value larger than {max_bytes} bytes"
     return None
+
+
+def _subclass_refusal(v: Any, path: str, at: Any, max_string: int) -> str | None:
+    """A subclass of a JSON type (an IntEnum, a str subclass): judged as its base type."""
+    if isinstance(v, str):
+        if len(v) > max_string:
+            return f"{_path(path, at)}: string longer than {max_string} characters"
+    elif isinstance(v, bool):
+        pass
+    elif isinstance(v, int):
+        if not INT_MIN <= v <= INT_MAX:
+            return f"{_path(path, at)}: integer outside the signed 64-bit range [-2**63, 2**63-1]"
+    elif isinstance(v, dict):
+        for k in v:
+            if len(str(k)) > max_string:
+                return f"{_path(path, at)}: key longer than {max_string} characters"
+    elif not isinstance(v, float | list):
+        return f"{_path(path, at)}: {type(v).__name__} is not a JSON value"
+    return None
+
+
+def _subclass_size(v: Any) -> int:
+    if isinstance(v, str):
+        return len(v) + 2
+    if isinstance(v, bool):
+        return 5
+    if isinstance(v, int):
+        return 20
+    if isinstance(v, float):
+        return 24
+    if isinstance(v, dict):
+        return 2 + sum(len(str(k)) + 4 for k in v)
+    return 2 + len(v)
+
+
+def _path(root: str, at: Any) -> str:
+    """Spell out the path of a walk entry: `at` is None (the root) or (parent, key)."""
+    keys = []
+    while at is not None:
+        at, key = at
+        keys.append(key)
+    where = root
+    for key in reversed(keys):
+        where = f"{where}[{key}]" if type(key) is int else _child(where, key)
+    return where
 
 
 def _child(where: str, key: str) -> str:
