@@ -144,9 +144,10 @@ class Reconciled:
 
 def reconcile(
     node: Node, running: list[TaskRef], tasks: Mapping[str, Task],
-    finished: Mapping[str, Task], now: float,
+    finished: Mapping[str, Task], now: float, assigns: int = -1,
 ) -> Reconciled:
-    """Compare a heartbeat's `running` with what this node holds (`now`: wall time)."""
+    """Compare a heartbeat's `running` with what this node holds (`now`: wall time;
+    `assigns`: the heartbeat's count of delivered assigns, -1 from an older client)."""
     out = Reconciled()
     if node.hb_epoch != node.epoch:  # a new connection: its first heartbeat sets the baseline
         node.hb_epoch, node.hb_prev_at = node.epoch, 0.0
@@ -165,8 +166,8 @@ def reconcile(
     prev, node.hb_prev_at = node.hb_prev_at, now
     for task_id in node.tasks - reported:
         t = tasks[task_id]
-        if not prev or t.assigned_at is None or t.assigned_at >= prev:
-            continue  # its assign may have crossed the heartbeat on the wire
+        if not _had_assign(node, t, assigns, prev):
+            continue
         seen = node.missing.get(task_id, 0) + 1
         node.missing[task_id] = seen
         if seen >= MISSING_CONFIRMATIONS:
@@ -176,6 +177,21 @@ def reconcile(
             del node.missing[task_id]
     out.missing.sort(key=lambda i: tasks[i].seq)
     return out
+
+
+def _had_assign(node: Node, t: Task, assigns: int, prev: float) -> bool:
+    """Whether the node had `t`'s assign when it made a heartbeat that leaves it out.
+
+    A node that counts the assigns it got on this connection (`assigns` >= 0) answers
+    exactly, however late its heartbeat is read: after a coordinator stall (SIGSTOP, a
+    profiler) the heartbeats waiting in the socket were all made before assigns that the
+    coordinator sent only on waking, and none of them may count against those tasks. For an
+    older client, time decides: placed before the previous heartbeat was read."""
+    if assigns >= 0:
+        sent = t.sent_as  # None, or an earlier attempt's: this attempt's is not sent yet
+        return (sent is not None and sent[0] == t.attempt
+                and (sent[1] != node.epoch or sent[2] <= assigns))
+    return bool(prev) and t.assigned_at is not None and t.assigned_at < prev
 
 
 # --- the Mesh's side: what it does with the above ------------------------------------------
@@ -248,7 +264,7 @@ class NodeFaults:
         return bool(changed)
 
     def _reconcile(self, node: Node, link: Link, msg: Heartbeat) -> None:
-        rec = reconcile(node, msg.running, self.tasks, self.finished, time.time())
+        rec = reconcile(node, msg.running, self.tasks, self.finished, time.time(), msg.assigns)
         for ref in rec.stale:
             self.metrics.stale("heartbeat")
             log.warning("node %s runs task %s attempt %d, which is not current: stopping it",

@@ -580,6 +580,8 @@ class Mesh(Preemption, NodeSide):
         node = self.nodes.get(t.node)
         if node is None or node.link is None:
             return  # the node is away; register's reconciliation requeues or keeps it
+        node.assigns_sent += 1  # faults.reconcile: which heartbeats were made after it
+        t.sent_as = (t.attempt, node.epoch, node.assigns_sent)
         node.link.send(self._assign_msg(t, node))
 
     def _assign_msg(self, t: Task, node: Node) -> Assign:

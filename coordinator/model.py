@@ -87,6 +87,9 @@ class Task:
     _ask: PolicyAsk | None = None  # what node policy judges; cached, derived from the spec
     # The store write of its latest transition; until it resolves, nothing outside may see it.
     pending: asyncio.Future[None] | None = None
+    # (attempt, node epoch, n): that attempt's `assign` was the n-th sent on that connection
+    # (Node.assigns_sent); a heartbeat counting fewer was made before the node had it.
+    sent_as: tuple[int, int, int] | None = None
 
     @property
     def spec(self) -> TaskSubmit:
@@ -193,6 +196,7 @@ class Node:
     hb_epoch: int = -1  # the connection the reconciliation baseline belongs to
     hb_prev_at: float = 0.0  # wall time of the previous heartbeat on this connection
     missing: dict[str, int] = field(default_factory=dict)  # task id -> heartbeats missed
+    assigns_sent: int = 0  # `assign` messages sent on the current connection (epoch)
     drain: DrainMark | None = None  # an admin drained it: no new work (coordinator/drain.py)
 
     @property

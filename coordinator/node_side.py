@@ -108,6 +108,7 @@ class NodeSide(NodeFaults):
         apply_register(node, msg)
         on_register(self, node)  # a drained node stays drained (coordinator/drain.py)
         node.status, node.link, node.epoch = "online", link, node.epoch + 1
+        node.assigns_sent = 0
         node.last_seen, node.connected_at = time.monotonic(), time.time()
         node.power_at = node.last_seen
         keep, stop = [], []
@@ -115,6 +116,7 @@ class NodeSide(NodeFaults):
             t = self.tasks.get(ref.task_id)
             if t is not None and t.state in ACTIVE and t.node == name and t.attempt == ref.attempt:
                 keep.append(ref)
+                t.sent_as = (t.attempt, node.epoch, 0)  # it has it: every heartbeat counts
                 if t.state is A and ref.state == "running":
                     self._transition(t, R, cause=f"{name} reported it running on register")
             else:

@@ -146,6 +146,7 @@ class Agent:
         self._bundle = False  # the coordinator takes several messages in one frame
         self._ws: ClientConnection | None = None
         self._draining = False
+        self._assigns = 0  # `assign` messages this connection delivered (Heartbeat.assigns)
         self._heartbeat_s = 5.0
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
@@ -324,6 +325,7 @@ class Agent:
         self.registrations += 1
         self._heartbeat_s = registered.heartbeat_interval_s
         self._draining = False
+        self._assigns = 0
         self._bundle = BUNDLE in registered.features
         outbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._outbox = outbox
@@ -403,6 +405,7 @@ class Agent:
                 load1=round(host.load1, 2) if host else 0.0,
                 memory_used_mb=host.memory_used_mb if host else 0, running=self._refs(),
                 executors=list(self.health.usable), health=self.health.health,
+                assigns=self._assigns,
             ))
             try:  # a pong is contact too: a coordinator with nothing to say is not gone
                 pong = await ws.ping()
@@ -453,6 +456,7 @@ class Agent:
                 for one in msg.msgs:
                     self._handle(one)
             case Assign():
+                self._assigns += 1
                 self._on_assign(msg)
             case Cancel():
                 self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}",

@@ -134,6 +134,9 @@ class Heartbeat(Msg, tag="heartbeat"):
     running: list[TaskRef] = []
     executors: list[str] | None = None  # the executors usable now (re-probed); None: unchanged
     health: str = ""  # why the node cannot run work now (work dir, disk); "" when healthy
+    # `assign` messages this connection had delivered when `running` was read; -1: an older
+    # client that does not count. A task whose assign came later is not missing from it.
+    assigns: int = -1
 
 
 class TaskAccepted(Msg, tag="task_accepted"):

@@ -53,6 +53,7 @@ class RawNode:
     gpus: list[dict[str, Any]] = field(default_factory=list)
     beats: int = 0
     report: bool = True  # list assigned attempts in `running` until their result is sent
+    assigns: int | None = None  # the heartbeats' count of delivered assigns; None: none sent
 
     async def send(self, doc: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(doc))
@@ -86,6 +87,8 @@ class RawNode:
                                "health": self.health, "gpus": self.gpus}
         if self.executors is not None:
             doc["executors"] = self.executors
+        if self.assigns is not None:
+            doc["assigns"] = self.assigns
         return doc
 
     async def _read(self) -> None:
@@ -325,6 +328,28 @@ async def test_heartbeat_running_list_is_reconciled(coordinator: LiveCoordinator
         await wait_until(lambda: a.beats >= beats + 8, 10, "more heartbeats")
         doc = await coordinator.task(task_id)
         assert doc["attempt"] == 2 and doc["status"] in ("assigned", "running")
+        await a.result(second)
+        assert (await coordinator.wait_finished(task_id))["attempt"] == 2
+
+
+async def test_a_heartbeat_made_before_the_assign_never_counts_against_it(
+    coordinator: LiveCoordinator,
+) -> None:
+    """Heartbeats read late (after a coordinator stall) were made before the node had
+    assigns sent on waking: their `assigns` count says so, and the task stays put."""
+    async with raw_node(coordinator, "a", beat_s=0.1) as a:
+        a.report, a.assigns = False, 0
+        task_id = await coordinator.submit(task_type="test")
+        first = await a.next("assign")
+        beats = a.beats
+        await wait_until(lambda: a.beats >= beats + 15, 10, "heartbeats")
+        assert (await coordinator.task(task_id))["attempt"] == 1
+        a.assigns = 1  # made after the assign, without the task: it is missing after all
+        cancel = await a.next("cancel")
+        assert (cancel["task_id"], cancel["attempt"]) == (task_id, first["attempt"])
+        second = await a.next("assign")
+        assert second["attempt"] == 2
+        a.assigns = 2
         await a.result(second)
         assert (await coordinator.wait_finished(task_id))["attempt"] == 2
 
