@@ -456,7 +456,8 @@ class Agent:
                 for one in msg.msgs:
                     self._handle(one)
             case Assign():
-                self._assigns += 1
+                if self._assigns >= 0:  # -1: this connection stopped counting
+                    self._assigns += 1
                 self._on_assign(msg)
             case Cancel():
                 self._on_cancel(msg.task_id, msg.attempt, f"cancel: {msg.reason or 'no reason'}",
@@ -473,6 +474,7 @@ class Agent:
                 self._on_error(msg)
             case BadMessage():
                 log.warning("undecodable frame from the coordinator: %s", msg.reason)
+                self._assigns = -1  # it may have held assigns: heartbeats stop counting them
             case Registered():
                 log.warning("ignoring a second `registered`")
 

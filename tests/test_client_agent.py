@@ -164,6 +164,42 @@ async def test_register_then_run_a_test_task(coordinator: Coordinator, tmp_path:
         assert not [m for m in peer.seen if isinstance(m, TaskStarted | TaskLog)]
 
 
+async def _beat_with(peer: Peer, assigns: int) -> Heartbeat:
+    """The first heartbeat that counts `assigns` (other messages are passed over)."""
+    for _ in range(100):
+        msg = await peer.next()
+        if isinstance(msg, Heartbeat) and msg.assigns == assigns:
+            return msg
+    raise AssertionError(f"no heartbeat with assigns={assigns}: {peer.seen[-3:]}")
+
+
+async def test_heartbeats_count_the_assigns_of_their_connection(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """`Heartbeat.assigns`: the assigns delivered on this connection when `running` was
+    read; from 0 again on a new one; -1 (not counting) after a frame it could not decode."""
+    async with running_agent(coordinator, tmp_path):
+        peer = await coordinator.peer()
+        await peer.register()
+        await _beat_with(peer, 0)
+        await peer.send(test_assign("t1"))
+        await peer.send(test_assign("t2"))
+        hb = await _beat_with(peer, 2)
+        assert {r.task_id for r in hb.running} == {"t1", "t2"}  # unacked results
+        assert not [m for m in peer.seen if isinstance(m, Heartbeat) and m.assigns > 2]
+        await peer.ws.close()
+        peer = await coordinator.peer()
+        await peer.register()
+        await _beat_with(peer, 0)
+        await peer.ws.send('{"type": "assign", "task_id": 5}')  # undecodable
+        await _beat_with(peer, -1)
+        await peer.send(test_assign("t3"))
+        assert (await peer.expect(TaskResult)).task_id in ("t1", "t2", "t3")
+        seen = len(peer.seen)
+        await _beat_with(peer, -1)
+        assert all(m.assigns == -1 for m in peer.seen[seen:] if isinstance(m, Heartbeat))
+
+
 async def test_refusals_are_failed_results(coordinator: Coordinator, tmp_path: Path) -> None:
     async with running_agent(coordinator, tmp_path):
         peer = await coordinator.peer()
