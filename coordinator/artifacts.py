@@ -37,6 +37,7 @@ from coordinator.auth import principal_of
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from coordinator.model import ACTIVE, FINISHED
+from shared.durable import fsync_dir
 from shared.files import (
     MAX_ARTIFACT_BYTES,
     MAX_ARTIFACT_FILES,
@@ -209,11 +210,7 @@ def _finish_file(out: Any, tail: bytes, tmp: Path, path: Path) -> None:
     os.fsync(out.fileno())
     out.close()
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 # --- GET: a user downloads -------------------------------------------------------------------

@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from shared.durable import fsync_dir
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -71,8 +73,4 @@ def save_credential(path: Path, credential: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)

@@ -35,6 +35,7 @@ from typing import Any
 
 from gpu_client.executors.pids import pid_is
 from gpu_client.executors.tree import MARKER_VAR, Tree, marker, scan
+from shared.durable import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def forget(self, name: str) -> None:
         """Blocking. The attempt is settled with the coordinator: drop its intent."""
@@ -139,14 +140,6 @@ class Journal:
                 continue
             found.append(entry)
         return found
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def crash_point(wanted: str, point: str) -> None:
