@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from coordinator.audit import Audit
-from coordinator.auth import principal_of
+from coordinator.auth import Principal, principal_of
 from coordinator.edge import (
     MAX_OFFSET,
     BodyTooLarge,
@@ -55,6 +55,20 @@ class JSON(Response):
 
 def error(status: int, what: str, reason: str) -> JSON:
     return JSON({"error": what, "reason": reason}, status_code=status)
+
+
+# (status, JSON document, extra headers): what a route computes, before it is a Response,
+# so that the fast lane (coordinator/fastlane.py) can send the same answer without one.
+Answer = tuple[int, Any, dict[str, str] | None]
+
+
+def refused(status: int, what: str, reason: str, headers: dict[str, str] | None = None) -> Answer:
+    return status, {"error": what, "reason": reason}, headers
+
+
+def as_json(answer: Answer) -> JSON:
+    status, doc, headers = answer
+    return JSON(doc, status_code=status, headers=headers)
 
 
 def _mesh(request: Request) -> Mesh:
@@ -92,9 +106,12 @@ def visible(request: Request) -> Callable[[str], bool]:
 
 def audit_row(request: Request, action: str, task_ids: list[str]) -> AuditInsert:
     """The audit record of a change, committed in the same transaction as the change."""
+    return audit_of(request.app.state.audit, principal_of(request), action, task_ids)
+
+
+def audit_of(audit: Audit, who: Principal, action: str, task_ids: list[str]) -> AuditInsert:
     target = task_ids[0] if len(task_ids) == 1 else f"{len(task_ids)} tasks"
-    audit: Audit = request.app.state.audit
-    return audit.row(principal_of(request), action, target, {"task_ids": task_ids})
+    return audit.row(who, action, target, {"task_ids": task_ids})
 
 
 async def index(request: Request) -> JSON:
@@ -154,46 +171,54 @@ async def submit(request: Request) -> JSON:
         body = await read_body(request, limits.max_body_bytes)
     except BodyTooLarge as exc:
         return error(413, "body too large", str(exc))
+    return as_json(await accept_tasks(request.app.state, principal_of(request), body))
+
+
+async def accept_tasks(state: Any, who: Principal, body: bytes) -> Answer:
+    """`POST /tasks/submit` after its body was read: the route and the fast lane
+    (coordinator/fastlane.py) both answer with this."""
+    mesh: Mesh = state.mesh
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        return error(400, "invalid JSON", str(exc))
+        return refused(400, "invalid JSON", str(exc))
     batch = isinstance(doc, list)
     items = doc if batch else [doc]
     if not items or len(items) > MAX_BATCH:
-        return error(400, "invalid task", f"send 1 to {MAX_BATCH} tasks")
-    if (full := queue_full(_mesh(request), len(items))) is not None:
+        return refused(400, "invalid task", f"send 1 to {MAX_BATCH} tasks")
+    if (full := queue_full(mesh, len(items))) is not None:
         return full
     specs = []  # every item is checked before anything changes: a batch is all or nothing
+    templates = state.templates
     for i, item in enumerate(items):
         if not isinstance(item, dict):
-            return error(422, "invalid task", f"item {i}: expected an object")
+            return refused(422, "invalid task", f"item {i}: expected an object")
         path = f"$[{i}]" if batch else "$"
         if why := item_refusal(item, path):
-            return error(422, "invalid task", why)
+            return refused(422, "invalid task", why)
         try:
-            spec, params = parse_submission(item, request.app.state.templates)
+            spec, params = parse_submission(item, templates)
         except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
-            return error(422, "invalid task", f"{where}{exc}")
+            return refused(422, "invalid task", f"{where}{exc}")
         if why := frame_refusal(spec, params, path):
-            return error(413, "task too large", why)
+            return refused(413, "task too large", why)
         specs.append((spec, params))
-    who = principal_of(request)
     if who.role != "admin":  # a tenant's token stamps its tenant; the body cannot choose
         specs = [(msgspec.structs.replace(s, tenant=who.tenant), p) for s, p in specs]
-    if (over := tenant_refusal(_mesh(request), [s.tenant for s, _ in specs])) is not None:
+    if (over := tenant_refusal(mesh, [s.tenant for s, _ in specs])) is not None:
         return over
+    audit: Audit = state.audit
     try:
-        tasks = await _mesh(request).submit(
-            specs, also=lambda ts: audit_row(request, "task.submit", [t.id for t in ts])
+        tasks = await mesh.submit(
+            specs, also=lambda ts: audit_of(audit, who, "task.submit", [t.id for t in ts])
         )
     except StoreError as exc:
-        return error(503, "not stored", str(exc))
+        return refused(503, "not stored", str(exc))
     accepted = [{"task_id": t.id, "status": "queued"} for t in tasks]
     if batch:
-        return JSON({"tasks": accepted, "count": len(accepted)})
-    return JSON(accepted[0])
+        return 200, {"tasks": accepted, "count": len(accepted)}, None
+    return 200, accepted[0], None
 
 
 async def active(request: Request) -> Response:
@@ -244,19 +269,24 @@ async def completed(request: Request) -> JSON:
 
 async def task(request: Request) -> JSON:
     mesh = _mesh(request)
-    task_id = request.path_params["task_id"]
     wait = _param(request, "wait", float, 0, mesh.settings.max_wait_s)
+    return as_json(await task_answer(mesh, principal_of(request),
+                                     request.path_params["task_id"], wait))
+
+
+async def task_answer(mesh: Mesh, who: Principal, task_id: str, wait: float | None) -> Answer:
+    """`GET /tasks/{id}[?wait=s]`: the route and the fast lane both answer with this."""
     t = await mesh.lookup(task_id)
-    if t is not None and not principal_of(request).sees(t.tenant):
+    if t is not None and not who.sees(t.tenant):
         t = None  # another tenant's task is not there for this caller
     if t is None:
-        return error(404, "unknown task", f"no task {task_id}")
+        return refused(404, "unknown task", f"no task {task_id}")
     if wait:
         await mesh.wait_finished(task_id, wait)
         t = await mesh.lookup(task_id) or t
     view = task_view(t, mesh.queued_reason(t))
     view["params"] = orjson.loads(t.params_raw)  # what the template was filled with
-    return JSON(view)
+    return 200, view, None
 
 
 async def cancel(request: Request) -> JSON:
@@ -301,26 +331,24 @@ async def logs(request: Request) -> Response:
     return StreamingResponse(stream(), media_type="text/plain; charset=utf-8")
 
 
-def queue_full(mesh: Mesh, adding: int) -> JSON | None:
+def queue_full(mesh: Mesh, adding: int) -> Answer | None:
     """429 with Retry-After when `adding` more tasks would pass MESH_MAX_QUEUED."""
     queued, cap = mesh.state_counts[TaskState.QUEUED], mesh.settings.max_queued
     if queued + adding <= cap:
         return None
-    resp = error(429, "queue full", f"{queued} tasks queued; the limit is {cap} (MESH_MAX_QUEUED)")
-    resp.headers["Retry-After"] = "5"
-    return resp
+    return refused(429, "queue full",
+                   f"{queued} tasks queued; the limit is {cap} (MESH_MAX_QUEUED)",
+                   {"Retry-After": "5"})
 
 
-def tenant_refusal(mesh: Mesh, tenants: list[str]) -> JSON | None:
+def tenant_refusal(mesh: Mesh, tenants: list[str]) -> Answer | None:
     """429 when a tenant's `max_queued` or rate would be passed (coordinator/tenants.py);
     with Retry-After when waiting helps. Nothing is stored."""
     why, wait = mesh.fair.admit_many(tenants, time.monotonic())
     if not why:
         return None
-    resp = error(429, "tenant quota", why)
-    if wait is not None:
-        resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))
-    return resp
+    retry = {"Retry-After": str(max(1, math.ceil(wait)))} if wait is not None else None
+    return refused(429, "tenant quota", why, retry)
 
 
 async def metrics(request: Request) -> Response:

@@ -21,6 +21,7 @@ from coordinator.api import error, routes
 from coordinator.artifacts import ArtifactFiles, artifact_routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.drain_api import drain_routes
+from coordinator.fastlane import FastLane
 from coordinator.identity import NodeIdentities
 from coordinator.mesh import Mesh
 from coordinator.metrics import MeshMetrics
@@ -111,6 +112,11 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
                 *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes],
         middleware=[
+            *([Middleware(  # submit and read a task without the stack below (fastlane.py)
+                FastLane, state=lambda: app.state, auth=settings.auth != "off",
+                book=lambda: getattr(app.state, "tokens", None),
+                max_body_bytes=settings.max_body_bytes,
+            )] if settings.fast_lane else []),
             Middleware(  # a standby forwards HTTP to the leader and points nodes at it
                 StandbyGate, role=lambda: getattr(app.state, "role", None),
                 max_body_bytes=settings.max_body_bytes,

@@ -70,6 +70,7 @@ class Settings:
     preemption: bool = False  # MESH_PREEMPTION=on
     preempt_grace_s: float = 5.0  # SIGTERM to the end of a preempted task's hold
     artifact_retention_s: float = 7 * 86400.0  # a finished task's artifacts are kept this long
+    fast_lane: bool = True  # MESH_FAST_LANE=off: every request through the full stack
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -113,6 +114,7 @@ class Settings:
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
             stall_s=env_float(env, "MESH_STALL_S", d.stall_s),
             mdns=env_bool(env, "MESH_ADVERTISE", True),
+            fast_lane=env_bool(env, "MESH_FAST_LANE", True),
             mesh_name=env_str(env, "MESH_NAME", d.mesh_name),
             mdns_addresses=env_list(env, "MESH_MDNS_ADDRESSES", d.mdns_addresses),
             lease_s=env_float(env, "MESH_LEASE_S", d.lease_s),
