@@ -377,6 +377,11 @@ class Agent:
         try:
             while True:
                 first = await outbox.get()
+                if self._bundle:
+                    # One turn of the loop first: an instant task's result, set off by the
+                    # assign that queued this `task_accepted`, then leaves in the same frame
+                    # and the accepted is dropped (_bundles): one frame per task, not two.
+                    await asyncio.sleep(0)
                 if not self._bundle or outbox.empty():
                     await ws.send(encode(first))
                     continue
