@@ -10,7 +10,9 @@ engine from `MESH_STORE` (`sqlite`, the default, or a `postgresql://` URL).
 from __future__ import annotations
 
 import asyncio
+import queue
 import sqlite3
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,7 +65,7 @@ class Store(GroupCommitStore):
         super().__init__(on_commit=on_commit, on_failure=on_failure)
         self.path = path
         self.synchronous = synchronous
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+        self._writer = WriterThread("store-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-reader")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
@@ -71,9 +73,9 @@ class Store(GroupCommitStore):
     # --- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self._open_writer)
-        await loop.run_in_executor(self._reader, self._open_reader)
+        self._writer.start()
+        await self._writer.call(self._open_writer)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._open_reader)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
@@ -94,16 +96,15 @@ class Store(GroupCommitStore):
     async def close(self) -> None:
         """Commit what is pending, then close both connections."""
         await self._drain()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, _close, self._wconn)
-        await loop.run_in_executor(self._reader, _close, self._rconn)
-        self._writer.shutdown(wait=True)
+        await self._writer.call(_close, self._wconn)
+        await asyncio.get_running_loop().run_in_executor(self._reader, _close, self._rconn)
+        await self._writer.stop()
         self._reader.shutdown(wait=True)
 
     # --- the engine --------------------------------------------------------------------
 
     async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._writer, self._commit_sync, ops)
+        await self._writer.call(self._commit_sync, ops)
 
     def _commit_sync(self, ops: list[Insert | Update | AuditInsert]) -> None:
         conn = self._wconn
@@ -160,6 +161,52 @@ def open_store(
         settings.data_dir / "mesh.sqlite3", synchronous=settings.sqlite_synchronous,
         on_commit=on_commit,
     )
+
+
+class WriterThread:
+    """One thread that runs calls in order and hands each result back to the loop.
+
+    What `run_in_executor` does, less its per-call machinery (a `concurrent.futures.Future`
+    with its condition variable, chained to an asyncio future): a commit is one queue put
+    here and one `call_soon_threadsafe` back. The thread owns the write connection, so
+    opening, every commit and closing all run on it (sqlite3's check_same_thread)."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def call(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._calls.put((loop, fut, fn, args))
+        return fut
+
+    async def stop(self) -> None:
+        self._calls.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        while (item := self._calls.get()) is not None:
+            loop, fut, fn, args = item
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the awaiting caller
+                loop.call_soon_threadsafe(_settle, fut, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, result, None)
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if fut.done():  # its caller was cancelled meanwhile
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
 
 
 def _close(conn: sqlite3.Connection | None) -> None:
