@@ -4,8 +4,9 @@ gpumesh: a `python -m coordinator` process and one `python -m gpu_client` proces
 kept-alive HTTP connection does `POST /tasks/submit` then `GET /tasks/{id}?wait=10`, task
 after task; each round trip is timed from before the POST to the end of the GET's answer.
 Dask: a `LocalCluster(n_workers=2, threads_per_worker=1, processes=True)` and
-`client.submit(noop, pure=False).result()`. Ray: `ray.init(num_cpus=2)` and
-`ray.get(noop.remote())` (benchmarks/ray_baseline.py). All run side by side and are
+`client.submit(noop, pure=False).result()` (benchmarks/dask_baseline.py). Ray:
+`ray.init(num_cpus=2)` and `ray.get(noop.remote())` (benchmarks/ray_baseline.py). Each
+baseline runs in a process of its own (benchmarks/baseline_proc.py). All run side by side and are
 measured in alternating blocks, so a noisy neighbour on a shared machine hits all alike.
 """
 
@@ -16,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dask_baseline, procs
+from benchmarks import procs
+from benchmarks.dask_baseline import DaskBaseline
 from benchmarks.httpc import HttpConn
 from benchmarks.ray_baseline import RayBaseline
 from benchmarks.stats import Result, ratio, summary
@@ -33,12 +35,6 @@ def ours_once(conn: HttpConn) -> int:
     took = time.perf_counter_ns() - t0
     assert status == 200 and doc["status"] == "completed", doc
     return took
-
-
-def dask_once(client: Any) -> int:
-    t0 = time.perf_counter_ns()
-    client.submit(dask_baseline.noop, pure=False).result()
-    return time.perf_counter_ns() - t0
 
 
 def _row(system: str, samples_ns: list[int]) -> dict[str, Any]:
@@ -58,10 +54,11 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
     ours: list[int] = []
     theirs: list[int] = []
     rays: list[int] = []
-    cluster, client = dask_baseline._cluster()
+    dask = DaskBaseline()
     ray = RayBaseline()
     try:
-        dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
+        dask.roundtrip(warm)
+        dask_cpu = procs.CpuMeter(dask.pids())
         ray.roundtrip(warm)
         ray_cpu = procs.CpuMeter(ray.pids())
         with tempfile.TemporaryDirectory(prefix="bench-rt-") as tmp:
@@ -70,19 +67,17 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
                 conn = HttpConn("127.0.0.1", port)
                 for _ in range(warm):
                     ours_once(conn)
-                    dask_once(client)
                 for _ in range(rounds):
                     with our_cpu:
                         ours += [ours_once(conn) for _ in range(n)]
                     with dask_cpu:
-                        theirs += [dask_once(client) for _ in range(n)]
+                        theirs += dask.roundtrip(n)
                     with ray_cpu:
                         rays += ray.roundtrip(n)
                 conn.close()
     finally:
         ray.close()
-        client.close()
-        cluster.close()
+        dask.close()
     mine, base = _row(f"gpumesh{store_label(store)}", ours), _row("dask", theirs)
     ray_row = _row("ray", rays)
     for row, meter, count in ((mine, our_cpu, ours), (base, dask_cpu, theirs),
@@ -103,7 +98,7 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
     ]
     notes = [
         f"sequential tasks after {warm} warm-up each; {rounds} alternating blocks of {n}; "
-        f"dask {dask_baseline.version()} LocalCluster(2 worker processes, 1 thread each); "
+        f"dask {dask.version} LocalCluster(2 worker processes, 1 thread each); "
         f"ray {ray.version} local (num_cpus=2), ray.get(f.remote())",
         "gpumesh: POST /tasks/submit + GET /tasks/{id}?wait=10 on one kept-alive connection; "
         f"the task is durable ({store_name(store)}) before the POST is answered",

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import dask_baseline, procs
+from benchmarks import procs
+from benchmarks.dask_baseline import DaskBaseline
 from benchmarks.httpc import AsyncHttpConn
 from benchmarks.ray_baseline import RayBaseline
 from benchmarks.stats import Result
@@ -81,11 +82,10 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
     batched: list[dict[str, Any]] = []
     dask: list[float] = []
     rays: list[float] = []
-    cluster, client = dask_baseline._cluster()
+    dask_proc = DaskBaseline()  # warm when it answers
     ray = RayBaseline()
     try:
-        client.gather(client.map(dask_baseline.noop, range(200), pure=False))  # warm-up
-        dask_cpu = procs.CpuMeter(dask_baseline.pids(client))
+        dask_cpu = procs.CpuMeter(dask_proc.pids())
         ray.throughput(200)  # warm-up
         ray_cpu = procs.CpuMeter(ray.pids())
         with tempfile.TemporaryDirectory(prefix="bench-tp-") as tmp:
@@ -96,23 +96,18 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
                 pids = [coord.pid, *(p.pid for p in nodes)]
                 single_cpu, batch_cpu = procs.CpuMeter(pids), procs.CpuMeter(pids)
                 asyncio.run(ours(port, 200, 1))  # warm-up
-                for r in range(rounds):
+                for _ in range(rounds):
                     with single_cpu:
                         single.append(asyncio.run(ours(port, n, 1)))
                     with batch_cpu:
                         batched.append(asyncio.run(ours(port, n, BATCH)))
-                    t0 = time.perf_counter()
                     with dask_cpu:
-                        client.gather(
-                            client.map(dask_baseline.noop, range(r * n, (r + 1) * n), pure=False)
-                        )
-                    dask.append(n / (time.perf_counter() - t0))
+                        dask.append(dask_proc.throughput(n))
                     with ray_cpu:
                         rays.append(ray.throughput(n))
     finally:
         ray.close()
-        client.close()
-        cluster.close()
+        dask_proc.close()
     base, ray_base = statistics.median(dask), statistics.median(rays)
     rows = []
     cpu = {"single": single_cpu.total, "batch": batch_cpu.total, "dask": dask_cpu.total,
@@ -156,7 +151,7 @@ def run(quick: bool = False, store: str = "sqlite") -> Result:
         f"2 client nodes, MESH_SLOTS={SLOTS} each; single: {CONCURRENCY} connections, one task "
         f"per POST; batch: {BATCH} tasks per POST, 4 in flight; every task durable before "
         "its answer; median of "
-        f"{rounds} rounds, systems in turn; dask {dask_baseline.version()} LocalCluster(2 "
+        f"{rounds} rounds, systems in turn; dask {dask_proc.version} LocalCluster(2 "
         f"worker processes, 1 thread each); ray {ray.version} local (num_cpus=2)",
         "tasks_per_s: first POST to all completed; acks_per_s: first POST to the last answer",
         "cpu_ms_per_task: CPU of the system's processes per task (gpumesh: coordinator + "

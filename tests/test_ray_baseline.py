@@ -1,6 +1,6 @@
-"""The Ray baseline of `roundtrip` and `throughput` starts, answers and goes away.
+"""The Ray and Dask baselines of `roundtrip` and `throughput` start, answer and go away.
 
-Only when Ray is installed (the `bench` extra); about 5 s, most of it Ray's own start-up.
+Only when Ray (and Dask) are installed (the `bench` extra); about 5 s each, mostly start-up.
 """
 
 from __future__ import annotations
@@ -24,5 +24,26 @@ def test_ray_baseline_measures_and_stops_its_processes() -> None:
         assert ray.throughput(50) > 0
     finally:
         ray.close()
+    assert not [p for p in pids if psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
+def test_dask_baseline_runs_in_its_own_process() -> None:
+    """Dask's client and scheduler live in a child of their own, like Ray's driver: none of
+    their threads share the load generator's interpreter (benchmarks/baseline_proc.py)."""
+    pytest.importorskip("distributed")
+    import os
+
+    from benchmarks.dask_baseline import DaskBaseline
+
+    dask = DaskBaseline()
+    try:
+        pids = dask.pids()
+        assert os.getpid() not in pids and len(pids) >= 3  # the child and its two workers
+        assert len(dask.roundtrip(5)) == 5
+        assert dask.throughput(50) > 0
+    finally:
+        dask.close()
     assert not [p for p in pids if psutil.pid_exists(p) and
                 psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
