@@ -90,7 +90,9 @@ async def test_restarted_client_reregisters_with_its_saved_credential(
     first = spawn_client("n2", coordinator.ws_url)
     await wait_until(lambda: _online(coordinator, "n2"), 20, "n2 online")
     saved = credential_path(tmp_path / "state-n2", coordinator.ws_url, "n2")
-    assert saved.exists()
+    # The node is online once `registered` is sent; it writes the credential that frame
+    # carries a moment later (off its loop), so the file may trail the status by a few ms.
+    await wait_until(saved.exists, 5, "the credential saved")
     assert stat.S_IMODE(saved.stat().st_mode) == 0o600
     credential = saved.read_text().strip()
     assert len(credential) >= 32

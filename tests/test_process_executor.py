@@ -147,7 +147,8 @@ async def test_cancel_kills_the_group_and_run_returns(tmp_path: Path) -> None:
     task = asyncio.create_task(ex.run(assign(script=script), rec.on_started, rec.on_output))
     await asyncio.wait_for(rec.started.wait(), 10)
     child_pid = ex.attempt_dir("t1", 1) / "child.pid"
-    await wait_until(child_pid.exists)
+    # the shell creates the file before `echo` writes to it: wait for the pid itself
+    await wait_until(lambda: child_pid.exists() and child_pid.read_text().strip())
     child = read_pid(child_pid)
     await ex.cancel("t1", 1)
     outcome = await asyncio.wait_for(task, 10)
