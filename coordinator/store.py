@@ -186,6 +186,8 @@ class WriterThread:
         return fut
 
     async def stop(self) -> None:
+        if not self._thread.is_alive():  # never started, or stopped already
+            return
         self._calls.put(None)
         await asyncio.to_thread(self._thread.join)
 
