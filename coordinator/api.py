@@ -53,10 +53,6 @@ class JSON(Response):
         return orjson.dumps(content)
 
 
-def error(status: int, what: str, reason: str) -> JSON:
-    return JSON({"error": what, "reason": reason}, status_code=status)
-
-
 # (status, JSON document, extra headers): what a route computes, before it is a Response,
 # so that the fast lane (coordinator/fastlane.py) can send the same answer without one.
 Answer = tuple[int, Any, dict[str, str] | None]
@@ -69,6 +65,10 @@ def refused(status: int, what: str, reason: str, headers: dict[str, str] | None 
 def as_json(answer: Answer) -> JSON:
     status, doc, headers = answer
     return JSON(doc, status_code=status, headers=headers)
+
+
+def error(status: int, what: str, reason: str) -> JSON:
+    return as_json(refused(status, what, reason))
 
 
 def _mesh(request: Request) -> Mesh:

@@ -192,7 +192,7 @@ async def _reply(send: Send, status: int, what: str, reason: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _is_json(content_type: bytes | None) -> bool:
+def is_json(content_type: bytes | None) -> bool:
     if content_type is None:
         return False
     media = content_type.split(b";", 1)[0].strip().lower()
@@ -232,7 +232,7 @@ class AuthMiddleware:
         method = scope["method"]
         if method in ("POST", "PUT", "PATCH") and (
             _has_body(h) or b"content-type" in h
-        ) and not _is_json(h.get(b"content-type")) and not (
+        ) and not is_json(h.get(b"content-type")) and not (
             method == "PUT" and scope["path"].startswith(NODE_UPLOADS)  # artifact bytes
         ):
             await _reply(send, 415, "unsupported media type",
@@ -256,16 +256,21 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
     def _principal(self, h: dict[bytes, bytes]) -> Principal | None:
-        if not self.enabled:
-            return ANONYMOUS
-        raw = h.get(b"authorization")
-        book = self.book()
-        if raw is None or book is None:
-            return None
-        scheme, _, token = raw.strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
-            return None
-        return book.resolve(token.strip())
+        return caller_of(h, self.enabled, self.book())
+
+
+def caller_of(h: dict[bytes, bytes], enabled: bool, book: TokenBook | None) -> Principal | None:
+    """The caller named by a request's (lower-cased) headers: its bearer token's principal,
+    None for no token or an unknown one; ANONYMOUS when auth is off."""
+    if not enabled:
+        return ANONYMOUS
+    raw = h.get(b"authorization")
+    if raw is None or book is None:
+        return None
+    scheme, _, token = raw.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        return None
+    return book.resolve(token.strip())
 
 
 def principal_of(request: Any) -> Principal:

@@ -29,7 +29,6 @@ import orjson
 
 from coordinator.api import Answer, accept_tasks, task_answer
 from coordinator.auth import (
-    ANONYMOUS,
     ASGIApp,
     Message,
     Principal,
@@ -37,7 +36,8 @@ from coordinator.auth import (
     Scope,
     Send,
     TokenBook,
-    _is_json,
+    caller_of,
+    is_json,
 )
 
 _SKIP = frozenset({"active", "completed"})  # /tasks/... routes of their own
@@ -78,15 +78,7 @@ class FastLane:
         h = {k.lower(): v for k, v in scope["headers"]}
         if b"origin" in h:
             return None
-        if not self.auth:
-            return ANONYMOUS, h
-        raw, book = h.get(b"authorization"), self.book()
-        if raw is None or book is None:
-            return None
-        scheme, _, token = raw.strip().partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
-            return None
-        who = book.resolve(token.strip())
+        who = caller_of(h, self.auth, self.book())
         return (who, h) if who is not None and who.can(need) else None
 
     async def _submit(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
@@ -97,7 +89,7 @@ class FastLane:
             return receive
         who, h = caller
         declared = h.get(b"content-length", b"")
-        if not _is_json(h.get(b"content-type")) or (
+        if not is_json(h.get(b"content-type")) or (
             declared.isdigit() and int(declared) > self.max_body
         ):
             return receive
