@@ -71,6 +71,12 @@ def error(status: int, what: str, reason: str) -> JSON:
     return as_json(refused(status, what, reason))
 
 
+def not_stored(exc: Exception) -> Answer:
+    """A write that could not be committed, or the Mesh rebuilding after one: retry soon.
+    (The app's handler for a `StoreError` a route lets through, and the fast lane's.)"""
+    return refused(503, "not stored", str(exc), {"Retry-After": "1"})
+
+
 def _mesh(request: Request) -> Mesh:
     mesh: Mesh = request.app.state.mesh
     return mesh
@@ -214,7 +220,7 @@ async def accept_tasks(state: Any, who: Principal, body: bytes) -> Answer:
             specs, also=lambda ts: audit_of(audit, who, "task.submit", [t.id for t in ts])
         )
     except StoreError as exc:
-        return refused(503, "not stored", str(exc))
+        return not_stored(exc)
     accepted = [{"task_id": t.id, "status": "queued"} for t in tasks]
     if batch:
         return 200, {"tasks": accepted, "count": len(accepted)}, None

@@ -17,7 +17,7 @@ from starlette.routing import WebSocketRoute
 
 from coordinator.admin_api import admin_routes, open_auth
 from coordinator.advertise import Advertiser
-from coordinator.api import error, routes
+from coordinator.api import as_json, error, not_stored, routes
 from coordinator.artifacts import ArtifactFiles, artifact_routes
 from coordinator.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.drain_api import drain_routes
@@ -49,10 +49,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _store_error(request: Request, exc: Exception) -> Response:
-    """A write that could not be committed, or the Mesh rebuilding after one: retry soon."""
-    resp = error(503, "not stored", str(exc))
-    resp.headers["Retry-After"] = "1"
-    return resp
+    return as_json(not_stored(exc))
 
 
 def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:

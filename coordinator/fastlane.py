@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from coordinator.api import Answer, accept_tasks, task_answer
+from coordinator.api import Answer, accept_tasks, not_stored, task_answer
 from coordinator.auth import (
     ASGIApp,
     Message,
@@ -39,6 +39,7 @@ from coordinator.auth import (
     caller_of,
     is_json,
 )
+from coordinator.store import StoreError
 
 _SKIP = frozenset({"active", "completed"})  # /tasks/... routes of their own
 _JSON = (b"content-type", b"application/json")
@@ -105,7 +106,11 @@ class FastLane:
             more = message.get("more_body", False)
             if size > self.max_body:  # the stack refuses it (413) the same way
                 return _replay(chunks, receive, more)
-        await _send(send, await accept_tasks(state, who, b"".join(chunks)))
+        try:
+            answer = await accept_tasks(state, who, b"".join(chunks))
+        except StoreError as exc:  # as the app's exception handler answers it
+            answer = not_stored(exc)
+        await _send(send, answer)
         return None
 
     async def _task(self, scope: Scope, task_id: str, send: Send) -> bool:
@@ -120,7 +125,11 @@ class FastLane:
         caller = self._caller(scope, "read")
         if caller is None:
             return False
-        await _send(send, await task_answer(state.mesh, caller[0], task_id, wait or None))
+        try:
+            answer = await task_answer(state.mesh, caller[0], task_id, wait or None)
+        except StoreError as exc:  # the Mesh is rebuilding: as the app's handler answers
+            answer = not_stored(exc)
+        await _send(send, answer)
         return True
 
 

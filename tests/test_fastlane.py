@@ -192,3 +192,22 @@ async def test_long_poll_and_standby_paths_untouched(tmp_path: Path) -> None:
         t0 = loop.time()
         doc = await live.task(task_id, wait=0.3)
         assert doc["status"] == "queued" and loop.time() - t0 >= 0.29
+
+
+async def test_a_rebuilding_mesh_answers_503_both_ways(pair: Pair, lane_hits: list[int]) -> None:
+    """While the Mesh rebuilds from its store (after a failed write), a read and a
+    submission answer 503 with Retry-After on the fast lane as through the stack."""
+    ids = [await live.submit(task_type="test") for live in pair]
+    for live in pair:
+        live.mesh.broken = "injected: a commit failed"
+    try:
+        rs = [await live.http.get(f"/tasks/{task_id}") for live, task_id in zip(pair, ids,
+                                                                             strict=True)]
+        assert _shape(rs[0]) == _shape(rs[1])
+        assert rs[0].status_code == 503 and rs[0].headers["retry-after"] == "1", rs[0].text
+        r = await _same(pair, "POST", "/tasks/submit", json={"task_type": "test"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        assert lane_hits.count(503) == 2  # both answered by the lane itself
+    finally:
+        for live in pair:
+            live.mesh.broken = ""
