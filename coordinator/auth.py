@@ -177,7 +177,7 @@ def how_to_get_a_token(data_dir: Path, from_env: bool) -> str:
 
 # --- the middleware -------------------------------------------------------------------------
 
-def _headers(scope: Scope) -> dict[bytes, bytes]:
+def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope.get("headers", ())}
 
 
@@ -218,7 +218,7 @@ class AuthMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "websocket":
-            origin = _headers(scope).get(b"origin")
+            origin = headers_of(scope).get(b"origin")
             if origin is not None and not self.any_origin and origin not in self.origins:
                 await send({"type": "websocket.close", "code": 1008,
                             "reason": "origin not allowed"})  # before accept: HTTP 403
@@ -228,7 +228,7 @@ class AuthMiddleware:
         if kind != "http":
             await self.app(scope, receive, send)
             return
-        h = _headers(scope)
+        h = headers_of(scope)
         method = scope["method"]
         if method in ("POST", "PUT", "PATCH") and (
             _has_body(h) or b"content-type" in h

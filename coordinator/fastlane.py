@@ -37,6 +37,7 @@ from coordinator.auth import (
     Send,
     TokenBook,
     caller_of,
+    headers_of,
     is_json,
 )
 from coordinator.store import StoreError
@@ -76,7 +77,7 @@ class FastLane:
         return state
 
     def _caller(self, scope: Scope, need: str) -> tuple[Principal, dict[bytes, bytes]] | None:
-        h = {k.lower(): v for k, v in scope["headers"]}
+        h = headers_of(scope)
         if b"origin" in h:
             return None
         who = caller_of(h, self.auth, self.book())
