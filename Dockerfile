@@ -55,7 +55,7 @@ RUN python3 -m venv /opt/gpumesh \
 COPY --from=wheels /dist /tmp/dist
 RUN /opt/gpumesh/bin/pip install --no-index --find-links /tmp/wheels --no-deps /tmp/dist/*.whl \
     && rm -rf /tmp/dist /tmp/wheels \
-    && python -c 'import coordinator, gpu_client, shared'
+    && python -c 'import coordinator, gpu_client, gpumesh, shared'
 
 USER gpumesh
 WORKDIR /home/gpumesh

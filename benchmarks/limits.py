@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 async def active(n: int) -> dict[str, Any]:
-    from coordinator.edge import open_id_chunks, stream_tasks
-    from coordinator.mesh import Mesh
+    from coordinator.core.mesh import Mesh
     from coordinator.settings import Settings
-    from coordinator.store import Store
-    from coordinator.views import task_view
+    from coordinator.storage.store import Store
+    from coordinator.web.edge import open_id_chunks, stream_tasks
+    from coordinator.web.views import task_view
     from shared.tasks import TaskSubmit
 
     with tempfile.TemporaryDirectory() as tmp:

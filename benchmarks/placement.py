@@ -1,7 +1,7 @@
 """Placement decision latency at 10 to 10,000 nodes x 8 GPUs, busy GPUs and mixed requirements.
 
 Only the decision is timed: `place(req, executor, nodes, priority)` from
-coordinator/placement.py, with `time.perf_counter_ns` around each call. When that module
+coordinator/scheduling/placement.py, with `time.perf_counter_ns` around each call. When that module
 has a `PlacementIndex`, it is built from the nodes (`index.update(node)` per node) and
 `place` gets the index instead of the list. The nodes are the coordinator's own `Node`
 records, filled as a registered node's would be; nothing is mutated between calls, so
@@ -18,8 +18,8 @@ from collections import Counter
 from typing import Any
 
 from benchmarks.stats import Result, percentile
-from coordinator import placement
 from coordinator.model import Node
+from coordinator.scheduling import placement
 from shared.protocol import GpuInfo
 from shared.tasks import Requirements
 

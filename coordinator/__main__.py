@@ -11,10 +11,10 @@ from pathlib import Path
 
 import uvicorn
 
-from coordinator.app import create_app
-from coordinator.datadir import DataDirInUse, lock_data_dir
-from coordinator.schema import SchemaTooNew, preflight
 from coordinator.settings import Settings
+from coordinator.storage.datadir import DataDirInUse, lock_data_dir
+from coordinator.storage.schema import SchemaTooNew, preflight
+from coordinator.web.app import create_app
 from shared.config import ConfigError
 from shared.protocol import MAX_FRAME_BYTES
 

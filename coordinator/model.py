@@ -102,7 +102,7 @@ class Task:
         """Tasks that placement cannot tell apart share a queue class: same executor and
         requirements, and (for node policy) the same image, volumes and env names.
         `preemptible: false` work has classes of its own: a tenant's quota of it
-        (coordinator/tenants.py) must not hold preemptible work queued behind it."""
+        (coordinator/scheduling/tenants.py) must not hold preemptible work queued behind it."""
         digest = self.policy_digest
         key = self.req_raw + b"\0" + digest if digest else self.req_raw
         return (self.executor, key + b"\0np" if _PINNED in self.spec_raw else key)
@@ -142,7 +142,8 @@ class Link(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class DrainMark:
-    """An admin's drain of a node (coordinator/drain.py): why, since when (epoch s), by whom."""
+    """An admin's drain of a node (coordinator/core/drain.py): why, since when (epoch s), by
+    whom."""
 
     reason: str
     since: float
@@ -185,7 +186,7 @@ class Node:
     energy_j: float = 0.0
     power_at: float = 0.0  # monotonic time of the last power sample
     grace: asyncio.TimerHandle | None = None
-    # Failing well (coordinator/faults.py): the node's own health report, its quarantine,
+    # Failing well (coordinator/core/faults.py): the node's own health report, its quarantine,
     # its infrastructure errors, and the reconciliation of heartbeats' `running` lists.
     health: str = ""  # "" when the node says it can run work; else why not
     quarantine_reason: str = ""  # "" when not quarantined
@@ -197,7 +198,7 @@ class Node:
     hb_prev_at: float = 0.0  # wall time of the previous heartbeat on this connection
     missing: dict[str, int] = field(default_factory=dict)  # task id -> heartbeats missed
     assigns_sent: int = 0  # `assign` messages sent on the current connection (epoch)
-    drain: DrainMark | None = None  # an admin drained it: no new work (coordinator/drain.py)
+    drain: DrainMark | None = None  # an admin drained it: no new work (coordinator/core/drain.py)
 
     @property
     def online(self) -> bool:

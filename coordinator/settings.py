@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from coordinator.placement import MODES
+from coordinator.scheduling.placement import MODES
 from shared.config import ConfigError, env_bool, env_float, env_int, env_list, env_str
 
 
@@ -50,14 +50,15 @@ class Settings:
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
     stall_s: float = 1.0  # event-loop lag that counts as the coordinator's own stall
-    # mDNS (coordinator/advertise.py): on only when read from the environment (MESH_ADVERTISE,
+    # mDNS (coordinator/leader/advertise.py): on only when read from the environment
+    # (MESH_ADVERTISE,
     # default on), so an app built in-process, as tests do, announces nothing.
     mdns: bool = False
     mesh_name: str = ""  # MESH_NAME: what nodes choose a mesh by; "": the coordinator's name
     mdns_addresses: tuple[str, ...] = ()  # advertise these instead of the bound addresses
     lease_s: float = 10.0  # PostgreSQL: the leader lease; a standby leads this long after
     advertise_url: str = ""  # how peers and nodes reach this coordinator; "": from host/port
-    # Tenants (coordinator/tenants.py): defaults for a tenant without a stored config
+    # Tenants (coordinator/scheduling/tenants.py): defaults for a tenant without a stored config
     # (0 = unlimited), the fair-share half-life, and preemption of low work by critical work.
     tenant_default_weight: float = 1.0
     tenant_default_max_gpus: int = 0

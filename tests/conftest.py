@@ -24,9 +24,9 @@ import httpx
 import pytest
 import uvicorn
 
-from coordinator.app import create_app
-from coordinator.mesh import Mesh
+from coordinator.core.mesh import Mesh
 from coordinator.settings import Settings
+from coordinator.web.app import create_app
 from shared.protocol import MAX_FRAME_BYTES
 
 ROOT = Path(__file__).resolve().parent.parent

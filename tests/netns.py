@@ -4,7 +4,7 @@
 here has no `dummy` module), runs real processes inside it with `ip netns exec`, and reads a
 coordinator's API from one thread that joined the namespace (setns): nothing leaves the
 machine. ROGUE and RELAY are small `python -c` programs that advertise a mesh name without
-the join token (tests/test_discovery.py).
+the join token (tests/link/test_discovery.py).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Netns:
     def discover(self) -> tuple[int, list[dict[str, Any]]]:
         """`gpumesh discover --json` run inside the namespace."""
         done = subprocess.run(
-            ["ip", "netns", "exec", self.name, sys.executable, "-m", "coordinator.cli",
+            ["ip", "netns", "exec", self.name, sys.executable, "-m", "gpumesh.cli.main",
              "discover", "--json", "--timeout", "1.5"],
             capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent,
         )

@@ -1,0 +1,240 @@
+"""A coordinator's role (leader or standby), and what a standby does with what it cannot serve.
+
+With SQLite a coordinator is always the leader. With PostgreSQL it starts as a standby and
+leads once it holds the lease (coordinator/leader/lease.py). A standby:
+
+- answers `GET /health` itself (`"role": "standby"`, `"leader": "<url>"`);
+- forwards every other HTTP request to the leader with `httpx` — method, path, query, the
+  caller's headers (its `Authorization` too: the leader decides), the body read under
+  `MESH_MAX_BODY_BYTES` — and streams the leader's answer back as it comes (long polls and
+  `logs?follow` included). No leader known, or the leader unreachable: 503 + `Retry-After`;
+- accepts a node's WebSocket and closes it at once with 4010 NOT_LEADER, the reason being the
+  leader's ws:// URL, so the node goes there (if that URL is one it was configured with); with
+  no leader known it closes with 1013 TRY_AGAIN_LATER.
+
+A forwarded request carries `X-Gpumesh-Forwarded`; a coordinator that is not the leader never
+forwards such a request again (two standbys with stale views would otherwise bounce it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from coordinator.leader.lease import Lead, Leadership, Lease, new_holder_id, serve_leadership
+from coordinator.settings import Settings
+from coordinator.storage.store import Deposed, StoreError
+from coordinator.web.edge import BodyTooLarge, read_body
+from shared.protocol import CloseCode
+
+log = logging.getLogger(__name__)
+
+FORWARDED = b"x-gpumesh-forwarded"
+_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
+    b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
+})
+_HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
+
+
+def advertise_url(host: str, port: int, tls: bool, configured: str = "") -> str:
+    """Where other coordinators and nodes reach this one: MESH_ADVERTISE_URL, else built from
+    the bind address (a wildcard bind advertises this machine's host name)."""
+    if configured:
+        return configured.rstrip("/")
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'https' if tls else 'http'}://{host}:{port}"
+
+
+def ws_url_of(url: str) -> str:
+    """`http://h:p` -> `ws://h:p`, `https://` -> `wss://`."""
+    if url.startswith("https://"):
+        return "wss://" + url[len("https://"):]
+    if url.startswith("http://"):
+        return "ws://" + url[len("http://"):]
+    return url
+
+
+@dataclass
+class Role:
+    """What this coordinator is now; the lease loop sets it, requests read it."""
+
+    url: str  # this coordinator's advertised URL
+    state: str = "standby"  # standby | promoting | leader
+    leader_url: str = ""  # the leader's URL ("" = none known); ours while leading
+    http: httpx.AsyncClient | None = field(default=None, repr=False)
+
+    @classmethod
+    def sole(cls, url: str) -> Role:
+        """SQLite: the only coordinator, always the leader."""
+        return cls(url=url, state="leader", leader_url=url)
+
+    @property
+    def leading(self) -> bool:
+        return self.state == "leader"
+
+    def set(self, state: str, leader_url: str) -> None:
+        if (state, leader_url) != (self.state, self.leader_url):
+            log.info("role: %s (leader: %s)", state, leader_url or "none known")
+        self.state, self.leader_url = state, leader_url
+
+    def unready(self) -> str:
+        """Why a coordinator that is not leading cannot serve the API now ("" if it can)."""
+        if self.state == "promoting":
+            return "starting"  # it holds the lease and is loading the mesh
+        if not self.leader_url or self.leader_url == self.url:
+            return "no leader"  # the lease is free, lapsing, or its own from a previous life
+        return ""
+
+    def fields(self) -> dict[str, Any]:
+        """What `GET /health` adds: the role, and where the leader is (None: not known)."""
+        return {"role": "leader" if self.leading else "standby",
+                "leader": self.leader_url or None}
+
+
+def _unavailable(reason: str) -> JSONResponse:
+    resp = JSONResponse({"error": "no leader", "reason": reason}, status_code=503)
+    resp.headers["Retry-After"] = "1"
+    return resp
+
+
+class StandbyGate:
+    """ASGI middleware, outermost: passes everything through while leading; otherwise
+    answers /health locally (the app does), forwards HTTP and redirects node sockets."""
+
+    def __init__(
+        self, app: ASGIApp, *, role: Callable[[], Role | None], max_body_bytes: int
+    ) -> None:
+        self.app, self.role, self.max_body = app, role, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        role = self.role()
+        kind = scope["type"]
+        if role is None or role.leading or kind == "lifespan" or (
+            kind == "http" and scope["path"] == "/health"
+        ):
+            await self.app(scope, receive, send)
+        elif kind == "websocket":
+            await _redirect_node(role, receive, send)
+        else:
+            await self._forward(role, scope, receive, send)
+
+    async def _forward(self, role: Role, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if why := role.unready():
+            reason = ("this coordinator is loading the mesh as the new leader"
+                      if why == "starting" else "no leader elected yet (the lease is free or "
+                      "lapsing)")
+            return await _unavailable(f"{reason}; retry shortly")(scope, receive, send)
+        assert role.http is not None
+        if any(k == FORWARDED for k, _ in scope["headers"]):
+            return await _unavailable("forwarded by another standby: this one is not the "
+                                      "leader either; retry shortly")(scope, receive, send)
+        try:
+            body = await read_body(request, self.max_body)
+        except BodyTooLarge as exc:
+            resp = JSONResponse({"error": "body too large", "reason": str(exc)}, 413)
+            return await resp(scope, receive, send)
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
+        headers.append((FORWARDED, role.url.encode()))
+        url = role.leader_url + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
+        req = role.http.build_request(scope["method"], url, headers=headers, content=body)
+        try:
+            upstream = await role.http.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            log.warning("forwarding %s %s to the leader %s failed: %s", scope["method"],
+                        scope["path"], role.leader_url, exc)
+            return await _unavailable(f"the leader {role.leader_url} did not answer "
+                                      f"({type(exc).__name__}); retry shortly")(
+                scope, receive, send)
+        try:
+            await send({"type": "http.response.start", "status": upstream.status_code,
+                        "headers": [(k, v) for k, v in upstream.headers.raw
+                                    if k.lower() not in _HOP_OUT]})
+            async for chunk in upstream.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await upstream.aclose()
+
+
+async def _redirect_node(role: Role, receive: Receive, send: Send) -> None:
+    """Accept, then close: 4010 with the leader's ws URL (1013 while none is known). Closing
+    before accepting would answer the handshake with 403, which nodes treat as fatal."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    if not role.unready():
+        code, reason = CloseCode.NOT_LEADER, ws_url_of(role.leader_url)
+    else:
+        code, reason = CloseCode.TRY_AGAIN_LATER, "no leader yet: retry shortly"
+    await send({"type": "websocket.close", "code": int(code), "reason": reason[:123]})
+
+
+def forwarding_client(max_wait_s: float) -> httpx.AsyncClient:
+    """The standby's client to the leader: long polls may hold `max_wait_s`; nothing else."""
+    timeout = httpx.Timeout(connect=3.0, read=max_wait_s + 30.0, write=30.0, pool=5.0)
+    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+
+
+def postgres_dsn(settings: Settings) -> str | None:
+    """The PostgreSQL URL of MESH_STORE, or None (SQLite: no lease, always the leader)."""
+    store = settings.store
+    return store if store.startswith(("postgresql://", "postgres://")) else None
+
+
+def fence_store(store: Any, epoch: int, depose: Callable[[str], None]) -> None:
+    """Fence the store at `epoch`; a write it refuses as `Deposed` also tells the lease loop,
+    which steps down now rather than at the next renewal. Call after the Mesh is built (it
+    sets `store.on_failure`)."""
+    store.fence(epoch)
+    mesh_failed: Callable[[StoreError], None] | None = store.on_failure
+
+    def failed(err: StoreError) -> None:
+        if isinstance(err, Deposed):
+            depose(f"a write was refused: {err}")
+        if mesh_failed is not None:
+            mesh_failed(err)
+
+    store.on_failure = failed
+
+
+@contextlib.asynccontextmanager
+async def serve_role(state: Any, settings: Settings, lead: Lead) -> AsyncIterator[None]:
+    """SQLite: lead for the whole life of the app. PostgreSQL: run the lease loop, leading
+    while it holds the lease and forwarding as a standby otherwise."""
+    url = advertise_url(settings.host, settings.port, settings.tls_cert is not None,
+                        settings.advertise_url)
+    dsn = postgres_dsn(settings)
+    if dsn is None:
+        state.role = Role.sole(url)
+        async with lead(None, None):  # type: ignore[arg-type]
+            yield
+        return
+    role = Role(url=url, http=forwarding_client(settings.max_wait_s))
+    state.role = role
+    leadership = Leadership(Lease(dsn, new_holder_id(), url, settings.lease_s), lead,
+                            on_role=role.set)
+    state.leadership = leadership
+    log.info("PostgreSQL store: starting as a standby at %s (lease %.1fs)", url,
+             settings.lease_s)
+    try:
+        async with serve_leadership(leadership):
+            yield
+    finally:
+        await role.http.aclose()  # type: ignore[union-attr]

@@ -1,0 +1,361 @@
+"""The node WebSocket: decode frames, call the Mesh, send what it returns. No state here.
+
+Close codes are `shared.protocol.CloseCode`. A frame that does not decode gets an `error`
+reply and the connection carries on; an invalid node name, a first frame that is not
+`register`, or a bad join token closes with 1008; an unsupported protocol version with 4002;
+a name that belongs to another node's credential with 4004 (see coordinator/link/identity.py).
+Oversize frames (over MAX_FRAME_BYTES) and non-UTF-8 text are closed by the WebSocket layer
+with 1009 / 1007.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections import deque
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from coordinator.access.audit import Audit
+from coordinator.core.drain import drain_notice
+from coordinator.core.mesh import Mesh
+from coordinator.link.identity import NodeIdentities, Refused
+from coordinator.link.join_proof import answer, join_refusal
+from coordinator.storage.store import StoreError
+from shared.limits import MAX_NAME, Throttled, message_refusal
+from shared.protocol import (
+    BUNDLE,
+    FEATURES,
+    SUPPORTED_PROTOCOLS,
+    BadMessage,
+    ClientBundle,
+    CloseCode,
+    Error,
+    Msg,
+    Register,
+    bundle_frame,
+    decode_client,
+    encode,
+    valid_node_name,
+)
+
+NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+log = logging.getLogger(__name__)
+
+
+class _Close:
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code, self.reason = code, reason
+
+
+class WsLink:
+    """A node's outgoing side: `send` enqueues, one writer task drains in order.
+
+    The queue is bounded in frames and bytes (MESH_WS_QUEUE_FRAMES / _BYTES). A peer that
+    does not read fills it: its queued frames are dropped, it is closed with 4005
+    SLOW_CONSUMER (logged once), and if even the close cannot be written within
+    CLOSE_TIMEOUT_S the TCP connection is aborted, so a stuck peer holds no memory."""
+
+    CLOSE_TIMEOUT_S = 10.0
+    BUNDLE_FRAMES = 256  # at most this many messages, and BUNDLE_BYTES, in one bundle
+    BUNDLE_BYTES = 256 << 10
+
+    def __init__(
+        self, ws: WebSocket, node: str, max_frames: int | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
+        settings = ws.app.state.mesh.settings
+        self.ws, self.node = ws, node
+        self.max_frames = max_frames or settings.ws_queue_frames
+        self.max_bytes = max_bytes or settings.ws_queue_bytes
+        self._out: deque[bytes | _Close] = deque()
+        self._ready = asyncio.Event()
+        self.queued_bytes = 0
+        self.closing = False
+        self.slow = False
+        self.bundle = False  # the node offered "bundle": frames queued together leave as one
+        self._sent = False  # the first frame (`registered`, which says so) always goes alone
+
+    def send(self, msg: Msg) -> None:
+        if self.closing:
+            return
+        frame = encode(msg)
+        if len(self._out) >= self.max_frames or self.queued_bytes + len(frame) > self.max_bytes:
+            self._slow_consumer()
+            return
+        self._out.append(frame)
+        self.queued_bytes += len(frame)
+        self._ready.set()
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closing:
+            self.closing = True
+            self._out.append(_Close(code, reason))
+            self._ready.set()
+
+    def _slow_consumer(self) -> None:
+        frames, size = len(self._out), self.queued_bytes
+        self._out.clear()
+        self.queued_bytes = 0
+        self.slow = True
+        log.warning(
+            "node %s does not read: %d frames (%d bytes) queued; closing with %d",
+            self.node, frames, size, CloseCode.SLOW_CONSUMER, extra={"node": self.node},
+        )
+        conns: Connections | None = getattr(self.ws.app.state, "connections", None)
+        if conns is not None:
+            conns.slow_consumers += 1
+        self.close(CloseCode.SLOW_CONSUMER, f"slow consumer: more than {frames} frames or "
+                   f"{self.max_bytes} bytes waiting to be read")
+        asyncio.get_running_loop().call_later(self.CLOSE_TIMEOUT_S, _abort, self.ws)
+
+    async def writer(self) -> None:
+        while True:
+            while not self._out:
+                self._ready.clear()
+                await self._ready.wait()
+            item = self._out.popleft()
+            if isinstance(item, _Close):
+                await self.ws.close(item.code, item.reason)
+                return
+            self.queued_bytes -= len(item)
+            if self._sent and self.bundle and self._out and not isinstance(self._out[0], _Close):
+                item = self._bundle(item)
+            self._sent = True
+            await self.ws.send_text(item.decode())
+
+    def _bundle(self, first: bytes) -> bytes:
+        """`first` and the frames queued behind it, up to the caps, as one `bundle` frame:
+        one ASGI send and one socket write instead of one per message."""
+        frames, size, out = [first], len(first), self._out
+        while out and len(frames) < self.BUNDLE_FRAMES:
+            nxt = out[0]
+            if isinstance(nxt, _Close) or size + len(nxt) > self.BUNDLE_BYTES:
+                break
+            out.popleft()
+            frames.append(nxt)
+            size += len(nxt)
+            self.queued_bytes -= len(nxt)
+        return frames[0] if len(frames) == 1 else bundle_frame(frames)
+
+
+def _abort(ws: WebSocket) -> None:
+    """Drop a connection whose peer does not read even the close frame. ASGI offers no
+    abort, so this finds the server's transport behind the `send` callable it was given
+    (uvicorn's protocol object, possibly wrapped in middleware closures). Without it the
+    socket lingers with at most the transport's and the kernel's buffers held."""
+    transport = _transport_of(ws._send)
+    if transport is None:
+        log.warning("cannot abort %r: no transport found behind its send", ws.url.path)
+        return
+    if not transport.is_closing():
+        log.warning("aborting %r: the peer did not read its close frame", ws.url.path)
+    transport.abort()  # also one closing gracefully: its buffer may never drain
+
+
+def _transport_of(send: object) -> asyncio.Transport | None:
+    todo, looked = [send], 0
+    while todo and looked < 32:
+        fn = todo.pop()
+        looked += 1
+        transport = getattr(getattr(fn, "__self__", None), "transport", None)
+        if isinstance(transport, asyncio.BaseTransport):
+            return transport  # type: ignore[return-value]
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if callable(value):
+                todo.append(value)
+    return None
+
+
+class Connections:
+    """Counts open sockets for /metrics and the MESH_MAX_CONNECTIONS cap; no node state."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.refused = 0  # over the cap: closed with 1013
+        self.slow_consumers = 0  # closed with 4005
+        # Repeated refusals (bad frames, oversize fields) are logged once per interval per node.
+        self.refusals = Throttled(log)
+
+
+async def _receive(ws: WebSocket) -> str | bytes | None:
+    """The next frame's payload, or None once the peer is gone."""
+    msg = await ws.receive()
+    if msg["type"] == "websocket.disconnect":
+        return None
+    text: str | None = msg.get("text")
+    return text if text is not None else msg.get("bytes", b"")
+
+
+async def _reject(ws: WebSocket, code: CloseCode, reason: str) -> None:
+    log.warning("closing %r with %d: %s", ws.url.path, code, reason)  # %r: no forged lines
+    await ws.send_text(encode(Error(reason=reason, code="bad_message")).decode())
+    # A close reason is at most 123 bytes; the `error` frame above carries all of it.
+    await ws.close(code, reason.encode()[:123].decode(errors="ignore"))
+
+
+async def node_socket(ws: WebSocket) -> None:
+    mesh: Mesh = ws.app.state.mesh
+    conns: Connections = ws.app.state.connections
+    name = ws.path_params["node_id"]
+    ws.state.join_challenge = challenge = answer(ws, ws.app.state.identities, name)
+    await ws.accept(headers=challenge.headers)  # the join-token proof, if the node asked
+    if conns.open >= mesh.settings.max_connections:
+        conns.refused += 1
+        conns.refusals.warning(
+            "-connections", "refused a node connection: %d open (MESH_MAX_CONNECTIONS)",
+            conns.open,
+        )
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections; retry later")
+        return
+    conns.open += 1
+    try:
+        await _serve(ws, mesh, name)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        conns.open -= 1
+
+
+async def _audit(ws: WebSocket, name: str, action: str, detail: dict[str, Any]) -> None:
+    """Record a node admission or refusal in the audit trail (which also logs it)."""
+    audit: Audit = ws.app.state.audit
+    try:
+        await audit.record(f"node:{name}", action, name, detail)
+    except StoreError:  # the mesh rebuilds from its store (crash-only); admission goes on
+        log.warning("audit record %s for node %s not stored", action, name)
+
+
+async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | None:
+    """The connection's `register`, checked for name, protocol and join token; or None after
+    closing the socket with the reason (1008 bad name/token, 4002 protocol)."""
+    if not valid_node_name(name):
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"invalid node name {name!r}: {NAME_RULE}")
+        return None
+    try:
+        raw = await asyncio.wait_for(_receive(ws), mesh.settings.register_timeout_s)
+    except TimeoutError:
+        await _reject(ws, CloseCode.POLICY_VIOLATION, "no register message in time")
+        return None
+    if raw is None:
+        return None
+    first = decode_client(raw)
+    if not isinstance(first, Register):
+        why = first.reason if isinstance(first, BadMessage) else f"got {type(first).__name__}"
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"first message must be register: {why}")
+        return None
+    if first.protocol not in SUPPORTED_PROTOCOLS:
+        await _reject(
+            ws, CloseCode.PROTOCOL_UNSUPPORTED,
+            f"protocol {first.protocol} unsupported; speak {sorted(SUPPORTED_PROTOCOLS)}",
+        )
+        return None
+    if why := message_refusal(first):  # names, labels, GPUs past shared/limits.py: fatal
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"register refused: {why}")
+        return None
+    ids: NodeIdentities = ws.app.state.identities
+    if why := join_refusal(ids, name, first, getattr(ws.state, "join_challenge", None)):
+        await _audit(ws, name, "node.refuse", {"why": why})
+        await _reject(ws, CloseCode.POLICY_VIOLATION, why)
+        return None
+    return first
+
+
+async def _admit(ws: WebSocket, mesh: Mesh, name: str) -> tuple[Register, str] | None:
+    """A checked register and the credential to issue ("" if the node presented its own)."""
+    first = await _first_register(ws, mesh, name)
+    if first is None:
+        return None
+    ids: NodeIdentities = ws.app.state.identities
+    try:
+        admission = await ids.admit(name, first.credential)
+    except (sqlite3.Error, OSError) as exc:
+        log.error("storing node %s's credential failed: %s", name, exc, extra={"node": name})
+        await _reject(ws, CloseCode.INTERNAL_ERROR, "could not store the node's credential")
+        return None
+    if isinstance(admission, Refused):
+        await _audit(ws, name, "node.refuse", {"why": "name taken"})
+        await _reject(ws, CloseCode.NAME_TAKEN, admission.reason)
+        return None
+    await _audit(ws, name, "node.admit", {"new": bool(admission.issued),
+                                          "rejoined": admission.rejoined})
+    return first, admission.issued
+
+
+async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
+    admitted = await _admit(ws, mesh, name)
+    if admitted is None:
+        return
+    first, issued = admitted
+    if mesh.broken:  # rebuilding from the store after a failed write: come back shortly
+        await ws.close(CloseCode.TRY_AGAIN_LATER, "coordinator rebuilding its state; retry")
+        return
+    link = WsLink(ws, name)
+    writer = asyncio.create_task(link.writer(), name=f"ws-writer-{name}")
+    why = "closed"
+    try:
+        registered = mesh.register(name, first, link)
+        registered.credential = issued  # its hash committed before this reply goes out
+        registered.features = sorted(FEATURES.intersection(first.features))
+        link.send(registered)
+        link.bundle = BUNDLE in registered.features  # from the next frame on
+        if (notice := drain_notice(mesh, name)) is not None:
+            link.send(notice)  # drained before it (re)joined: it still takes no new work
+        why = await _read_loop(ws, mesh, name, link)
+    finally:
+        mesh.disconnected(name, link, why)
+        link.close(CloseCode.NORMAL, why)
+        try:
+            await asyncio.wait_for(writer, 5)
+        except (TimeoutError, RuntimeError, OSError, WebSocketDisconnect):
+            writer.cancel()
+
+
+async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
+    while not link.closing:
+        raw = await _receive(ws)
+        if raw is None:
+            return "peer closed"
+        msg = decode_client(raw)
+        for one in msg.msgs if isinstance(msg, ClientBundle) else (msg,):
+            if link.closing or _refused(ws, mesh, name, link, one):
+                continue
+            try:
+                mesh.handle(name, link, one)
+            except Exception:  # a bug in the Mesh must not take this node's connection down
+                log.exception("handling %s from %s failed", type(one).__name__, name)
+                link.send(Error(reason="internal error handling this message", code="internal"))
+    return "closed by coordinator"
+
+
+def _refused(
+    ws: WebSocket, mesh: Mesh, name: str, link: WsLink, msg: Msg | BadMessage
+) -> bool:
+    """Refuse a frame that does not decode, or holds what the store cannot keep: an `error`
+    frame naming the field and the limit, nothing changes, the connection lives on. The
+    log line is throttled per node (`Connections.refusals`)."""
+    if isinstance(msg, BadMessage):
+        why, code, task_id, attempt = msg.reason, "bad_message", None, None
+    elif why := message_refusal(msg):
+        code, task_id, attempt = "too_large", _task_id(msg), getattr(msg, "attempt", None)
+    else:
+        return False
+    mesh.metrics.bad_messages.inc()
+    conns: Connections = ws.app.state.connections
+    conns.refusals.warning(name, "refused a frame from %s: %s", name, why, extra={"node": name})
+    link.send(Error(reason=why, code=code, task_id=task_id, attempt=attempt))
+    return True
+
+
+def _task_id(msg: Msg) -> str | None:
+    task_id = getattr(msg, "task_id", None)
+    return task_id if isinstance(task_id, str) and len(task_id) <= MAX_NAME else None

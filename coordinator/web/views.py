@@ -1,0 +1,157 @@
+"""JSON shapes of tasks, nodes and the mesh: the seed's contract plus added fields."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from coordinator.core.drain import drain_view, view_status
+from coordinator.model import Node, Task, TaskState
+from coordinator.scheduling.tenants import weighted_fairness
+
+if TYPE_CHECKING:
+    from coordinator.core.mesh import Mesh
+
+GB = 1024  # MiB per GiB: GPU memory is reported in MiB by every vendor tool
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def task_view(t: Task, reason: str = "") -> dict[str, Any]:
+    spec = t.spec
+    view: dict[str, Any] = {
+        "task_id": t.id,
+        "task_type": t.task_type,
+        "status": t.state.value,
+        "priority": t.priority,
+        "node": t.node,
+        "attempt": t.attempt,
+        "max_attempts": t.max_attempts,
+        "executor": t.executor,
+        "gpu_indices": list(t.gpu_indices),
+        "requirements": msgspec.to_builtins(spec.requirements),
+        "submitted_at": iso(t.submitted_at),
+        "assigned_at": iso(t.assigned_at),
+        "started_at": iso(t.started_at),
+        "finished_at": iso(t.finished_at),
+        "result": t.result,
+        "error": t.error or None,
+        "infra_losses": t.infra_retries,
+        "history": t.history,
+    }
+    if spec.image:
+        view["image"] = spec.image
+    if spec.name:
+        view["name"] = spec.name
+    if spec.tenant:
+        view["tenant"] = spec.tenant
+    if t.state is TaskState.QUEUED:
+        view["reason"] = reason
+    return view
+
+
+def _gpu_type(node: Node) -> str:
+    names = Counter(g.name for g in node.gpus)
+    return names.most_common(1)[0][0] if names else "none"
+
+
+def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
+    """The seed's node fields (`gpu_memory` is GB per GPU, the largest) and more."""
+    biggest = max((g.memory_total_mb for g in node.gpus), default=0)
+    view: dict[str, Any] = {
+        "gpu_count": len(node.gpus),
+        "gpu_type": _gpu_type(node),
+        "gpu_memory": round(biggest / GB, 1),
+        "total_gpu_memory": round(sum(g.memory_total_mb for g in node.gpus) / GB, 1),
+        "status": view_status(node),  # draining / drained: coordinator/core/drain.py
+        "active_tasks": len(node.tasks),
+        "completed_tasks": node.completed,
+        "failed_tasks": node.failed,
+        "free_gpus": node.free_gpu_count(),
+        "slots": node.slots,
+        "free_slots": node.free_slots,
+        "executors": sorted(node.executors),
+        "labels": node.labels,
+        "energy_j": round(node.energy_j, 1),
+        "quarantined": bool(node.quarantine_reason),
+        "quarantine_reason": node.quarantine_reason,
+        "health": node.health,
+        "eligible": node.online and not node.unavailable,
+        "faulted_gpus": {str(g.index): g.fault for g in node.gpus if g.fault},
+        "infra_failures": node.infra_total,
+        "drain": drain_view(node.drain),
+    }
+    if detail:
+        view.update(
+            name=node.name,
+            hostname=node.hostname,
+            role=node.role,
+            version=node.version,
+            protocol=node.protocol,
+            seed_form=node.seed_form,
+            cpu_count=node.cpu_count,
+            memory_mb=node.memory_mb,
+            cpu_pct=node.cpu_pct,
+            memory_used_mb=node.memory_used_mb,
+            load1=node.load1,
+            connected_at=iso(node.connected_at),
+            tasks=sorted(node.tasks),
+            gpus=[
+                {**msgspec.to_builtins(g), "busy": g.index in node.gpu_tasks} for g in node.gpus
+            ],
+            history=[
+                {"t": round(t, 3), "cpu_pct": cpu, "gpu_util_pct": round(util, 1),
+                 "gpu_memory_used_mb": mem, "power_w": round(power, 1)}
+                for t, cpu, util, mem, power in node.history
+            ],
+        )
+    return view
+
+
+def mesh_status(mesh: Mesh) -> dict[str, Any]:
+    gpus = [g for n in mesh.nodes.values() if n.online for g in n.gpus]
+    counts = mesh.state_counts
+    return {
+        "coordinator": mesh.settings.name,
+        "status": "ok",
+        "uptime_s": round(time.time() - mesh.started_at, 1),
+        "total_nodes": len(mesh.nodes),
+        "online_nodes": sum(1 for n in mesh.nodes.values() if n.online),
+        "total_gpus": len(gpus),
+        "free_gpus": sum(n.free_gpu_count() for n in mesh.nodes.values() if n.online),
+        "total_vram": round(sum(g.memory_total_mb for g in gpus) / GB, 1),
+        "used_vram": round(sum(g.memory_used_mb for g in gpus) / GB, 1),
+        "active_tasks": counts[TaskState.ASSIGNED] + counts[TaskState.RUNNING],
+        "queued_tasks": counts[TaskState.QUEUED],
+        "completed_tasks": mesh.finished_counts["completed"],
+        "failed_tasks": mesh.finished_counts["failed"],
+        "cancelled_tasks": mesh.finished_counts["cancelled"],
+        "queue_by_priority": {b: mesh.queued_by_band[b] for b in ("critical", "high",
+                                                                    "normal", "low")},
+        "balancing": mesh.settings.balancing,
+        "energy_j": round(sum(n.energy_j for n in mesh.nodes.values()), 1),
+        "fairness": fairness(mesh.gpu_seconds) | weighted_fairness(mesh),
+        "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
+    }
+
+
+def fairness(gpu_seconds: Mapping[str, float]) -> dict[str, Any]:
+    """Jain's index over GPU-seconds per tenant: 1.0 is perfectly even, 1/n is one
+    tenant taking everything. None until some tenant has used a GPU."""
+    shares = [v for v in gpu_seconds.values() if v > 0]
+    total = sum(shares)
+    jain = total * total / (len(shares) * sum(v * v for v in shares)) if shares else None
+    return {
+        "jain_index": round(jain, 4) if jain is not None else None,
+        "gpu_seconds_by_tenant": {k: round(v, 3) for k, v in sorted(gpu_seconds.items())},
+    }
+
