@@ -22,19 +22,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from coordinator.model import DrainMark, Node
 from coordinator.storage.store_core import DrainPut, Write
 from shared.protocol import Drain
 
 if TYPE_CHECKING:
-    from coordinator.core.mesh import Mesh
+    from coordinator.storage.store_core import GroupCommitStore
 
 log = logging.getLogger(__name__)
 
 MAX_REASON = 512
+
+
+class HasDrains(Protocol):
+    """The Mesh as `on_register` and `drain_notice` read it: its drain marks by node name."""
+
+    @property
+    def drains(self) -> Mapping[str, DrainMark]: ...
+
+
+class DrainHost(Protocol):
+    """What draining reads and changes on the Mesh (coordinator/core/mesh.py)."""
+
+    drains: dict[str, DrainMark]  # replaced by `load_drains`
+
+    @property
+    def store(self) -> GroupCommitStore: ...
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+    @property
+    def _wake(self) -> asyncio.Event: ...  # set: ask for a dispatch pass
+
+    def _serving(self) -> None: ...  # raises MeshUnavailable while the Mesh rebuilds
+    def _node_changed(self, node: Node) -> None: ...  # re-index it, wake what it may fit
 
 
 def view_status(node: Node) -> str:
@@ -52,7 +76,7 @@ def drain_view(mark: DrainMark | None) -> dict[str, object] | None:
     return {"reason": mark.reason, "since": since, "by": mark.by}
 
 
-async def load_drains(mesh: Mesh) -> None:
+async def load_drains(mesh: DrainHost) -> None:
     """Read the drain marks from the store onto the Mesh (at start and after a rebuild),
     and mark the nodes already known (placeholders of nodes that hold tasks)."""
     rows = await mesh.store.node_drains()
@@ -66,18 +90,18 @@ async def load_drains(mesh: Mesh) -> None:
         log.info("%d drained node(s): %s", len(rows), ", ".join(sorted(mesh.drains)))
 
 
-def on_register(mesh: Mesh, node: Node) -> None:
+def on_register(mesh: HasDrains, node: Node) -> None:
     """A node (re)joins: it carries its durable drain mark, if it has one."""
     node.drain = mesh.drains.get(node.name)
 
 
-def drain_notice(mesh: Mesh, name: str) -> Drain | None:
+def drain_notice(mesh: HasDrains, name: str) -> Drain | None:
     """What to send a node right after its `registered`: a `Drain` if it is drained."""
     mark = mesh.drains.get(name)
     return None if mark is None else Drain(reason=mark.reason)
 
 
-async def drain(mesh: Mesh, name: str, reason: str, by: str, also: Write) -> DrainMark:
+async def drain(mesh: DrainHost, name: str, reason: str, by: str, also: Write) -> DrainMark:
     """Drain `name` (again: the reason and time are replaced). Returns once durable."""
     mesh._serving()
     mark = DrainMark(reason[:MAX_REASON] or f"drained by {by}", time.time(), by)
@@ -93,7 +117,7 @@ async def drain(mesh: Mesh, name: str, reason: str, by: str, also: Write) -> Dra
     return mark
 
 
-async def undrain(mesh: Mesh, name: str, by: str, also: Write) -> DrainMark | None:
+async def undrain(mesh: DrainHost, name: str, by: str, also: Write) -> DrainMark | None:
     """Lift the drain of `name`; returns the mark it had (None: it was not drained)."""
     mesh._serving()
     mark = mesh.drains.pop(name, None)
@@ -112,7 +136,7 @@ async def undrain(mesh: Mesh, name: str, by: str, also: Write) -> DrainMark | No
     return mark
 
 
-def _tell(mesh: Mesh, name: str, msg: Drain) -> None:
+def _tell(mesh: DrainHost, name: str, msg: Drain) -> None:
     node = mesh.nodes.get(name)  # looked up again: it may have reconnected meanwhile
     if node is not None and node.link is not None:
         node.link.send(msg)

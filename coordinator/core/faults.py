@@ -21,9 +21,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from coordinator.model import ACTIVE, Link, Node, Task, TaskState
 from coordinator.settings import Settings
@@ -32,7 +32,6 @@ from shared.protocol import Ack, Cancel, Heartbeat, TaskRef, TaskResult
 if TYPE_CHECKING:
     from coordinator.core.logs import TaskLogs
     from coordinator.core.metrics import MeshMetrics
-    from coordinator.scheduling.placement import PlacementIndex
 
 log = logging.getLogger("coordinator.core.mesh")
 
@@ -197,52 +196,84 @@ def _had_assign(node: Node, t: Task, assigns: int, prev: float) -> bool:
 # --- the Mesh's side: what it does with the above ------------------------------------------
 
 
+class Transition(Protocol):
+    """The Mesh's `_transition` (coordinator/core/mesh.py): the one way a task changes state;
+    returns the durable write, which callers await (or chain on) before acknowledging."""
+
+    def __call__(
+        self, t: Task, to: TaskState, *, cause: str, **change: Any
+    ) -> asyncio.Future[None]: ...
+
+
+class Requeue(Protocol):
+    """Node loss for one task: back to the queue or failed (NodeSide.requeue_or_fail)."""
+
+    def __call__(self, t: Task, cause: str, *, infra: bool = False) -> None: ...
+
+
+class FaultHost(Protocol):
+    """What the node-fault paths read on the Mesh, at the time of each call (a rebuild
+    replaces the Mesh's tasks and nodes)."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def metrics(self) -> MeshMetrics: ...
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+    @property
+    def finished(self) -> Mapping[str, Task]: ...
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+    @property
+    def logs(self) -> TaskLogs: ...
+    @property
+    def loop_watch(self) -> LoopWatch: ...
+
+
 class NodeFaults:
-    """Mixed into the Mesh: the node-fault paths, kept out of mesh.py. Every task change
-    still goes through the Mesh's transition table (`_transition`, `_requeue_or_fail`)."""
+    """The node-fault paths, a part the node side holds (coordinator/core/node_side.py).
+    Every task change still goes through the Mesh's transition table: `transition` and
+    `requeue_or_fail` are passed in, with `node_gone`, `node_changed` (re-index a node and
+    wake what it may fit) and `wake` (ask for a dispatch pass)."""
 
-    if TYPE_CHECKING:
-        settings: Settings
-        metrics: MeshMetrics
-        tasks: dict[str, Task]
-        finished: Mapping[str, Task]
-        nodes: dict[str, Node]
-        index: PlacementIndex
-        logs: TaskLogs
-        loop_watch: LoopWatch
-        _wake: asyncio.Event
+    def __init__(
+        self, mesh: FaultHost, *, transition: Transition, requeue_or_fail: Requeue,
+        node_gone: Callable[[Node, str], None], node_changed: Callable[[Node], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self._mesh = mesh
+        self._transition = transition
+        self._requeue_or_fail = requeue_or_fail
+        self._node_gone = node_gone
+        self._node_changed = node_changed
+        self._wake = wake
 
-        def _transition(
-            self, t: Task, to: TaskState, *, cause: str, **change: Any
-        ) -> asyncio.Future[None]: ...
-        def _requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None: ...
-        def node_gone(self, node: Node, cause: str) -> None: ...
-        def _node_changed(self, node: Node) -> None: ...
-
-    def _on_infra_result(self, node: Node, link: Link, t: Task, msg: TaskResult) -> None:
+    def on_infra_result(self, node: Node, link: Link, t: Task, msg: TaskResult) -> None:
         """The attempt ended because of its node: requeue it without spending an attempt."""
         why = msg.error or "unspecified infrastructure error"
-        self.metrics.infra_failed(node.name)
-        write = self._infra_loss(node.name, t, f"node fault on {node.name}: {why}")
+        self._mesh.metrics.infra_failed(node.name)
+        write = self.infra_loss(node.name, t, f"node fault on {node.name}: {why}")
         ack = Ack(task_id=msg.task_id, attempt=msg.attempt)
         write.add_done_callback(lambda f: None if f.exception() else link.send(ack))
-        if note_infra_error(node, why, time.monotonic(), self.settings):
+        if note_infra_error(node, why, time.monotonic(), self._mesh.settings):
             self._node_changed(node)
             log.warning(
                 "node %s quarantined: %s", node.name, node.quarantine_reason,
                 extra={"node": node.name, "cause": node.quarantine_reason},
             )
 
-    def _infra_loss(self, node: str, t: Task, cause: str) -> asyncio.Future[None]:
+    def infra_loss(self, node: str, t: Task, cause: str) -> asyncio.Future[None]:
         """An attempt ended by infrastructure (a node fault, a client restart that lost it),
         not by the task: back to the queue (attempt + 1) without spending `max_attempts`,
         at most `max_infra_retries` times, then failed saying so. The task's history (durable,
         in `GET /tasks/{id}`) and `gpumesh_infra_losses_total{node}` record it."""
-        self.metrics.infra_lost(node)
-        self.logs.open(t.id).append(f"[gpumesh] attempt {t.attempt} ended by a {cause}\n")
+        mesh = self._mesh
+        mesh.metrics.infra_lost(node)
+        mesh.logs.open(t.id).append(f"[gpumesh] attempt {t.attempt} ended by a {cause}\n")
         t.infra_retries += 1
         note_history(t, node, cause, infra=True)
-        limit = self.settings.max_infra_retries
+        limit = mesh.settings.max_infra_retries
         if t.state in ACTIVE:
             self._transition(t, TaskState.LOST, cause=cause)
         if t.infra_retries > limit:
@@ -251,11 +282,11 @@ class NodeFaults:
         t.error = f"requeued after node fault {t.infra_retries} of {limit}: {cause}"
         return self._transition(t, TaskState.QUEUED, cause=cause)
 
-    def _heartbeat_faults(self, node: Node, link: Link, msg: Heartbeat) -> bool:
+    def heartbeat_faults(self, node: Node, link: Link, msg: Heartbeat) -> bool:
         """Health, executors, quarantine and reconciliation; True if placement must
         re-index the node."""
         was = node.quarantine_reason
-        changed = apply_health(node, msg, time.monotonic(), self.settings)
+        changed = apply_health(node, msg, time.monotonic(), self._mesh.settings)
         if changed == "lifted":
             log.info("node %s back from quarantine (%s): its heartbeat reports it healthy",
                      node.name, was, extra={"node": node.name})
@@ -264,29 +295,31 @@ class NodeFaults:
         return bool(changed)
 
     def _reconcile(self, node: Node, link: Link, msg: Heartbeat) -> None:
-        rec = reconcile(node, msg.running, self.tasks, self.finished, time.time(), msg.assigns)
+        mesh = self._mesh
+        rec = reconcile(node, msg.running, mesh.tasks, mesh.finished, time.time(), msg.assigns)
         for ref in rec.stale:
-            self.metrics.stale("heartbeat")
+            mesh.metrics.stale("heartbeat")
             log.warning("node %s runs task %s attempt %d, which is not current: stopping it",
                         node.name, ref.task_id, ref.attempt,
                         extra={"node": node.name, "task": ref.task_id, "attempt": ref.attempt})
             link.send(Cancel(task_id=ref.task_id, attempt=ref.attempt,
                              reason="reconciled: not the current attempt"))
         for task_id in rec.missing:
-            t = self.tasks[task_id]
+            t = mesh.tasks[task_id]
             attempt = t.attempt
             self._requeue_or_fail(
                 t, f"node {node.name} did not report it in {MISSING_CONFIRMATIONS} heartbeats"
             )
             link.send(Cancel(task_id=task_id, attempt=attempt, reason="not reported: requeued"))
         if rec.missing:
-            self._wake.set()
+            self._wake()
 
-    async def _liveness_loop(self) -> None:
+    async def liveness_loop(self) -> None:
         """Judge nodes' silence every `interval`, on time the loop was actually running:
         a stall of the loop itself moves every node's `last_seen` forward and postpones
         judging by one heartbeat interval, so waiting heartbeats are read first."""
-        settings, watch = self.settings, self.loop_watch
+        mesh = self._mesh
+        settings, watch = mesh.settings, mesh.loop_watch
         interval = min(settings.heartbeat_interval_s, settings.node_timeout_s / 3)
         tick = min(0.25, interval)
         next_judge = time.monotonic() + interval
@@ -296,8 +329,8 @@ class NodeFaults:
             now = time.monotonic()
             stall = watch.tick()
             if stall:
-                self.metrics.loop_stalls.inc()
-                forgive_stall(self.nodes.values(), stall, now)
+                mesh.metrics.loop_stalls.inc()
+                forgive_stall(mesh.nodes.values(), stall, now)
                 watch.judge_after = now + settings.heartbeat_interval_s
                 log.warning("coordinator event loop stalled for %.1fs: not counted as "
                             "node silence", stall)
@@ -306,9 +339,9 @@ class NodeFaults:
                 self._judge_silence(now - settings.node_timeout_s)
 
     def _judge_silence(self, deadline: float) -> None:
-        silent = self.settings.node_timeout_s
-        for node in list(self.nodes.values()):
+        silent = self._mesh.settings.node_timeout_s
+        for node in list(self._mesh.nodes.values()):
             if node.online and node.last_seen < deadline:
                 if node.link is not None:
                     node.link.close(4003, f"node lost: no message for {silent:g}s")
-                self.node_gone(node, f"silent for more than {silent:g}s")
+                self._node_gone(node, f"silent for more than {silent:g}s")

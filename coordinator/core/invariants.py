@@ -4,17 +4,38 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
-from coordinator.model import ACTIVE, FINISHED, TaskState
+from coordinator.model import ACTIVE, FINISHED, DrainMark, Node, Task, TaskState
 
 Q, A, R, LOST = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.LOST
 
 if TYPE_CHECKING:
-    from coordinator.core.mesh import Mesh
+    from coordinator.scheduling.fairqueue import FairQueue
+    from coordinator.scheduling.tenants import Tenants
 
 
-def check_invariants(mesh: Mesh) -> None:
+class Checked(Protocol):
+    """What the cross-checks read on the Mesh (coordinator/core/mesh.py)."""
+
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+    @property
+    def drains(self) -> Mapping[str, DrainMark]: ...
+    @property
+    def state_counts(self) -> Mapping[TaskState, int]: ...
+    @property
+    def queued_by_band(self) -> Mapping[str, int]: ...
+    @property
+    def queue(self) -> FairQueue: ...
+    @property
+    def fair(self) -> Tenants: ...
+
+
+def check_invariants(mesh: Checked) -> None:
     """Raises AssertionError naming the first broken invariant."""
     held: Counter[str] = Counter()
     for node in mesh.nodes.values():
@@ -41,7 +62,7 @@ def check_invariants(mesh: Mesh) -> None:
     mesh.fair.check(mesh.tasks.values())
 
 
-def _check_queue(mesh: Mesh) -> None:
+def _check_queue(mesh: Checked) -> None:
     """Every queued task has exactly one live entry, in its own class (ready or blocked),
     and the queue's heaps and wake index agree. O(queue entries)."""
     mesh.queue.check()

@@ -37,18 +37,16 @@ from coordinator.core.logs import TaskLogs
 from coordinator.core.metrics import MeshMetrics
 from coordinator.core.node_side import NodeSide
 from coordinator.core.preempt import Preemption
-from coordinator.model import FINISHED, DrainMark, Node, Task, TaskState, new_task_id
+from coordinator.model import FINISHED, DrainMark, Link, Node, Task, TaskState, new_task_id
 from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
 from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.placement import NoFit, PlacementIndex, place
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import class_wake_key, node_wake_keys
 from coordinator.settings import Settings
-from coordinator.storage.store import Store, StoreError, Write, insert_of, update_of
-from shared.protocol import (
-    Assign,
-    Cancel,
-)
+from coordinator.storage.store import StoreError, Write, insert_of, update_of
+from coordinator.storage.store_core import GroupCommitStore
+from shared.protocol import Assign, Cancel, ClientMsg, Register, Registered
 from shared.tasks import TaskSubmit, executor_for, priority_band
 
 log = logging.getLogger(__name__)
@@ -83,9 +81,13 @@ class AlreadyFinished(RuntimeError):
         self.task = task
 
 
-class Mesh(Preemption, NodeSide):
+class Mesh:
+    """Holds its parts and calls them: `node_side` (what nodes do, node loss; it holds the
+    node-fault paths, `node_side.faults`) and `preemption`. Each reads the Mesh's state
+    through a narrow protocol of its own and changes tasks only through `_transition`."""
+
     def __init__(
-        self, store: Store, settings: Settings, metrics: MeshMetrics | None = None
+        self, store: GroupCommitStore, settings: Settings, metrics: MeshMetrics | None = None
     ) -> None:
         self.store = store
         self.settings = settings
@@ -93,10 +95,16 @@ class Mesh(Preemption, NodeSide):
         self.loop_watch = LoopWatch(settings.stall_s)  # event-loop lag, for liveness
         self.broken: str = ""  # why the Mesh is rebuilding from the store; "" when serving
         self.rebuilds = 0
-        self._background: set[asyncio.Task[None]] = set()
         self._rebuilding: asyncio.Task[None] | None = None
         store.on_failure = self._store_failed
         self._init_state()
+        # The parts live as long as the Mesh; they read its state when called, so they
+        # see what a rebuild puts in place (coordinator/core/node_side.py, preempt.py).
+        self.node_side = NodeSide(
+            self, transition=self._transition, node_changed=self._node_changed,
+            wake_blocked=self._wake_blocked, wake=self._wake_dispatch,
+        )
+        self.preemption = Preemption(self, self._transition)
 
     def _init_state(self) -> None:
         """Every piece of memory that the store is the truth of: rebuilt after a failure."""
@@ -107,7 +115,7 @@ class Mesh(Preemption, NodeSide):
         self.index = PlacementIndex()  # placement's view of the nodes: update after changes
         self.fair = Tenants(settings)  # weights, quotas, usage (coordinator/scheduling/tenants.py)
         self.queue = FairQueue(self._is_queued, self.fair.choose)
-        self.gpu_seconds: Counter[str] = Counter()  # by tenant, for the fairness index
+        self.gpu_seconds: dict[str, float] = {}  # by tenant, for the fairness index
         self.state_counts: Counter[TaskState] = Counter()  # unfinished tasks by state
         self.queued_by_band: Counter[str] = Counter()
         self.finished_counts: Counter[str] = Counter()  # all-time, from the store on start
@@ -138,7 +146,7 @@ class Mesh(Preemption, NodeSide):
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
             if t.state is LOST:
-                self._requeue_or_fail(t, "lost before the coordinator restarted")
+                self.node_side.requeue_or_fail(t, "lost before the coordinator restarted")
             elif t.node is not None:
                 node = self.nodes.get(t.node) or self._placeholder(t.node, now)
                 node.hold(t)
@@ -146,12 +154,14 @@ class Mesh(Preemption, NodeSide):
                 self._node_changed(node)
         await load_drains(self)
         for node in self.nodes.values():
-            self._start_grace(node, self.settings.restart_grace_s, "coordinator restart")
+            self.node_side.start_grace(
+                node, self.settings.restart_grace_s, "coordinator restart"
+            )
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="dispatch"),
-            asyncio.create_task(self._liveness_loop(), name="liveness"),
+            asyncio.create_task(self.node_side.faults.liveness_loop(), name="liveness"),
             asyncio.create_task(self._load_queued(len(active)), name="load-queued"),
-            asyncio.create_task(self._forget_loop(), name="forget-nodes"),
+            asyncio.create_task(self.node_side.forget_loop(), name="forget-nodes"),
         ]
         self._wake.set()
 
@@ -306,7 +316,8 @@ class Mesh(Preemption, NodeSide):
         node = self.nodes.get(t.node) if t.node else None
         if t.gpu_indices and t.assigned_at is not None:
             held = t.finished_at - (t.started_at or t.assigned_at)
-            self.gpu_seconds[t.tenant or "default"] += held * len(t.gpu_indices)
+            tenant, used = t.tenant or "default", self.gpu_seconds
+            used[tenant] = used.get(tenant, 0.0) + held * len(t.gpu_indices)
         if t.energy_j and result is not None and result.get("energy_j") is None:
             t.result = {**result, "energy_j": round(t.energy_j, 3)}
         if node is not None and t.id in node.tasks:
@@ -509,12 +520,20 @@ class Mesh(Preemption, NodeSide):
                      started: float) -> None:
         for t, write in placed:
             if not write.done():  # not in that batch after all: send it after its own
-                write.add_done_callback(lambda w, t=t: self._send_placed([(t, w)], started))
+                write.add_done_callback(self._send_later(t, started))
             elif write.cancelled() or write.exception() is not None:
                 log.error("assignment of task %s not stored", t.id)
             else:
                 self._send_assign(t)
         self.metrics.dispatched(time.perf_counter() - started, len(placed))
+
+    def _send_later(
+        self, t: Task, started: float
+    ) -> Callable[[asyncio.Future[None]], None]:
+        def send(write: asyncio.Future[None]) -> None:
+            self._send_placed([(t, write)], started)
+
+        return send
 
     def _dispatch_pass(self) -> list[tuple[Task, asyncio.Future[None]]]:
         """Place queued work until nothing more fits. Synchronous: no await inside.
@@ -541,7 +560,7 @@ class Mesh(Preemption, NodeSide):
             )
             hold = 0.0
             if isinstance(decision, NoFit) and self.settings.preemption:
-                decision, hold = self._preempt_for(t, decision)  # coordinator/core/preempt.py
+                decision, hold = self.preemption.preempt_for(t, decision)  # preempt.py
             if isinstance(decision, NoFit):  # its reason is worked out when read
                 self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
                 continue
@@ -562,6 +581,10 @@ class Mesh(Preemption, NodeSide):
         self.index.update(node)
         self._wake_blocked(node)
 
+    def _wake_dispatch(self) -> None:
+        """Ask for a dispatch pass (the parts' `wake`)."""
+        self._wake.set()
+
     def _wake_blocked(self, node: Node, gpus_only: bool = False) -> None:
         if node.online and self.queue.blocked and self.queue.wake(
             node_wake_keys(node, gpus_only=gpus_only)
@@ -573,9 +596,12 @@ class Mesh(Preemption, NodeSide):
             return  # cancelled or lost while its write was in flight
         if t.assigned_at is not None and (wait := t.assigned_at - time.time()) > 0:
             attempt = t.attempt  # preempted work is leaving its GPUs: send it then
-            asyncio.get_running_loop().call_later(
-                wait, lambda: t.attempt == attempt and self._send_assign(t)
-            )
+
+            def send_then() -> None:
+                if t.attempt == attempt:
+                    self._send_assign(t)
+
+            asyncio.get_running_loop().call_later(wait, send_then)
             return
         node = self.nodes.get(t.node)
         if node is None or node.link is None:
@@ -602,3 +628,29 @@ class Mesh(Preemption, NodeSide):
     def check_invariants(self) -> None:
         """Cross-checks of the registry, the queue and the tasks; raises on a broken one."""
         check_invariants(self)
+
+    # --- the node side (coordinator/core/node_side.py), as the link and tests call it ---
+
+    def register(self, name: str, msg: Register, link: Link) -> Registered:
+        return self.node_side.register(name, msg, link)
+
+    def handle(self, name: str, link: Link, msg: ClientMsg) -> None:
+        """One decoded message from a registered node. Replies go out through `link`."""
+        self.node_side.handle(name, link, msg)
+
+    def disconnected(self, name: str, link: Link, why: str) -> None:
+        self.node_side.disconnected(name, link, why)
+
+    def node_gone(self, node: Node, cause: str) -> None:
+        self.node_side.node_gone(node, cause)
+
+    def forget_node(self, name: str, why: str) -> bool:
+        return self.node_side.forget_node(name, why)
+
+    def forget_stale_nodes(self, now: float) -> list[str]:
+        return self.node_side.forget_stale_nodes(now)
+
+    @property
+    def preempted_total(self) -> int:
+        """Running tasks stopped for critical work since this Mesh was made."""
+        return self.preemption.preempted_total

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
@@ -26,7 +26,11 @@ from coordinator.scheduling.tenants import tenant_gauges
 from shared.tasks import TASK_TYPES
 
 if TYPE_CHECKING:
-    from coordinator.core.mesh import Mesh
+    from coordinator.model import Node, TaskState
+    from coordinator.scheduling.tenants import Tenants
+
+# Typed here: prometheus_client leaves it unannotated. "+Inf", "1.0", "2.5e-05"...
+_go_float: Callable[[float], str] = floatToGoString
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _TASK_TIME = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
@@ -129,7 +133,7 @@ class MeshMetrics:
         self.store_write.observe((), seconds)
         self.store_batch.observe((), writes)
 
-    def watch(self, mesh: Mesh, ws_connections: Callable[[], int]) -> None:
+    def watch(self, mesh: Watched, ws_connections: Callable[[], int]) -> None:
         self.registry.register(_MeshGauges(mesh, ws_connections))
 
 
@@ -170,7 +174,7 @@ class LoopHistogram:
                  buckets: tuple[float, ...]) -> None:
         self.name, self.doc, self.labels = name, doc, labels
         self.bounds = [float(b) for b in buckets]
-        self.les = [floatToGoString(b) for b in self.bounds] + ["+Inf"]
+        self.les = [_go_float(b) for b in self.bounds] + ["+Inf"]
         self.series: dict[tuple[str, ...], list[float]] = {}  # counts..., then the sum
 
     def observe(self, key: tuple[str, ...], amount: float) -> None:
@@ -205,8 +209,36 @@ class _LoopSeries(Collector):
             yield one.family()
 
 
+class LoopLag(Protocol):
+    """The Mesh's event-loop lag (coordinator/core/faults.py `LoopWatch`)."""
+
+    @property
+    def lag(self) -> float: ...
+    @property
+    def max_lag(self) -> float: ...
+
+
+class Watched(Protocol):
+    """What the gauges read on the Mesh (coordinator/core/mesh.py) when Prometheus scrapes."""
+
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+    @property
+    def queued_by_band(self) -> Mapping[str, int]: ...
+    @property
+    def state_counts(self) -> Mapping[TaskState, int]: ...
+    @property
+    def loop_watch(self) -> LoopLag: ...
+    @property
+    def fair(self) -> Tenants: ...
+    @property
+    def gpu_seconds(self) -> Mapping[str, float]: ...
+    @property
+    def preempted_total(self) -> int: ...
+
+
 class _MeshGauges(Collector):
-    def __init__(self, mesh: Mesh, ws_connections: Callable[[], int]) -> None:
+    def __init__(self, mesh: Watched, ws_connections: Callable[[], int]) -> None:
         self.mesh = mesh
         self.ws_connections = ws_connections
 
@@ -273,10 +305,11 @@ class _MeshGauges(Collector):
             "gpumesh_ws_connections", "Open node WebSockets", value=self.ws_connections()
         )
         yield from _fault_gauges(mesh)
-        yield from tenant_gauges(mesh)  # coordinator/scheduling/tenants.py
+        # coordinator/scheduling/tenants.py
+        yield from tenant_gauges(mesh.fair, mesh.gpu_seconds, mesh.preempted_total)
 
 
-def _fault_gauges(mesh: Mesh) -> Iterator[Metric]:
+def _fault_gauges(mesh: Watched) -> Iterator[Metric]:
     quarantined = GaugeMetricFamily(
         "gpumesh_node_quarantined", "1 if the node is quarantined or reports itself unhealthy",
         labels=["node"],

@@ -1,9 +1,11 @@
 """The node side of the Mesh: registration, node loss, and the messages nodes send.
 
-Mixed into the Mesh (like coordinator/core/faults.py) to keep mesh.py to the transition table,
-submission and dispatch. Every task change here still goes through the Mesh's
-`_transition`; every reply to a node is sent only once what it reflects is committed
-(acks wait for the result's write, `_ack_if_stored` reads the stored row).
+A part the Mesh holds (`mesh.node_side`) and calls, to keep mesh.py to the transition table,
+submission and dispatch; it holds the node-fault paths in turn (`faults`,
+coordinator/core/faults.py). What it reads on the Mesh is `NodeHost`; what it does to the
+Mesh's state goes through the callbacks it is given. Every task change here still goes
+through the Mesh's `_transition`; every reply to a node is sent only once what it reflects
+is committed (acks wait for the result's write, `_ack_if_stored` reads the stored row).
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
 from coordinator.core.drain import on_register
-from coordinator.core.faults import NodeFaults, note_history
+from coordinator.core.faults import FaultHost, NodeFaults, Transition, note_history
 from coordinator.core.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
-from coordinator.model import ACTIVE, FINISHED, Link, Node, Task, TaskState
+from coordinator.model import ACTIVE, FINISHED, DrainMark, Link, Node, Task, TaskState
 from coordinator.scheduling.wake import vram_freed
 from shared.protocol import (
     Ack,
@@ -35,7 +38,9 @@ from shared.protocol import (
 )
 
 if TYPE_CHECKING:
-    from coordinator.storage.store import Store
+    from coordinator.scheduling.fairqueue import FairQueue
+    from coordinator.scheduling.placement import PlacementIndex
+    from coordinator.storage.store_core import GroupCommitStore
 
 log = logging.getLogger("coordinator.core.mesh")
 
@@ -43,22 +48,53 @@ Q, A, R = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING
 DONE, FAIL, LOST = TaskState.COMPLETED, TaskState.FAILED, TaskState.LOST
 
 
-class NodeSide(NodeFaults):
-    """Mixed into the Mesh: what nodes do to it (join, leave, report) and node loss. The
-    Mesh state it reads is declared on NodeFaults; only what that lacks is declared here."""
+class NodeHost(FaultHost, Protocol):
+    """What the node side reads on the Mesh, at the time of each call (a rebuild replaces
+    the Mesh's tasks, nodes, index, queue and drains): the fault paths' view and more."""
 
-    if TYPE_CHECKING:
-        store: Store
-        broken: str
-        _background: set[asyncio.Task[None]]
+    @property
+    def store(self) -> GroupCommitStore: ...
+    @property
+    def broken(self) -> str: ...
+    @property
+    def nodes(self) -> dict[str, Node]: ...
+    @property
+    def index(self) -> PlacementIndex: ...
+    @property
+    def queue(self) -> FairQueue: ...
+    @property
+    def drains(self) -> Mapping[str, DrainMark]: ...
+
+
+class NodeSide:
+    """What nodes do to the Mesh (join, leave, report) and node loss. `transition` is the
+    Mesh's transition table; `node_changed` re-indexes a node and wakes the blocked work
+    it may fit; `wake_blocked(node, gpus_only)` only wakes; `wake` asks for a dispatch
+    pass."""
+
+    def __init__(
+        self, mesh: NodeHost, *, transition: Transition,
+        node_changed: Callable[[Node], None], wake_blocked: Callable[[Node, bool], None],
+        wake: Callable[[], None],
+    ) -> None:
+        self._mesh = mesh
+        self._transition = transition
+        self._node_changed = node_changed
+        self._wake_blocked = wake_blocked
+        self._wake = wake
+        self._background: set[asyncio.Task[None]] = set()
+        self.faults = NodeFaults(
+            mesh, transition=transition, requeue_or_fail=self.requeue_or_fail,
+            node_gone=self.node_gone, node_changed=node_changed, wake=wake,
+        )
 
     # --- node loss ---------------------------------------------------------------------
 
-    def _requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None:
+    def requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None:
         """Node loss: back to the queue, spending an attempt; `infra` (a client restart lost
-        it): without spending one (faults.py `_infra_loss`)."""
+        it): without spending one (faults.py `infra_loss`)."""
         if infra:
-            self._infra_loss(t.node or "", t, cause)
+            self.faults.infra_loss(t.node or "", t, cause)
             return
         note_history(t, t.node, cause, infra=False)
         if t.state in ACTIVE:
@@ -76,12 +112,13 @@ class NodeSide(NodeFaults):
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
-        for task_id in sorted(node.tasks, key=lambda i: self.tasks[i].seq):
-            self._requeue_or_fail(self.tasks[task_id], f"node {node.name} lost: {cause}")
+        tasks = self._mesh.tasks
+        for task_id in sorted(node.tasks, key=lambda i: tasks[i].seq):
+            self.requeue_or_fail(tasks[task_id], f"node {node.name} lost: {cause}")
         log.warning("node %s lost: %s", node.name, cause, extra={"node": node.name})
-        self._wake.set()
+        self._wake()
 
-    def _start_grace(self, node: Node, delay: float, cause: str) -> None:
+    def start_grace(self, node: Node, delay: float, cause: str) -> None:
         if node.grace is not None:
             node.grace.cancel()
         epoch = node.epoch
@@ -93,27 +130,28 @@ class NodeSide(NodeFaults):
 
         node.grace = asyncio.get_running_loop().call_later(delay, expire)
 
-    # `_liveness_loop` (stall-aware) is in coordinator/core/faults.py (NodeFaults).
+    # The liveness loop (stall-aware) is in coordinator/core/faults.py (NodeFaults).
 
     # --- the node side (called by the WebSocket handler) -------------------------------
 
     def register(self, name: str, msg: Register, link: Link) -> Registered:
-        node = self.nodes.get(name) or Node(name=name)
-        self.nodes[name] = node
+        mesh = self._mesh
+        node = mesh.nodes.get(name) or Node(name=name)
+        mesh.nodes[name] = node
         if node.link is not None and node.link is not link:
             node.link.close(4001, "superseded: same node reconnected")
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
         apply_register(node, msg)
-        on_register(self, node)  # a drained node stays drained (coordinator/core/drain.py)
+        on_register(mesh, node)  # a drained node stays drained (coordinator/core/drain.py)
         node.status, node.link, node.epoch = "online", link, node.epoch + 1
         node.assigns_sent = 0
         node.last_seen, node.connected_at = time.monotonic(), time.time()
         node.power_at = node.last_seen
         keep, stop = [], []
         for ref in msg.running:
-            t = self.tasks.get(ref.task_id)
+            t = mesh.tasks.get(ref.task_id)
             if t is not None and t.state in ACTIVE and t.node == name and t.attempt == ref.attempt:
                 keep.append(ref)
                 t.sent_as = (t.attempt, node.epoch, 0)  # it has it: every heartbeat counts
@@ -121,20 +159,21 @@ class NodeSide(NodeFaults):
                     self._transition(t, R, cause=f"{name} reported it running on register")
             else:
                 stop.append(ref)
-                self.metrics.stale("register")
+                mesh.metrics.stale("register")
         kept = {ref.task_id for ref in keep}
-        for task_id in sorted(node.tasks - kept, key=lambda i: self.tasks[i].seq):
+        tasks = mesh.tasks
+        for task_id in sorted(node.tasks - kept, key=lambda i: tasks[i].seq):
             why = f"lost with node {name}'s restart: it re-registered without it"
-            self._requeue_or_fail(self.tasks[task_id], why, infra=True)
+            self.requeue_or_fail(tasks[task_id], why, infra=True)
         self._node_changed(node)
         log.info(
             "node %s registered: %d GPUs, executors %s, kept %d, stopped %d",
             name, len(node.gpus), sorted(node.executors), len(keep), len(stop),
             extra={"node": name},
         )
-        self._wake.set()
+        self._wake()
         return Registered(
-            node_id=name, heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            node_id=name, heartbeat_interval_s=mesh.settings.heartbeat_interval_s,
             keep=keep, stop=stop,
         )
 
@@ -142,44 +181,47 @@ class NodeSide(NodeFaults):
         """Forget nodes offline (not online, holding no tasks, no grace pending) whose last
         message is older than MESH_FORGET_NODE_S at monotonic time `now`; returns their
         names. A forgotten node that comes back simply registers anew."""
-        cutoff = now - self.settings.forget_node_s
+        mesh = self._mesh
+        cutoff = now - mesh.settings.forget_node_s
         gone = [
-            n.name for n in self.nodes.values()
+            n.name for n in mesh.nodes.values()
             if not n.online and not n.tasks and n.grace is None and n.link is None
             and n.last_seen < cutoff
         ]
         for name in gone:
-            del self.nodes[name]
-            self.index.remove(name)
+            del mesh.nodes[name]
+            mesh.index.remove(name)
             log.info("node %s forgotten: offline for more than %gs", name,
-                     self.settings.forget_node_s, extra={"node": name})
+                     mesh.settings.forget_node_s, extra={"node": name})
         return gone
 
     def forget_node(self, name: str, why: str) -> bool:
         """An admin forgets a node that holds no tasks (the caller checks): it leaves the
         registry and, if connected, is closed with 4004. False if it was not registered."""
-        node = self.nodes.pop(name, None)
+        mesh = self._mesh
+        node = mesh.nodes.pop(name, None)
         if node is None:
             return False
         assert not node.tasks, f"node {name} still holds tasks"
         if node.grace is not None:
             node.grace.cancel()
             node.grace = None
-        self.index.remove(name)
+        mesh.index.remove(name)
         if node.link is not None:
             node.link.close(4004, why)
             node.link = None
         log.warning("node %s forgotten: %s", name, why, extra={"node": name})
         return True
 
-    async def _forget_loop(self) -> None:
-        interval = min(60.0, max(0.05, self.settings.forget_node_s / 4))
+    async def forget_loop(self) -> None:
+        interval = min(60.0, max(0.05, self._mesh.settings.forget_node_s / 4))
         while True:
             await asyncio.sleep(interval)
             self.forget_stale_nodes(time.monotonic())
 
     def disconnected(self, name: str, link: Link, why: str) -> None:
-        node = self.nodes.get(name)
+        mesh = self._mesh
+        node = mesh.nodes.get(name)
         if node is None or node.link is not link:
             return  # superseded by a newer connection: nothing to do
         node.link = None
@@ -187,26 +229,27 @@ class NodeSide(NodeFaults):
             node.status = "disconnected"
             self._node_changed(node)
             log.info("node %s disconnected (%s)", name, why, extra={"node": name})
-            self._start_grace(node, self.settings.reconnect_grace_s, "disconnected")
+            self.start_grace(node, mesh.settings.reconnect_grace_s, "disconnected")
 
     def handle(self, name: str, link: Link, msg: ClientMsg) -> None:
         """One decoded message from a registered node. Replies go out through `link`."""
-        node = self.nodes.get(name)
-        if node is None or node.link is not link or self.broken:
+        mesh = self._mesh
+        node = mesh.nodes.get(name)
+        if node is None or node.link is not link or mesh.broken:
             return  # a connection the Mesh has let go of (superseded, or rebuilding)
-        
+
         node.last_seen = time.monotonic()
         if isinstance(msg, Heartbeat):
-            account_energy(node, msg.gpus, self.tasks, 3 * self.settings.heartbeat_interval_s)
+            account_energy(node, msg.gpus, mesh.tasks, 3 * mesh.settings.heartbeat_interval_s)
             reshaped = gpus_reshaped(node.gpus, msg.gpus)
-            freed = (not reshaped and self.queue.blocked > 0 and bool(msg.gpus)
+            freed = (not reshaped and mesh.queue.blocked > 0 and bool(msg.gpus)
                      and vram_freed(node.gpus, msg.gpus))
             apply_heartbeat(node, msg)
             if reshaped:  # the index buckets by model and allocation, not by readings
                 self._node_changed(node)
             elif freed:  # more free VRAM may fit a class blocked on memory
-                self._wake_blocked(node, gpus_only=True)
-            if self._heartbeat_faults(node, link, msg):  # health, executors, quarantine
+                self._wake_blocked(node, True)  # GPUs only
+            if self.faults.heartbeat_faults(node, link, msg):  # health, executors, quarantine
                 self._node_changed(node)
         elif isinstance(msg, TaskResult):
             self._on_result(node, link, msg)
@@ -217,7 +260,7 @@ class NodeSide(NodeFaults):
             if isinstance(msg, TaskStarted) and t.state is A:
                 self._transition(t, R, cause=f"started on {name}")
             elif isinstance(msg, TaskLog):
-                self.logs.open(t.id).append(msg.data)
+                mesh.logs.open(t.id).append(msg.data)
         elif isinstance(msg, Register):
             link.send(Error(reason="already registered on this connection", code="bad_message"))
 
@@ -225,7 +268,7 @@ class NodeSide(NodeFaults):
         self, node: Node, link: Link, task_id: str, attempt: int, kind: str
     ) -> Task | None:
         """The task if this message is from its current attempt; else refuse and stop it."""
-        t = self.tasks.get(task_id)
+        t = self._mesh.tasks.get(task_id)
         if t is not None and t.state in ACTIVE and t.node == node.name and t.attempt == attempt:
             return t
         current = f"attempt {t.attempt} on {t.node}" if t is not None else "not running"
@@ -234,7 +277,7 @@ class NodeSide(NodeFaults):
             kind, task_id, attempt, node.name, current,
             extra={"task": task_id, "attempt": attempt, "node": node.name, "cause": kind},
         )
-        self.metrics.stale(kind)
+        self._mesh.metrics.stale(kind)
         link.send(Error(
             reason=f"stale {kind}: task {task_id} attempt {attempt} is not current ({current})",
             code="stale_attempt", task_id=task_id, attempt=attempt,
@@ -243,18 +286,18 @@ class NodeSide(NodeFaults):
         return None
 
     def _on_result(self, node: Node, link: Link, msg: TaskResult) -> None:
-        done = self.finished.get(msg.task_id)
+        done = self._mesh.finished.get(msg.task_id)
         if done is not None and done.attempt == msg.attempt and done.node == node.name:
             self._ack_when_stored(done, link, msg)  # a resend: ack once the row shows it
             return
-        if msg.task_id not in self.tasks and done is None:
+        if msg.task_id not in self._mesh.tasks and done is None:
             self._spawn(self._ack_if_stored(node, link, msg))  # finished before a restart?
             return
         t = self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
         if t is None:
             return
         if msg.infra and msg.status == "failed":  # the node's fault, not the task's
-            self._on_infra_result(node, link, t, msg)
+            self.faults.on_infra_result(node, link, t, msg)
             return
         to = DONE if msg.status == "completed" else FAIL
         result = msgspec.to_builtins(msg.result)
@@ -274,17 +317,18 @@ class NodeSide(NodeFaults):
     async def _ack_if_stored(self, node: Node, link: Link, msg: TaskResult) -> None:
         """A result for a task no longer in memory: ack it if the store holds this very
         attempt's end, else refuse it as stale."""
-        row = await self.store.get(msg.task_id)
+        row = await self._mesh.store.get(msg.task_id)
         if (row is not None and row.state in FINISHED and row.attempt == msg.attempt
                 and row.node == node.name and row.result is not None):
             link.send(Ack(task_id=msg.task_id, attempt=msg.attempt))
-        elif msg.task_id not in self.tasks:
+        elif msg.task_id not in self._mesh.tasks:
             self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
 
 def _kind(msg: ClientMsg) -> str:
     return str(type(msg).__struct_config__.tag)

@@ -8,31 +8,29 @@ hold plus what is free. Of all nodes, the plan that stops the lowest-priority wo
 the fewest GPUs, wins. Work that is critical itself, or was submitted `preemptible: false`,
 is never stopped.
 
-Carrying it out (`Preemption._preempt_for`, mixed into the Mesh, synchronous inside a
-dispatch pass): each victim goes back to the queue without spending an attempt (its
-history says by whom it was preempted; like a node fault, it counts as an infrastructure
-requeue, coordinator/core/faults.py), its node is sent `cancel` (the client SIGTERMs it, then
-kills it after its own grace), and the critical task is assigned to the freed GPUs at once
-but its `assign` goes out `MESH_PREEMPT_GRACE_S` later, the time the victims have to
-checkpoint and leave. Its `assigned_at` is that moment.
+Carrying it out (`Preemption.preempt_for`, a part the Mesh holds as `mesh.preemption`,
+synchronous inside a dispatch pass): each victim goes back to the queue without spending
+an attempt (its history says by whom it was preempted; like a node fault, it counts as an
+infrastructure requeue, coordinator/core/faults.py), its node is sent `cancel` (the client
+SIGTERMs it, then kills it after its own grace), and the critical task is assigned to the
+freed GPUs at once but its `assign` goes out `MESH_PREEMPT_GRACE_S` later, the time the
+victims have to checkpoint and leave. Its `assigned_at` is that moment.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol
 
-from coordinator.core.faults import note_history
+from coordinator.core.faults import Transition, note_history
 from coordinator.model import ACTIVE, Node, Task, TaskState
 from coordinator.scheduling.placement import NoFit, Placement, place
 from shared.protocol import Cancel, GpuInfo, NodePolicy
 
 if TYPE_CHECKING:
     from coordinator.core.logs import TaskLogs
-    from coordinator.core.metrics import MeshMetrics
     from coordinator.settings import Settings
 
 log = logging.getLogger("coordinator.core.mesh")
@@ -115,41 +113,49 @@ def plan(crit: Task, nodes: Iterable[Node], tasks: Mapping[str, Task], mode: str
     return best
 
 
+class PreemptHost(Protocol):
+    """What preemption reads on the Mesh, at the time of each call."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+    @property
+    def logs(self) -> TaskLogs: ...
+
+
 class Preemption:
-    """Mixed into the Mesh: carries out a `plan` through its transition table."""
+    """Carries out a `plan` through the Mesh's transition table (`transition`). Held by the
+    Mesh for its whole life: `preempted_total` counts across rebuilds."""
 
-    if TYPE_CHECKING:
-        settings: Settings
-        metrics: MeshMetrics
-        tasks: dict[str, Task]
-        nodes: dict[str, Node]
-        logs: TaskLogs
+    def __init__(self, mesh: PreemptHost, transition: Transition) -> None:
+        self._mesh = mesh
+        self._transition = transition
+        self.preempted_total = 0
 
-        def _transition(
-            self, t: Task, to: TaskState, *, cause: str, **change: Any
-        ) -> asyncio.Future[None]: ...
-
-    preempted_total: int = 0
-
-    def _preempt_for(self, crit: Task, nofit: NoFit) -> tuple[Placement | NoFit, float]:
+    def preempt_for(self, crit: Task, nofit: NoFit) -> tuple[Placement | NoFit, float]:
         """Free GPUs for a critical task that fits nowhere; returns where it goes and how
         long its `assign` waits, or the NoFit (and 0) when nothing may be stopped."""
-        if crit.priority < CRITICAL or not self.settings.preemption:
+        mesh = self._mesh
+        settings = mesh.settings
+        if crit.priority < CRITICAL or not settings.preemption:
             return nofit, 0.0
-        found = plan(crit, self.nodes.values(), self.tasks, self.settings.balancing)
+        found = plan(crit, mesh.nodes.values(), mesh.tasks, settings.balancing)
         if found is None:
             return nofit, 0.0
-        node = self.nodes[found.node]
+        node = mesh.nodes[found.node]
         for v in found.victims:
             self._stop_victim(v, node, crit)
-        return found.placement, self.settings.preempt_grace_s
+        return found.placement, settings.preempt_grace_s
 
     def _stop_victim(self, v: Task, node: Node, crit: Task) -> None:
         cause = (f"preempted by critical task {crit.id} (priority {crit.priority}) "
                  f"on {node.name}")
         attempt = v.attempt
         self.preempted_total += 1
-        self.logs.open(v.id).append(f"[gpumesh] attempt {attempt} {cause}\n")
+        self._mesh.logs.open(v.id).append(f"[gpumesh] attempt {attempt} {cause}\n")
         v.infra_retries += 1  # not the task's fault: it spends no attempt
         note_history(v, node.name, cause, infra=True)
         self._transition(v, TaskState.LOST, cause=cause)
@@ -157,4 +163,4 @@ class Preemption:
         log.info("task %s %s", v.id, cause, extra={"task": v.id, "node": node.name})
         if node.link is not None:
             node.link.send(Cancel(task_id=v.id, attempt=attempt, reason=cause,
-                                  grace_s=self.settings.preempt_grace_s))
+                                  grace_s=self._mesh.settings.preempt_grace_s))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +37,6 @@ from coordinator.scheduling.fairshare import (
 )
 
 if TYPE_CHECKING:
-    from coordinator.core.mesh import Mesh
     from coordinator.settings import Settings
 
 _dec = msgspec.json.Decoder(TenantConfig)
@@ -229,17 +228,24 @@ class Tenants:
         }
 
 
-class _Weights:
-    """A tenant's weight, looked up lazily (a Mapping's `get` is all fairshare needs)."""
+class _Weights(Mapping[str, float]):
+    """A tenant's weight, looked up lazily: every tenant has one (its config's, or the
+    default's), so `get` and `[]` never miss; iterating names the configured tenants."""
 
     def __init__(self, tenants: Tenants) -> None:
         self._t = tenants
 
-    def get(self, tenant: str, default: float = 1.0) -> float:
+    def get(self, tenant: str, default: object = None) -> float:
         return self._t.config(tenant).weight
 
     def __getitem__(self, tenant: str) -> float:
         return self.get(tenant)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._t.configs)
+
+    def __len__(self) -> int:
+        return len(self._t.configs)
 
 
 def _limits(config: TenantConfig) -> bool:
@@ -247,17 +253,20 @@ def _limits(config: TenantConfig) -> bool:
                                        config.max_nonpreemptible))
 
 
-def weighted_fairness(mesh: Mesh) -> dict[str, Any]:
+def weighted_fairness(fair: Tenants, gpu_seconds: Mapping[str, float]) -> dict[str, Any]:
     """Added to `/mesh/status` `fairness`: Jain's index over GPU-seconds per weight."""
-    jain = weighted_jain(dict(mesh.gpu_seconds), mesh.fair.weights)  # type: ignore[arg-type]
+    jain = weighted_jain(dict(gpu_seconds), fair.weights)
     return {
         "weighted_jain_index": round(jain, 4) if jain is not None else None,
-        "weights": {k: mesh.fair.config(k).weight for k in sorted(mesh.gpu_seconds)},
+        "weights": {k: fair.config(k).weight for k in sorted(gpu_seconds)},
     }
 
 
-def tenant_gauges(mesh: Mesh) -> Iterator[Metric]:
-    jain = weighted_jain(dict(mesh.gpu_seconds), mesh.fair.weights)  # type: ignore[arg-type]
+def tenant_gauges(
+    fair: Tenants, gpu_seconds: Mapping[str, float], preempted_total: int
+) -> Iterator[Metric]:
+    """The tenants' Prometheus series, read at scrape time (coordinator/core/metrics.py)."""
+    jain = weighted_jain(dict(gpu_seconds), fair.weights)
     yield GaugeMetricFamily(
         "gpumesh_fairness_weighted_jain", "Jain's index over GPU-seconds per tenant weight",
         value=jain if jain is not None else math.nan,
@@ -272,12 +281,12 @@ def tenant_gauges(mesh: Mesh) -> Iterator[Metric]:
             "gpumesh_tenant_usage_gpu_seconds", "A tenant's decayed GPU-seconds",
             labels=labels),
     }
-    for name in mesh.fair.names():
-        view = mesh.fair.view(name)
+    for name in fair.names():
+        view = fair.view(name)
         for key, family in gauges.items():
             family.add_metric([name], view[key])
     yield from gauges.values()
     yield CounterMetricFamily(
         "gpumesh_preemptions", "Running tasks stopped and requeued for critical work",
-        value=mesh.preempted_total,
+        value=preempted_total,
     )

@@ -139,7 +139,8 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
                                                                     "normal", "low")},
         "balancing": mesh.settings.balancing,
         "energy_j": round(sum(n.energy_j for n in mesh.nodes.values()), 1),
-        "fairness": fairness(mesh.gpu_seconds) | weighted_fairness(mesh),
+        "fairness": (fairness(mesh.gpu_seconds)
+                     | weighted_fairness(mesh.fair, mesh.gpu_seconds)),
         "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
     }
 
