@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypedDict
 
-from coordinator.scheduling.placement import MODES
 from shared.config import ConfigError, env_bool, env_float, env_int, env_list, env_str
+
+# The balancing modes MESH_BALANCING may name; placement scores each (scheduling/placement.py).
+MODES = ("speed", "efficiency", "balanced", "endurance")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +137,20 @@ class Settings:
         fields = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **fields)  # type: ignore[arg-type]
 
-def _tenant_env(env: Mapping[str, str], d: Settings) -> dict[str, object]:
+class _TenantEnv(TypedDict):
+    tenant_default_weight: float
+    tenant_default_max_gpus: int
+    tenant_default_max_running: int
+    tenant_default_max_queued: int
+    tenant_default_rate: float
+    tenant_default_burst: int
+    tenant_default_max_nonpreemptible: int
+    fairshare_halflife_s: float
+    preemption: bool
+    preempt_grace_s: float
+
+
+def _tenant_env(env: Mapping[str, str], d: Settings) -> _TenantEnv:
     """MESH_TENANT_DEFAULT_*, MESH_FAIRSHARE_HALFLIFE_S, MESH_PREEMPTION(_GRACE_S)."""
     pre = "MESH_TENANT_DEFAULT_"
     weight = env_float(env, pre + "WEIGHT", d.tenant_default_weight)

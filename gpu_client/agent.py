@@ -15,10 +15,10 @@ import os
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
@@ -27,7 +27,7 @@ from gpu_client.artifacts import result_fields, ship
 from gpu_client.credential import credential_paths, join_token, load_any, save_all
 from gpu_client.detect import GpuSource
 from gpu_client.discover import serve_discovered
-from gpu_client.endpoints import Endpoints
+from gpu_client.endpoints import Endpoints, reconnect_delays
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
 from gpu_client.handshake import Unproven, proving, signed
@@ -82,16 +82,6 @@ class FatalClose(Exception):
         self.code, self.reason = code, reason
 
 
-def reconnect_delays(max_s: float) -> Generator[float, None, None]:
-    """Jittered, capped exponential backoff: 0..0.5 s, then 0.5 s x 1.6^n up to max_s."""
-    yield random.uniform(0.0, 0.5)
-    n = 0
-    while True:
-        base = min(max_s, 0.5 * 1.6**n)
-        yield random.uniform(base / 2, base)
-        n += 1
-
-
 def classify_error(exc: Exception) -> Exception | None:
     """For `connect`: None retries; an exception is fatal. Only 401/403, bad URLs and a
     coordinator whose join-token proof is wrong are."""
@@ -130,7 +120,9 @@ class Run:
         return (self.task_id, self.attempt)
 
     def ref(self) -> TaskRef:
-        state = "finished" if self.result is not None else "running"
+        state: Literal["running", "finished"] = (
+            "finished" if self.result is not None else "running"
+        )
         return TaskRef(task_id=self.task_id, attempt=self.attempt, state=state)
 
 
@@ -229,7 +221,7 @@ class Agent:
         round in which none registered us; follow a standby's 4010 to the leader."""
         s = self._settings
         if s.discover:  # no URL: find the coordinator by mDNS; it must prove the join token
-            await serve_discovered(self)
+            await serve_discovered(self, s)
             return
         backoff = reconnect_delays(s.reconnect_max_s)
         while True:
@@ -413,7 +405,8 @@ class Agent:
                 assigns=self._assigns,
             ))
             try:  # a pong is contact too: a coordinator with nothing to say is not gone
-                pong = await ws.ping()
+                # ping() hands back a Future, typed as an Awaitable; ensure_future returns it
+                pong = asyncio.ensure_future(await ws.ping())
             except ConnectionClosed:
                 return
             pong.add_done_callback(self._on_pong)

@@ -24,19 +24,18 @@ import ssl
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import ifaddr
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from gpu_client.endpoints import reconnect_delays
 from gpu_client.handshake import Unproven, proving
+from gpu_client.settings import ClientSettings
 from shared.protocol import MAX_FRAME_BYTES, SUPPORTED_PROTOCOLS
-
-if TYPE_CHECKING:
-    from gpu_client.agent import Agent
 
 log = logging.getLogger(__name__)
 
@@ -198,19 +197,27 @@ def choose(
     return Choice(sorted(ready, key=lambda f: (-f.seen, f.name)), f"trying {why}")
 
 
-def _tls(agent: Agent, found: Found) -> dict[str, Any]:
+class Joiner(Protocol):
+    """What joining a discovered coordinator needs of the node: gpu_client.agent.Agent,
+    which imports this module (so this one names the methods instead of importing it)."""
+
+    async def read_join_token(self) -> str: ...
+
+    def use_coordinator(self, url: str, credential_key: str) -> None: ...
+
+    async def serve_connection(self, ws: ClientConnection) -> bool: ...
+
+
+def _tls(s: ClientSettings, found: Found) -> dict[str, Any]:
     if found.scheme != "wss":
         return {}
-    ca = agent._settings.ca_file
+    ca = s.ca_file
     return {"ssl": ssl.create_default_context(cafile=str(ca) if ca else None)}
 
 
-async def serve_discovered(agent: Agent) -> None:
+async def serve_discovered(agent: Joiner, s: ClientSettings) -> None:
     """The agent's connection loop when it has no URL: browse, choose, prove, serve; again
     when the session ends. Raises FatalClose when a proven coordinator refuses the node."""
-    from gpu_client.agent import reconnect_delays
-
-    s = agent._settings
     browser = Browser()
     await browser.start()
     log.info("no MESH_COORDINATOR_URL: looking for %s on the local network",
@@ -220,7 +227,7 @@ async def serve_discovered(agent: Agent) -> None:
     try:
         while True:
             choice = await _wait_for_candidates(browser, s.mesh_name, held)
-            if await _try_all(agent, choice, held) == "registered":
+            if await _try_all(agent, s, choice, held) == "registered":
                 backoff = reconnect_delays(s.reconnect_max_s)
             await asyncio.sleep(next(backoff))
     finally:
@@ -257,7 +264,9 @@ def local_networks() -> list[ipaddress.IPv4Network]:
     ]
 
 
-async def _try_all(agent: Agent, choice: Choice, held: dict[str, float]) -> str:
+async def _try_all(
+    agent: Joiner, s: ClientSettings, choice: Choice, held: dict[str, float]
+) -> str:
     """Each candidate's addresses in turn until one serves: the last outcome. A URL whose
     answer failed the proof is held for REFUSED_HOLD_S (it may be another host's address)."""
     networks = await asyncio.to_thread(local_networks)
@@ -266,7 +275,7 @@ async def _try_all(agent: Agent, choice: Choice, held: dict[str, float]) -> str:
         for url in found.urls(networks):
             if held.get(url, 0.0) > time.monotonic():
                 continue
-            outcome = await _try(agent, found, url, choice.why)
+            outcome = await _try(agent, s, found, url, choice.why)
             if outcome == "refused":
                 held[url] = time.monotonic() + REFUSED_HOLD_S
             elif outcome in ("registered", "closed"):
@@ -274,16 +283,15 @@ async def _try_all(agent: Agent, choice: Choice, held: dict[str, float]) -> str:
     return outcome
 
 
-async def _try(agent: Agent, found: Found, url: str, why: str) -> str:
+async def _try(agent: Joiner, s: ClientSettings, found: Found, url: str, why: str) -> str:
     """One connection to `url`: "refused" (no proof), "failed", "closed" or "registered"."""
-    s = agent._settings
     log.info("%s: %r at %s", why, found.name, url)
     try:
         ws = await connect(
             f"{url}{found.path}/{s.node_name}", max_size=MAX_FRAME_BYTES, open_timeout=10,
             close_timeout=5, compression=None,
             create_connection=proving(agent.read_join_token, s.node_name, discovered=True),
-            **_tls(agent, found),
+            **_tls(s, found),
         )
     except Unproven as exc:
         log.warning("refused coordinator %r at %s (mesh %s): %s; sent it nothing but the node "

@@ -12,11 +12,23 @@ outside the list is logged and the node tries the next configured URL instead.
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Generator
 
 from gpu_client.settings import normalize_url
 from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def reconnect_delays(max_s: float) -> Generator[float, None, None]:
+    """Jittered, capped exponential backoff: 0..0.5 s, then 0.5 s x 1.6^n up to max_s."""
+    yield random.uniform(0.0, 0.5)
+    n = 0
+    while True:
+        base = min(max_s, 0.5 * 1.6**n)
+        yield random.uniform(base / 2, base)
+        n += 1
 
 
 def _key(url: str) -> str:

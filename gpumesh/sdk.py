@@ -43,6 +43,7 @@ from gpumesh.sdk_types import (
     DrainMark,
     DrainState,
     GpuView,
+    Health,
     MeshError,
     MeshStatus,
     MeshUnreachable,
@@ -54,7 +55,7 @@ from gpumesh.sdk_types import (
 
 __all__ = [
     "FINISHED", "UNFINISHED", "AsyncClient", "Call", "Calls", "Client", "DrainMark",
-    "DrainState", "GpuView", "MeshError", "MeshStatus", "MeshUnreachable", "NodeInfo",
+    "DrainState", "GpuView", "Health", "MeshError", "MeshStatus", "MeshUnreachable", "NodeInfo",
     "Submitted", "TaskInfo", "TaskPage", "default_token", "default_url", "token_file",
 ]
 
@@ -205,6 +206,10 @@ class Client(_Base):
     def nodes(self) -> list[NodeInfo]:
         return self.call(Calls.nodes())
 
+    def health(self, timeout: float = 30.0) -> Health:
+        """`GET /health`; a coordinator that is not ready (503) raises MeshError."""
+        return self.call(Calls.health(timeout))
+
     def status(self) -> MeshStatus:
         return self.call(Calls.status())
 
@@ -312,6 +317,10 @@ class AsyncClient(_Base):
 
     async def nodes(self) -> list[NodeInfo]:
         return await self.call(Calls.nodes())
+
+    async def health(self, timeout: float = 30.0) -> Health:
+        """`GET /health`; a coordinator that is not ready (503) raises MeshError."""
+        return await self.call(Calls.health(timeout))
 
     async def status(self) -> MeshStatus:
         return await self.call(Calls.status())

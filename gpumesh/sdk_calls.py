@@ -18,6 +18,7 @@ import msgspec
 from gpumesh.sdk_types import (
     FINISHED,
     DrainState,
+    Health,
     MeshError,
     MeshStatus,
     NodeInfo,
@@ -91,6 +92,10 @@ class Calls:
                     for k, v in doc.get("nodes", {}).items()]
 
         return Call("GET", "/mesh/nodes", parse)
+
+    @staticmethod
+    def health(timeout: float = 30.0) -> Call[Health]:
+        return Call("GET", "/health", _as(Health), timeout=timeout)
 
     @staticmethod
     def status() -> Call[MeshStatus]:

@@ -112,6 +112,17 @@ class MeshStatus(msgspec.Struct, kw_only=True):
     nodes: dict[str, dict[str, Any]] = {}
 
 
+class Health(msgspec.Struct, kw_only=True):
+    """`GET /health` (public, no token): "healthy" when this coordinator serves the API.
+    A standby with no leader, or a leader rebuilding its mesh, answers 503 (MeshError)."""
+
+    status: str = ""
+    version: str = ""
+    online_nodes: int = 0
+    role: str = ""  # leader | standby
+    leader: str | None = None  # the leader's URL, None: not known
+
+
 class TaskPage(msgspec.Struct, kw_only=True):
     """One page of `tasks()`; pass `next` as `cursor=` for the following one (None: done)."""
 

@@ -279,8 +279,13 @@ class BadMessage(msgspec.Struct, frozen=True):
     reason: str
 
 
-_client_decoder = msgspec.json.Decoder(ClientMsg | ClientBundle)
-_server_decoder = msgspec.json.Decoder(ServerMsg | ServerBundle)
+# Annotated: mypy cannot read the decoded type from a union passed as a value.
+_client_decoder: msgspec.json.Decoder[ClientMsg | ClientBundle] = msgspec.json.Decoder(
+    ClientMsg | ClientBundle
+)
+_server_decoder: msgspec.json.Decoder[ServerMsg | ServerBundle] = msgspec.json.Decoder(
+    ServerMsg | ServerBundle
+)
 _encoder = msgspec.json.Encoder()
 
 

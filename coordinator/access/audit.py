@@ -22,7 +22,8 @@ from typing import Any
 import orjson
 
 from coordinator.access.auth import Principal
-from coordinator.storage.store import AuditInsert, Store
+from coordinator.storage.store import AuditInsert
+from coordinator.storage.store_core import GroupCommitStore
 
 log = logging.getLogger("gpumesh.audit")
 
@@ -31,7 +32,7 @@ MAX_TARGET = 512
 
 
 class Audit:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: GroupCommitStore) -> None:
         self.store = store
 
     def row(

@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from coordinator.storage.authstore import AuthStore, TokenRow
+from coordinator.storage.authstore import TokenRow, TokenStore
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -80,7 +80,7 @@ def new_token_id() -> str:
 class TokenBook:
     """Live tokens by hash, in memory; every change goes through the store first."""
 
-    def __init__(self, store: AuthStore) -> None:
+    def __init__(self, store: TokenStore) -> None:
         self.store = store
         self._by_hash: dict[str, tuple[str, Principal]] = {}
 

@@ -132,7 +132,7 @@ class Advertiser:
             log.warning("could not advertise %s on the local network: %s", info.name, exc)
             return
         log.info("advertised %r (mesh %s) at %s port %d", info.name,
-                 info.properties.get(b"mesh", b"").decode(),
+                 (info.properties.get(b"mesh") or b"").decode(),
                  ", ".join(info.parsed_addresses()), info.port)
 
     async def stop(self) -> None:

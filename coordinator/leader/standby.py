@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from coordinator.leader.lease import Lead, Leadership, Lease, new_holder_id, serve_leadership
 from coordinator.settings import Settings
 from coordinator.storage.store import Deposed, StoreError
-from coordinator.web.edge import BodyTooLarge, read_body
 from shared.protocol import CloseCode
 
 log = logging.getLogger(__name__)
@@ -104,6 +103,11 @@ class Role:
                 "leader": self.leader_url or None}
 
 
+class BodyRefused(Exception):
+    """Raised by the gate's `read_body` for a body it will not forward (413, with this
+    message as the reason)."""
+
+
 def _unavailable(reason: str) -> JSONResponse:
     resp = JSONResponse({"error": "no leader", "reason": reason}, status_code=503)
     resp.headers["Retry-After"] = "1"
@@ -112,12 +116,16 @@ def _unavailable(reason: str) -> JSONResponse:
 
 class StandbyGate:
     """ASGI middleware, outermost: passes everything through while leading; otherwise
-    answers /health locally (the app does), forwards HTTP and redirects node sockets."""
+    answers /health locally (the app does), forwards HTTP and redirects node sockets.
+
+    `read_body` reads a request's body under MESH_MAX_BODY_BYTES or raises BodyRefused: the
+    web face's reader, passed in by coordinator.web.app (leadership imports nothing of it)."""
 
     def __init__(
-        self, app: ASGIApp, *, role: Callable[[], Role | None], max_body_bytes: int
+        self, app: ASGIApp, *, role: Callable[[], Role | None],
+        read_body: Callable[[Request], Awaitable[bytes]],
     ) -> None:
-        self.app, self.role, self.max_body = app, role, max_body_bytes
+        self.app, self.role, self.read_body = app, role, read_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         role = self.role()
@@ -143,8 +151,8 @@ class StandbyGate:
             return await _unavailable("forwarded by another standby: this one is not the "
                                       "leader either; retry shortly")(scope, receive, send)
         try:
-            body = await read_body(request, self.max_body)
-        except BodyTooLarge as exc:
+            body = await self.read_body(request)
+        except BodyRefused as exc:
             resp = JSONResponse({"error": "body too large", "reason": str(exc)}, 413)
             return await resp(scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]

@@ -31,6 +31,7 @@ from shared.protocol import (
     SUPPORTED_PROTOCOLS,
     BadMessage,
     ClientBundle,
+    ClientMsg,
     CloseCode,
     Error,
     Msg,
@@ -249,6 +250,7 @@ async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | No
     if raw is None:
         return None
     first = decode_client(raw)
+    why: str | None  # a refusal's reason; None or "": none
     if not isinstance(first, Register):
         why = first.reason if isinstance(first, BadMessage) else f"got {type(first).__name__}"
         await _reject(ws, CloseCode.POLICY_VIOLATION, f"first message must be register: {why}")
@@ -327,33 +329,35 @@ async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
             return "peer closed"
         msg = decode_client(raw)
         for one in msg.msgs if isinstance(msg, ClientBundle) else (msg,):
-            if link.closing or _refused(ws, mesh, name, link, one):
+            if link.closing or (ok := _admitted(ws, mesh, name, link, one)) is None:
                 continue
             try:
-                mesh.handle(name, link, one)
+                mesh.handle(name, link, ok)
             except Exception:  # a bug in the Mesh must not take this node's connection down
-                log.exception("handling %s from %s failed", type(one).__name__, name)
+                log.exception("handling %s from %s failed", type(ok).__name__, name)
                 link.send(Error(reason="internal error handling this message", code="internal"))
     return "closed by coordinator"
 
 
-def _refused(
-    ws: WebSocket, mesh: Mesh, name: str, link: WsLink, msg: Msg | BadMessage
-) -> bool:
-    """Refuse a frame that does not decode, or holds what the store cannot keep: an `error`
-    frame naming the field and the limit, nothing changes, the connection lives on. The
-    log line is throttled per node (`Connections.refusals`)."""
+def _admitted(
+    ws: WebSocket, mesh: Mesh, name: str, link: WsLink, msg: ClientMsg | BadMessage
+) -> ClientMsg | None:
+    """`msg`, for the Mesh to handle; or None, refused: a frame that does not decode, or
+    holds what the store cannot keep, gets an `error` frame naming the field and the limit,
+    nothing changes, the connection lives on. The log line is throttled per node
+    (`Connections.refusals`)."""
+    why: str | None
     if isinstance(msg, BadMessage):
         why, code, task_id, attempt = msg.reason, "bad_message", None, None
     elif why := message_refusal(msg):
         code, task_id, attempt = "too_large", _task_id(msg), getattr(msg, "attempt", None)
     else:
-        return False
+        return msg
     mesh.metrics.bad_messages.inc()
     conns: Connections = ws.app.state.connections
     conns.refusals.warning(name, "refused a frame from %s: %s", name, why, extra={"node": name})
     link.send(Error(reason=why, code=code, task_id=task_id, attempt=attempt))
-    return True
+    return None
 
 
 def _task_id(msg: Msg) -> str | None:

@@ -29,13 +29,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+# The balancing modes: defined with the setting that picks one, re-exported here.
+from coordinator.settings import MODES as MODES
 from shared.policy import PolicyAsk, refusal
 from shared.protocol import GpuInfo, NodePolicy
 from shared.tasks import Requirements
 
 CRITICAL = 8
 LOW = 2
-MODES = ("speed", "efficiency", "balanced", "endurance")
 
 # Dense FP16/BF16 tensor TFLOPS and board power (W) by name fragment, longest first: a
 # stand-in for "how powerful" and "how efficient" that needs no benchmark on the node.
@@ -465,6 +466,7 @@ class PlacementIndex:
         if req.gpu_count == 0:
             return self._fast_cpu(req, executor, ask)
         keys = self._keys_for(req)
+        order: Iterable[tuple[GpuKey, int]]
         if mode in ("speed", "efficiency"):
             rank = _CHOOSE[mode]
             keys = sorted(keys, key=lambda k: (k[0], rank(self._models[k])))

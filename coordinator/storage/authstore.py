@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from coordinator.storage.schema import migrate_sqlite
 
@@ -44,6 +44,17 @@ class TokenRow:
             "created_at": self.created_at, "revoked": self.revoked_at is not None,
             "revoked_at": self.revoked_at,
         }
+
+
+class TokenStore(Protocol):
+    """Tokens at rest, as access.auth.TokenBook uses them: AuthStore (SQLite) and
+    store_pg.PgAuthStore (PostgreSQL)."""
+
+    async def tokens(self) -> list[TokenRow]: ...
+
+    async def add_token(self, row: TokenRow) -> None: ...
+
+    async def revoke(self, token_id: str) -> TokenRow | None: ...
 
 
 class AuthStore:

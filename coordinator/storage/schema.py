@@ -250,10 +250,21 @@ def preflight(store: str, data_dir: Any) -> None:
             pending(str(path), component, int(row[0]), SQLITE[component])
 
 
+def describe(url: str) -> str:
+    """`host:port/db` of a URL, without its password: what logs and errors may show.
+    (Here rather than in store_pg, which imports this module, so the preflight can use it.)"""
+    import psycopg  # only with a PostgreSQL store
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        d = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    return f"postgresql://{d.get('host', '')}:{d.get('port', 5432)}/{d.get('dbname', '')}"
+
+
 def _preflight_pg(url: str) -> None:
     import psycopg  # only with a PostgreSQL store
-
-    from coordinator.storage.store_pg import describe
 
     try:
         with psycopg.connect(url, connect_timeout=5) as conn:

@@ -27,6 +27,7 @@ from coordinator.storage.store_core import (
     Deposed,
     GroupCommitStore,
     Insert,
+    Op,
     Row,
     ShortWrite,
     StoreBroken,
@@ -104,10 +105,10 @@ class Store(GroupCommitStore):
 
     # --- the engine --------------------------------------------------------------------
 
-    async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
+    async def _commit(self, ops: list[Op]) -> None:
         await self._writer.call(self._commit_sync, ops)
 
-    def _commit_sync(self, ops: list[Insert | Update | AuditInsert]) -> None:
+    def _commit_sync(self, ops: list[Op]) -> None:
         conn = self._wconn
         assert conn is not None, "store not open"
         conn.execute("BEGIN IMMEDIATE")

@@ -116,7 +116,8 @@ class DrainPut:
     values: tuple[Any, ...]
 
 
-Write = Insert | Update | AuditInsert | TenantPut | DrainPut | Barrier
+Op = Insert | Update | AuditInsert | TenantPut | DrainPut  # a write an engine applies
+Write = Op | Barrier
 
 
 TENANT_SQL = (
@@ -132,7 +133,7 @@ DRAIN_SET_SQL = (
 DRAIN_LIFT_SQL = "DELETE FROM node_drains WHERE name = ?"
 
 
-def statement_of(op: Insert | Update | AuditInsert) -> tuple[str, tuple[Any, ...]]:
+def statement_of(op: Op) -> tuple[str, tuple[Any, ...]]:
     """The SQL (with `?` placeholders) and arguments of one write."""
     if isinstance(op, Insert):
         return INSERT_SQL, op.task
@@ -201,7 +202,9 @@ def queued_order(aging_s: float) -> tuple[str, tuple[Any, ...]]:
 
 
 class GroupCommitStore:
-    """Group commit and the reads; an engine supplies `_commit`, `_query` and `iter_queued`."""
+    """The Store interface both engines serve (SQLite `store.Store`, PostgreSQL
+    `store_pg.PgStore`): group commit and the reads; an engine supplies `open`, `close`,
+    `_commit`, `_query` and `iter_queued`."""
 
     # Per-engine SQL fragments: SQLite names its partial indexes (its planner would not
     # always pick them); PostgreSQL picks them itself and has a plain index on seq.
@@ -224,7 +227,15 @@ class GroupCommitStore:
 
     # --- what an engine provides -------------------------------------------------------
 
-    async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
+    async def open(self) -> None:
+        """Connect, bring the schema up to date, start taking writes."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Commit what is pending, then disconnect."""
+        raise NotImplementedError
+
+    async def _commit(self, ops: list[Op]) -> None:
         """Apply `ops` in order in one transaction; raise (and commit nothing) if any fails."""
         raise NotImplementedError
 

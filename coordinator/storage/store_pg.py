@@ -25,17 +25,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from coordinator.model import Task
 from coordinator.storage.authstore import TokenRow
-from coordinator.storage.schema import migrate_pg
+from coordinator.storage.schema import describe, migrate_pg
 from coordinator.storage.store_core import (
-    AuditInsert,
     Deposed,
     GroupCommitStore,
-    Insert,
+    Op,
     Row,
     ShortWrite,
     StoreError,
@@ -66,15 +64,6 @@ _DECODE_ON_LOOP = 256  # rows; more are decoded on a worker thread
 def pg(sql: str) -> str:
     """Our `?` placeholders as psycopg's `%s` (our statements hold no literal `?` or `%`)."""
     return sql.replace("?", "%s")
-
-
-def describe(url: str) -> str:
-    """`host:port/db` of a URL, without its password: what logs and errors may show."""
-    try:
-        d = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://(unparsable URL)"
-    return f"postgresql://{d.get('host', '')}:{d.get('port', 5432)}/{d.get('dbname', '')}"
 
 
 class PgStore(GroupCommitStore):
@@ -137,7 +126,7 @@ class PgStore(GroupCommitStore):
             self._wconn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
         return self._wconn
 
-    async def _commit(self, ops: list[Insert | Update | AuditInsert]) -> None:
+    async def _commit(self, ops: list[Op]) -> None:
         """BEGIN, the fence, every write and COMMIT in one pipelined round trip: the guards
         are checked by the server (gm_assert), whose error aborts the transaction. (Measured
         here: 0.47 ms a single-write commit, against 0.51 with BEGIN and COMMIT as their own
@@ -173,7 +162,7 @@ class PgStore(GroupCommitStore):
             except psycopg.Error:
                 await conn.close()
 
-    def _guard_error(self, what: str, ops: list[Insert | Update | AuditInsert]) -> StoreError:
+    def _guard_error(self, what: str, ops: list[Op]) -> StoreError:
         if what == "deposed":
             assert self.epoch is not None
             return Deposed(self.epoch)

@@ -14,7 +14,7 @@ from coordinator.access.audit import MAX_PAGE, Audit
 from coordinator.access.auth import ADMIN_TOKEN_FILE, ROLES, Principal, TokenBook, principal_of
 from coordinator.settings import Settings
 from coordinator.storage.authstore import AuthStore
-from coordinator.storage.store import Store
+from coordinator.storage.store_core import GroupCommitStore
 from coordinator.storage.store_pg import PgAuthStore, PgStore
 from coordinator.web.api import JSON, _param, error
 
@@ -90,7 +90,7 @@ admin_routes = [
 
 
 async def open_auth(
-    state: Any, settings: Settings, mesh_store: Store | PgStore
+    state: Any, settings: Settings, mesh_store: GroupCommitStore
 ) -> AuthStore | PgAuthStore:
     """Open auth.sqlite3 and put `tokens` (None with MESH_AUTH=off) and `audit` (kept in the
     mesh's store, so a change and its record commit together) on app.state."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,7 +19,7 @@ from coordinator.access.auth import AuthMiddleware, how_to_get_a_token
 from coordinator.core.mesh import Mesh
 from coordinator.core.metrics import MeshMetrics
 from coordinator.leader.advertise import Advertiser
-from coordinator.leader.standby import StandbyGate, fence_store, serve_role
+from coordinator.leader.standby import BodyRefused, StandbyGate, fence_store, serve_role
 from coordinator.link.identity import NodeIdentities
 from coordinator.link.ws import Connections, node_socket
 from coordinator.settings import Settings
@@ -29,6 +29,7 @@ from coordinator.web.admin_api import admin_routes, open_auth
 from coordinator.web.api import as_json, error, not_stored, routes
 from coordinator.web.artifacts import ArtifactFiles, artifact_routes
 from coordinator.web.drain_api import drain_routes
+from coordinator.web.edge import BodyTooLarge, read_body
 from coordinator.web.fastlane import FastLane
 from coordinator.web.node_api import node_routes
 from coordinator.web.openapi import openapi_routes
@@ -50,6 +51,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _store_error(request: Request, exc: Exception) -> Response:
     return as_json(not_stored(exc))
+
+
+def _body_reader(limit: int) -> Callable[[Request], Awaitable[bytes]]:
+    """A standby's reader of the bodies it forwards (StandbyGate): the edge's, under `limit`."""
+
+    async def read(request: Request) -> bytes:
+        try:
+            return await read_body(request, limit)
+        except BodyTooLarge as exc:
+            raise BodyRefused(str(exc)) from exc
+
+    return read
 
 
 def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
@@ -105,7 +118,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             yield
 
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
-    app = Starlette(
+    app: Starlette = Starlette(  # typed here: the lambdas below read it
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
                 *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes],
         middleware=[
@@ -116,7 +129,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
             )] if settings.fast_lane else []),
             Middleware(  # a standby forwards HTTP to the leader and points nodes at it
                 StandbyGate, role=lambda: getattr(app.state, "role", None),
-                max_body_bytes=settings.max_body_bytes,
+                read_body=_body_reader(settings.max_body_bytes),
             ),
             Middleware(  # answers preflights, adds headers to every answer
                 CORSMiddleware,

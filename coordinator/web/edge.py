@@ -16,7 +16,7 @@ import orjson
 from starlette.requests import Request
 
 from coordinator.model import Task
-from coordinator.storage.store import Store
+from coordinator.storage.store_core import GroupCommitStore
 from shared.limits import MAX_NAME, labels_refusal, name_refusal, refusal
 from shared.protocol import MAX_FRAME_BYTES, Assign, encode
 from shared.tasks import TaskSubmit, executor_for
@@ -126,7 +126,9 @@ def decode_cursor(cursor: str) -> tuple[float, str] | None:
 ACTIVE_CHUNK = 20_000  # ids per store read while walking the backlog
 
 
-async def open_id_chunks(store: Store, chunk: int = ACTIVE_CHUNK) -> AsyncIterator[list[str]]:
+async def open_id_chunks(
+    store: GroupCommitStore, chunk: int = ACTIVE_CHUNK
+) -> AsyncIterator[list[str]]:
     """The ids of unfinished tasks in seq order, read from the store's `tasks_open` index in
     chunks on its reader thread. Not a copy of `Mesh.tasks`: copying 1,000,000 keys on the
     loop alone takes 20-40 ms. A task the Mesh holds but has not yet committed is not

@@ -61,9 +61,10 @@ class FastLane:
             if path.startswith("/tasks/"):
                 method = scope["method"]
                 if method == "POST" and path == "/tasks/submit":
-                    receive = await self._submit(scope, receive, send)
-                    if receive is None:
+                    handed = await self._submit(scope, receive, send)
+                    if handed is None:
                         return
+                    receive = handed
                 elif method == "GET" and await self._task(scope, path[7:], send):
                     return
         await self.app(scope, receive, send)

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
@@ -289,11 +289,11 @@ class DockerExecutor:
         done, _ = await asyncio.wait({pull}, timeout=self._pull_timeout)
         if not done:
             return f"{missing}; pulling it took longer than {self._pull_timeout:g}s"
-        exc = pull.exception()
-        if _engine_gone(exc):
-            return self._unreachable(exc, "while pulling")
-        if exc is not None:
-            return f"{missing}; pulling it failed: {_explain(exc)}"
+        failed = pull.exception()
+        if _engine_gone(failed):
+            return self._unreachable(failed, "while pulling")
+        if failed is not None:
+            return f"{missing}; pulling it failed: {_explain(failed)}"
         return ""
 
     async def _stop(self, cid: str, grace_s: float | None = None) -> None:
@@ -438,7 +438,7 @@ def node_fault(exc: BaseException) -> bool:
     return _infra_text(_explain(exc))
 
 
-def _engine_gone(exc: BaseException | None) -> bool:
+def _engine_gone(exc: BaseException | None) -> TypeGuard[BaseException]:
     """No answer from the engine. An APIError is an HTTPError, so a RequestException too,
     but it is the engine answering (no such image, registry unreachable, bad spec)."""
     return isinstance(exc, RequestException) and not isinstance(exc, APIError)

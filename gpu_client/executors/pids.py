@@ -56,7 +56,8 @@ def alive(pid: int) -> bool:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        # bool(): psutil is untyped, so mypy sees the comparison as Any
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
         return False
 
@@ -64,7 +65,8 @@ def _alive(pid: int) -> bool:
 def create_time(pid: int) -> float | None:
     """Blocking. The process's start time (psutil), or None when it has already gone."""
     try:
-        return psutil.Process(pid).create_time()
+        created: float = psutil.Process(pid).create_time()
+        return created
     except psutil.Error:
         return None
 
@@ -76,7 +78,8 @@ def pid_matches(pid: int, started: float | None, pgid: int) -> bool:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         if started is not None:
-            return abs(proc.create_time() - float(started)) < 0.05
+            created: float = proc.create_time()
+            return abs(created - float(started)) < 0.05
         return os.getpgid(pid) == pgid
     except (psutil.Error, ProcessLookupError):
         return False
@@ -92,7 +95,8 @@ def pid_is(pid: int, started: float | None, pgid: int, var: str, value: str) -> 
         if proc.status() == psutil.STATUS_ZOMBIE:
             return False
         try:
-            return proc.environ().get(var) == value
+            env: dict[str, str] = proc.environ()
+            return env.get(var) == value
         except psutil.AccessDenied:
             return os.getpgid(pid) == pgid
     except (psutil.Error, ProcessLookupError):

@@ -268,6 +268,7 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        # bool(): psutil is untyped, so mypy sees the comparison as Any
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False

@@ -181,7 +181,7 @@ def fetch_roots(patterns: list[str]) -> list[str]:
     matched: a plain path itself, a glob's part before its first glob component. A root
     under another root is dropped."""
     roots = {"/".join(_until_glob(p.split("/"))) for p in patterns}
-    kept = []
+    kept: list[str] = []
     for r in sorted(roots, key=len):
         if not any(r == k or k == "" or r.startswith(k + "/") for k in kept):
             kept.append(r)

@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 from coordinator.storage.datadir import data_dir_in_use
+from gpumesh.sdk import Client, MeshError
 
 STOPPED = (
     "gpumesh stopped. Queued tasks stay in {data}; running process tasks and containers were "
@@ -169,16 +167,16 @@ def _wait_healthy(
     """Our coordinator answers /health: it is still alive (the port was free, so the answer
     cannot come from another one)."""
     deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline and not stopping:
-        if proc.poll() is not None:
-            return False
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                if json.loads(resp.read()).get("status") == "healthy":
+    with Client(url, token="") as mesh:  # /health is public: no token sent
+        while time.monotonic() < deadline and not stopping:
+            if proc.poll() is not None:
+                return False
+            try:
+                if mesh.health(timeout=1).status == "healthy":
                     return proc.poll() is None
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        time.sleep(0.1)
+            except (MeshError, OSError, ValueError):  # not up yet, not ready (503), garbled
+                pass
+            time.sleep(0.1)
     return False
 
 
