@@ -209,7 +209,10 @@ def test_every_path_the_architecture_page_names_exists() -> None:
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
-@pytest.mark.parametrize("wing", ["core", "scheduling", "storage", "access", "link", "leader", "web"])
+WINGS = ["core", "scheduling", "storage", "access", "link", "leader", "web"]
+
+
+@pytest.mark.parametrize("wing", WINGS)
 def test_each_wing_has_its_tests_and_its_line_on_the_page(wing: str) -> None:
     assert any((ROOT / "tests" / wing).glob("test_*.py")), f"tests/{wing}/ holds no tests"
     assert f"coordinator/{wing}/" in ARCH.read_text()
