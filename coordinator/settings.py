@@ -74,6 +74,10 @@ class Settings:
     preemption: bool = False  # MESH_PREEMPTION=on
     preempt_grace_s: float = 5.0  # SIGTERM to the end of a preempted task's hold
     artifact_retention_s: float = 7 * 86400.0  # a finished task's artifacts are kept this long
+    # Bytes of artifacts kept under <data-dir>/artifacts/ in all (uploads in flight count); an
+    # upload past it gets 507. 10 GiB: 320 attempts at the per-attempt maximum (32 MiB), far
+    # more at usual sizes, and small beside a disk that holds a week of them (retention).
+    artifacts_max_bytes: int = 10 << 30
     fast_lane: bool = True  # MESH_FAST_LANE=off: every request through the full stack
 
     @classmethod
@@ -126,6 +130,7 @@ class Settings:
             **_tenant_env(env, d),
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),
+            artifacts_max_bytes=env_int(env, "MESH_ARTIFACTS_MAX_BYTES", d.artifacts_max_bytes),
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
@@ -134,6 +139,9 @@ class Settings:
         store = str(overrides.get("store") or base.store)
         if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
             raise ConfigError("MESH_STORE", store, "sqlite | postgresql://user@host/db")
+        if not base.artifacts_max_bytes > 0:
+            raise ConfigError("MESH_ARTIFACTS_MAX_BYTES", str(base.artifacts_max_bytes),
+                              "bytes > 0")
         fields = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **fields)  # type: ignore[arg-type]
 

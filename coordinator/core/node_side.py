@@ -33,6 +33,7 @@ from shared.protocol import (
     Registered,
     TaskAccepted,
     TaskLog,
+    TaskOutcome,
     TaskResult,
     TaskStarted,
 )
@@ -83,6 +84,9 @@ class NodeSide:
         self._wake_blocked = wake_blocked
         self._wake = wake
         self._background: set[asyncio.Task[None]] = set()
+        # What a result may record as its artifacts: the web app sets this to the ledger of
+        # uploads it stored (coordinator/web/artifacts.py `vet`); until then, none.
+        self.artifacts: Callable[[str, int, TaskOutcome], TaskOutcome] = _no_artifacts
         self.faults = NodeFaults(
             mesh, transition=transition, requeue_or_fail=self.requeue_or_fail,
             node_gone=self.node_gone, node_changed=node_changed, wake=wake,
@@ -300,7 +304,7 @@ class NodeSide:
             self.faults.on_infra_result(node, link, t, msg)
             return
         to = DONE if msg.status == "completed" else FAIL
-        result = msgspec.to_builtins(msg.result)
+        result = msgspec.to_builtins(self.artifacts(t.id, t.attempt, msg.result))
         write = self._transition(
             t, to, cause=f"{msg.status} on {node.name}", result=result, error=msg.error
         )
@@ -328,6 +332,10 @@ class NodeSide:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _no_artifacts(task_id: str, attempt: int, outcome: TaskOutcome) -> TaskOutcome:
+    return msgspec.structs.replace(outcome, artifacts=[]) if outcome.artifacts else outcome
 
 
 def _kind(msg: ClientMsg) -> str:

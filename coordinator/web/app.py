@@ -93,9 +93,10 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         app.state.templates = templates
         await mesh.start()
         artifacts = ArtifactFiles(settings.data_dir / "artifacts", mesh,
-                                  settings.artifact_retention_s)
+                                  settings.artifact_retention_s, settings.artifacts_max_bytes)
         app.state.artifacts = artifacts
-        artifacts.start()  # the retention sweeper
+        await artifacts.start()  # partial uploads removed, the ledger read; the sweeper
+        mesh.node_side.artifacts = artifacts.vet  # a result records only what was stored here
         if freeze_gc:
             gc.collect()
             gc.freeze()  # what was loaded at start lives long: keep it out of every collection
