@@ -27,6 +27,12 @@ class Settings:
     node_timeout_s: float = 15.0  # silence after which a node is lost
     reconnect_grace_s: float = 10.0  # a closed socket's tasks wait this long for the node
     restart_grace_s: float = 30.0  # after a coordinator restart, running tasks wait this long
+    # Deadlines the coordinator keeps (coordinator/core/deadlines.py): a running task ends as
+    # timed out this long after its timeout_s (the node reports its own timeout first); an
+    # assigned task not started this long after its assignment (an image pull: the client
+    # gives up on one after 600 s) is taken back as its node's fault.
+    timeout_grace_s: float = 120.0
+    start_deadline_s: float = 900.0
     register_timeout_s: float = 10.0
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none
     auth: str = "token"  # token | off (MESH_AUTH=off: anyone who can reach the port is admin)
@@ -44,10 +50,6 @@ class Settings:
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
     max_queued: int = 2_000_000  # queued tasks; a submission over it gets 429 + Retry-After
     max_connections: int = 20_000  # node WebSockets; more are closed with 1013
-    # Sockets that have not sent their first frame; one more pushes the oldest out (1013).
-    max_unregistered: int = 64
-    http_head_timeout_s: float = 5.0  # a request head not complete this long: connection closed
-    max_http_pending: int = 1024  # connections without a complete head; more are closed at once
     max_log_followers: int = 1000  # concurrent `logs?follow`; more get 429
     ws_queue_frames: int = 10_000  # frames queued to one node; a peer that does not read
     ws_queue_bytes: int = 64 << 20  # ... past either bound is closed with 4005
@@ -102,6 +104,8 @@ class Settings:
             node_timeout_s=env_float(env, "MESH_NODE_TIMEOUT_S", d.node_timeout_s),
             reconnect_grace_s=env_float(env, "MESH_RECONNECT_GRACE_S", d.reconnect_grace_s),
             restart_grace_s=env_float(env, "MESH_RESTART_GRACE_S", d.restart_grace_s),
+            timeout_grace_s=env_float(env, "MESH_TIMEOUT_GRACE_S", d.timeout_grace_s),
+            start_deadline_s=env_float(env, "MESH_START_DEADLINE_S", d.start_deadline_s),
             cors_origins=env_list(env, "MESH_CORS_ORIGINS", d.cors_origins),
             auth=env_str(env, "MESH_AUTH", d.auth).lower(),
             admin_token=env_str(env, "MESH_ADMIN_TOKEN", ""),
@@ -116,10 +120,6 @@ class Settings:
             max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
             max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
             max_connections=env_int(env, "MESH_MAX_CONNECTIONS", d.max_connections),
-            max_unregistered=env_int(env, "MESH_MAX_UNREGISTERED", d.max_unregistered),
-            register_timeout_s=env_float(env, "MESH_REGISTER_TIMEOUT_S", d.register_timeout_s),
-            http_head_timeout_s=env_float(env, "MESH_HTTP_HEAD_TIMEOUT_S", d.http_head_timeout_s),
-            max_http_pending=env_int(env, "MESH_MAX_HTTP_PENDING", d.max_http_pending),
             max_log_followers=env_int(env, "MESH_MAX_LOG_FOLLOWERS", d.max_log_followers),
             ws_queue_frames=env_int(env, "MESH_WS_QUEUE_FRAMES", d.ws_queue_frames),
             ws_queue_bytes=env_int(env, "MESH_WS_QUEUE_BYTES", d.ws_queue_bytes),
@@ -142,6 +142,10 @@ class Settings:
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
+        if not base.timeout_grace_s >= 0:
+            raise ConfigError("MESH_TIMEOUT_GRACE_S", f"{base.timeout_grace_s:g}", "seconds >= 0")
+        if not base.start_deadline_s > 0:
+            raise ConfigError("MESH_START_DEADLINE_S", f"{base.start_deadline_s:g}", "seconds > 0")
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
         store = str(overrides.get("store") or base.store)

@@ -30,6 +30,7 @@ from typing import Any
 
 import msgspec
 
+from coordinator.core.deadlines import Deadlines
 from coordinator.core.drain import load_drains
 from coordinator.core.faults import LoopWatch
 from coordinator.core.invariants import check_invariants
@@ -105,6 +106,11 @@ class Mesh:
             wake_blocked=self._wake_blocked, wake=self._wake_dispatch,
         )
         self.preemption = Preemption(self, self._transition)
+        # The coordinator's own deadlines: timeout_s, and a start after assignment.
+        self.deadlines = Deadlines(
+            self, transition=self._transition, infra_loss=self.node_side.faults.infra_loss,
+            node_changed=self._node_changed, infra_failed=self.metrics.infra_failed,
+        )
 
     def _init_state(self) -> None:
         """Every piece of memory that the store is the truth of: rebuilt after a failure."""
@@ -142,6 +148,7 @@ class Mesh:
         active = await self.store.load_active()
         self.fair.load(await self.store.tenants())
         now = time.time()
+        self.deadlines.clear()
         for t in active:
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
@@ -152,6 +159,8 @@ class Mesh:
                 node.hold(t)
                 self.fair.count(t, None, t.state)
                 self._node_changed(node)
+                # its deadline, from the stored times; none before its node may be back
+                self.deadlines.moved(t, t.state, not_before=now + self.settings.restart_grace_s)
         await load_drains(self)
         for node in self.nodes.values():
             self.node_side.start_grace(
@@ -192,7 +201,8 @@ class Mesh:
         self._let_nodes_go(1001, "coordinator shutting down")
 
     def _let_nodes_go(self, code: int, reason: str) -> None:
-        """Cancel every grace timer and close every node link (`code`, `reason`)."""
+        """Cancel every grace timer and deadline, close every node link (`code`, `reason`)."""
+        self.deadlines.clear()
         for node in self.nodes.values():
             if node.grace is not None:
                 node.grace.cancel()
@@ -271,6 +281,7 @@ class Mesh:
         step(self, t, to, **change)
         t.state = to
         self._count(t, prev, to)
+        self.deadlines.moved(t, to)  # cancels one timer, arms one (core/deadlines.py)
         if log.isEnabledFor(logging.INFO):  # its context dict is not built for nothing
             log.info(
                 "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)

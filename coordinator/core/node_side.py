@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from coordinator.core.deadlines import ended_by_coordinator
 from coordinator.core.drain import on_register
 from coordinator.core.faults import FaultHost, NodeFaults, Transition, note_history
 from coordinator.core.nodes import account_energy, apply_heartbeat, apply_register, gpus_reshaped
@@ -291,7 +292,8 @@ class NodeSide:
 
     def _on_result(self, node: Node, link: Link, msg: TaskResult) -> None:
         done = self._mesh.finished.get(msg.task_id)
-        if done is not None and done.attempt == msg.attempt and done.node == node.name:
+        if (done is not None and done.attempt == msg.attempt and done.node == node.name
+                and not ended_by_coordinator(done.result)):  # a deadline's end: refused below
             self._ack_when_stored(done, link, msg)  # a resend: ack once the row shows it
             return
         if msg.task_id not in self._mesh.tasks and done is None:
@@ -323,7 +325,8 @@ class NodeSide:
         attempt's end, else refuse it as stale."""
         row = await self._mesh.store.get(msg.task_id)
         if (row is not None and row.state in FINISHED and row.attempt == msg.attempt
-                and row.node == node.name and row.result is not None):
+                and row.node == node.name and row.result is not None
+                and not ended_by_coordinator(row.result)):
             link.send(Ack(task_id=msg.task_id, attempt=msg.attempt))
         elif msg.task_id not in self._mesh.tasks:
             self._fenced(node, link, msg.task_id, msg.attempt, "task_result")
