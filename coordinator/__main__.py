@@ -12,9 +12,10 @@ from pathlib import Path
 import uvicorn
 
 from coordinator.settings import Settings
-from coordinator.storage.datadir import DataDirInUse, lock_data_dir
+from coordinator.storage.datadir import DataDirInUse, lock_data_dir, tighten_data_dir
 from coordinator.storage.schema import SchemaTooNew, preflight
 from coordinator.web.app import create_app
+from coordinator.web.slowloris import head_deadline_protocol
 from shared.config import ConfigError
 from shared.protocol import MAX_FRAME_BYTES
 
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Whatever this process creates is its own: the data dir 0700, its files 0600 (tokens,
+    # SQLite and its -wal/-shm, artifacts). Each place that creates one names its mode too.
+    os.umask(0o077)
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -49,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     try:
         held = lock_data_dir(settings.data_dir)  # noqa: F841 - held open while we run
+        tighten_data_dir(settings.data_dir)  # what an older version or a hand left wider
     except (DataDirInUse, OSError) as exc:
         print(f"gpumesh-coordinator: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -66,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         create_app(settings, freeze_gc=True),
         host=settings.host,
         port=settings.port,
+        # httptools, with a deadline for each request head (coordinator/web/slowloris.py)
+        http=head_deadline_protocol(settings.http_head_timeout_s, settings.max_http_pending),
         ws="websockets-sansio",
         ws_max_size=MAX_FRAME_BYTES,
         log_level=args.log_level.lower(),

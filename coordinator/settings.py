@@ -50,6 +50,10 @@ class Settings:
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
     max_queued: int = 2_000_000  # queued tasks; a submission over it gets 429 + Retry-After
     max_connections: int = 20_000  # node WebSockets; more are closed with 1013
+    # Sockets that have not sent their first frame; one more pushes the oldest out (1013).
+    max_unregistered: int = 64
+    http_head_timeout_s: float = 5.0  # a request head not complete this long: connection closed
+    max_http_pending: int = 1024  # connections without a complete head; more are closed at once
     max_log_followers: int = 1000  # concurrent `logs?follow`; more get 429
     ws_queue_frames: int = 10_000  # frames queued to one node; a peer that does not read
     ws_queue_bytes: int = 64 << 20  # ... past either bound is closed with 4005
@@ -120,6 +124,10 @@ class Settings:
             max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
             max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
             max_connections=env_int(env, "MESH_MAX_CONNECTIONS", d.max_connections),
+            max_unregistered=env_int(env, "MESH_MAX_UNREGISTERED", d.max_unregistered),
+            register_timeout_s=env_float(env, "MESH_REGISTER_TIMEOUT_S", d.register_timeout_s),
+            http_head_timeout_s=env_float(env, "MESH_HTTP_HEAD_TIMEOUT_S", d.http_head_timeout_s),
+            max_http_pending=env_int(env, "MESH_MAX_HTTP_PENDING", d.max_http_pending),
             max_log_followers=env_int(env, "MESH_MAX_LOG_FOLLOWERS", d.max_log_followers),
             ws_queue_frames=env_int(env, "MESH_WS_QUEUE_FRAMES", d.ws_queue_frames),
             ws_queue_bytes=env_int(env, "MESH_WS_QUEUE_BYTES", d.ws_queue_bytes),

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Mapping
 
 from gpu_client.agent import EXIT_FATAL, Agent
+from gpu_client.credential import private_state_dir
 from gpu_client.detect import GpuSource, make_source
 from gpu_client.executors import load_executors
 from gpu_client.settings import ClientSettings
@@ -24,6 +25,8 @@ log = logging.getLogger("gpu_client")
 
 async def serve(settings: ClientSettings, source: GpuSource) -> int:
     """Run one agent until a signal or a fatal refusal; returns the exit status."""
+    # The credential and the launch journal live there: the node's alone (0700).
+    await asyncio.to_thread(private_state_dir, settings.state_dir.expanduser())
     executors = await load_executors(settings, source)
     agent = Agent(settings, source, executors)
     loop = asyncio.get_running_loop()

@@ -3,18 +3,52 @@
 One file per coordinator and node name in the state dir (`MESH_STATE_DIR`, default
 `$XDG_STATE_HOME/gpumesh` or `~/.local/state/gpumesh`), mode 0600, replaced atomically; with
 several coordinators (HA) the same credential is kept under each of them (one per mesh).
-Blocking file I/O: call through asyncio.to_thread.
+The state dir (the credential, the launch journal) is the client's alone: 0700, made so at
+start (`private_state_dir`), its directories created 0700. Blocking file I/O: call through
+asyncio.to_thread.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 from shared.durable import fsync_dir
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+log = logging.getLogger(__name__)
+
+
+def private_state_dir(state_dir: Path) -> None:
+    """At start: the state dir exists and only its owner may enter it (0700); a wider one,
+    from an older version or a hand, is narrowed (logged). Its parents are left as they are."""
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    private_dirs(state_dir)
+    try:
+        st = os.lstat(state_dir)
+        if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077:
+            os.chmod(state_dir, stat.S_IMODE(st.st_mode) & ~0o077)
+            log.warning("state dir %s was open to others (%o); now %o", state_dir,
+                        stat.S_IMODE(st.st_mode), stat.S_IMODE(st.st_mode) & ~0o077)
+    except OSError as exc:
+        log.warning("cannot narrow the mode of the state dir %s: %s", state_dir, exc.strerror)
+
+
+def private_dirs(path: Path) -> None:
+    """`path` and its missing parents, each created 0700 (whatever the umask)."""
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for d in reversed(missing):
+        d.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(d, 0o700)
 
 
 def credential_path(state_dir: Path, coordinator_url: str, node_name: str) -> Path:
@@ -64,7 +98,7 @@ def load_credential(path: Path) -> str:
 
 def save_credential(path: Path, credential: str) -> None:
     """Write it durably with mode 0600 (the directory 0700), replacing any older one."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dirs(path.parent)
     tmp = path.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -46,6 +46,7 @@ class CloseCode(IntEnum):
     NODE_LOST = 4003  # the node was silent past the heartbeat timeout; its tasks moved
     NAME_TAKEN = 4004  # the node name belongs to another node's credential: fatal
     SLOW_CONSUMER = 4005  # the node did not read its frames; its send queue filled up
+    REGISTER_TIMEOUT = 4006  # no `register` within MESH_REGISTER_TIMEOUT_S of the handshake
     NOT_LEADER = 4010  # a standby coordinator: the reason is the leader's ws:// URL; go there
     TRY_AGAIN_LATER = 1013  # too many connections: reconnect with backoff
 

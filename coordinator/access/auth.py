@@ -136,8 +136,11 @@ class TokenBook:
                 log.warning("the token in %s was revoked; delete the file to get a new one", path)
             return path, False
         token, _ = await self.create(tenant, role, path.name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # the process umask is 077: a scraper's dir stays open
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(path.parent, 0o755 if mode & 0o044 else 0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
         return path, True

@@ -7,7 +7,10 @@ leads once it holds the lease (coordinator/leader/lease.py). A standby:
 - forwards every other HTTP request to the leader with `httpx` — method, path, query, the
   caller's headers (its `Authorization` too: the leader decides), the body read under
   `MESH_MAX_BODY_BYTES` — and streams the leader's answer back as it comes (long polls and
-  `logs?follow` included). No leader known, or the leader unreachable: 503 + `Retry-After`;
+  `logs?follow` included). No leader known, or the leader unreachable: 503 + `Retry-After`.
+  Only an origin-form target is forwarded (a path from `/`, `origin_form`), and the URL is
+  the leader's base with that path and query (`upstream_url`), so nothing a caller writes
+  can name another host: `*`, `http://host/x` or `@host:port/x` get 400;
 - accepts a node's WebSocket and closes it at once with 4010 NOT_LEADER, the reason being the
   leader's ws:// URL, so the node goes there (if that URL is one it was configured with); with
   no leader known it closes with 1013 TRY_AGAIN_LATER.
@@ -24,6 +27,7 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote_from_bytes
 
 import httpx
 from starlette.requests import Request
@@ -43,6 +47,30 @@ _HOP = frozenset({
     b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length",
 })
 _HOP_OUT = frozenset({b"connection", b"keep-alive", b"transfer-encoding"})
+# What a path or query may hold as it is (RFC 3986 pchar, "/", "%"; "?" in the query); the
+# rest is percent-encoded, so a `#`, a backslash or a space cannot change what a URL means.
+_PATH_SAFE = "/:@!$&'()*+,;=-._~%"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def origin_form(scope: Scope) -> bytes | None:
+    """The path and query this server parsed from the request target, percent-encoded where
+    a URL may not hold a byte as it is; None when the target is not a path from `/` (origin
+    form): `*`, an absolute URL, `@host:port/x`."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if not raw.startswith(b"/"):
+        return None
+    target = quote_from_bytes(raw, safe=_PATH_SAFE)
+    if query := scope.get("query_string", b""):
+        target += "?" + quote_from_bytes(query, safe=_QUERY_SAFE)
+    return target.encode("ascii")
+
+
+def upstream_url(leader_url: str, target: bytes) -> httpx.URL:
+    """The leader's base URL with `target` (from `origin_form`) as its path and query: the
+    scheme, host and port are the leader's whatever the target holds."""
+    base = httpx.URL(leader_url)
+    return base.copy_with(raw_path=base.raw_path.rstrip(b"/") + target)
 
 
 def advertise_url(host: str, port: int, tls: bool, configured: str = "") -> str:
@@ -141,6 +169,12 @@ class StandbyGate:
 
     async def _forward(self, role: Role, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        target = origin_form(scope)
+        if target is None:
+            resp = JSONResponse({"error": "bad request target", "reason": (
+                "a standby forwards only a path from '/' (origin form), not "
+                f"{scope['path'][:64]!r}")}, status_code=400)
+            return await resp(scope, receive, send)
         if why := role.unready():
             reason = ("this coordinator is loading the mesh as the new leader"
                       if why == "starting" else "no leader elected yet (the lease is free or "
@@ -157,14 +191,12 @@ class StandbyGate:
             return await resp(scope, receive, send)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP]
         headers.append((FORWARDED, role.url.encode()))
-        url = role.leader_url + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
+        url = upstream_url(role.leader_url, target)
         req = role.http.build_request(scope["method"], url, headers=headers, content=body)
         try:
             upstream = await role.http.send(req, stream=True)
         except httpx.HTTPError as exc:
-            log.warning("forwarding %s %s to the leader %s failed: %s", scope["method"],
+            log.warning("forwarding %s %r to the leader %s failed: %s", scope["method"],
                         scope["path"], role.leader_url, exc)
             return await _unavailable(f"the leader {role.leader_url} did not answer "
                                       f"({type(exc).__name__}); retry shortly")(

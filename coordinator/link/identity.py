@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.storage.datadir import private_dir, private_sqlite
 from coordinator.storage.schema import migrate_sqlite
 from shared import proof
 
@@ -56,7 +57,7 @@ def ensure_join_token(
     if configured:
         return configured, None
     path = path or data_dir / JOIN_TOKEN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     token = secrets.token_urlsafe(32)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -136,7 +137,7 @@ class NodeIdentities:
     # --- on the database thread ------------------------------------------------------------
 
     def _open_db(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self._path)  # 0600, and so its -wal and -shm (data dir 0700)
         db = sqlite3.connect(self._path, check_same_thread=False, isolation_level=None)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # rare writes; a credential must survive power loss

@@ -4,6 +4,8 @@ Close codes are `shared.protocol.CloseCode`. A frame that does not decode gets a
 reply and the connection carries on; an invalid node name, a first frame that is not
 `register`, or a bad join token closes with 1008; an unsupported protocol version with 4002;
 a name that belongs to another node's credential with 4004 (see coordinator/link/identity.py).
+No first frame within MESH_REGISTER_TIMEOUT_S closes with 4006; sockets without a first frame
+past MESH_MAX_UNREGISTERED, and nodes past MESH_MAX_CONNECTIONS, with 1013 (`Connections`).
 Oversize frames (over MAX_FRAME_BYTES) and non-UTF-8 text are closed by the WebSocket layer
 with 1009 / 1007.
 """
@@ -178,14 +180,42 @@ def _transport_of(send: object) -> asyncio.Transport | None:
 
 
 class Connections:
-    """Counts open sockets for /metrics and the MESH_MAX_CONNECTIONS cap; no node state."""
+    """Counts sockets for /metrics and the caps; no node state.
+
+    A socket is *waiting* from its handshake until its first frame arrives: at most
+    MESH_MAX_UNREGISTERED of them, each for at most MESH_REGISTER_TIMEOUT_S (then 4006). One
+    more pushes the oldest waiting socket out (1013), so sockets that never say a word cannot
+    keep a node out: a real node sends `register` at once. From its first frame a socket is
+    *open* (being admitted, then registered): MESH_MAX_CONNECTIONS counts only these."""
 
     def __init__(self) -> None:
         self.open = 0
         self.refused = 0  # over the cap: closed with 1013
+        self._waiting: dict[asyncio.Event, None] = {}  # oldest first; set: pushed out
+        self.pushed_out = 0  # waiting sockets closed with 1013 to make room for a newer one
+        self.register_timeouts = 0  # closed with 4006
         self.slow_consumers = 0  # closed with 4005
         # Repeated refusals (bad frames, oversize fields) are logged once per interval per node.
         self.refusals = Throttled(log)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def wait_slot(self, cap: int) -> asyncio.Event:
+        """A place among the waiting sockets; the event is set when a newer one pushes this
+        one out (the oldest goes once `cap` are waiting)."""
+        while self._waiting and len(self._waiting) >= max(cap, 1):
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.set()
+            self.pushed_out += 1
+        slot = asyncio.Event()
+        self._waiting[slot] = None
+        return slot
+
+    def end_wait(self, slot: asyncio.Event) -> None:
+        self._waiting.pop(slot, None)
 
 
 async def _receive(ws: WebSocket) -> str | bytes | None:
@@ -210,21 +240,63 @@ async def node_socket(ws: WebSocket) -> None:
     name = ws.path_params["node_id"]
     ws.state.join_challenge = challenge = answer(ws, ws.app.state.identities, name)
     await ws.accept(headers=challenge.headers)  # the join-token proof, if the node asked
-    if conns.open >= mesh.settings.max_connections:
-        conns.refused += 1
-        conns.refusals.warning(
-            "-connections", "refused a node connection: %d open (MESH_MAX_CONNECTIONS)",
-            conns.open,
-        )
-        await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections; retry later")
+    if not valid_node_name(name):
+        await _reject(ws, CloseCode.POLICY_VIOLATION, f"invalid node name {name!r}: {NAME_RULE}")
         return
-    conns.open += 1
+    slot = conns.wait_slot(mesh.settings.max_unregistered)
+    counted = False
     try:
-        await _serve(ws, mesh, name)
+        raw = await _first_frame(ws, mesh, conns, slot)
+        if raw is None:
+            return
+        if conns.open >= mesh.settings.max_connections:  # registered (or admitting) nodes
+            conns.refused += 1
+            conns.refusals.warning(
+                "-connections", "refused a node connection: %d open (MESH_MAX_CONNECTIONS)",
+                conns.open,
+            )
+            await ws.close(CloseCode.TRY_AGAIN_LATER, "too many connections; retry later")
+            return
+        conns.open += 1
+        counted = True
+        await _serve(ws, mesh, name, raw)
     except WebSocketDisconnect:
         pass
     finally:
-        conns.open -= 1
+        conns.end_wait(slot)
+        if counted:
+            conns.open -= 1
+
+
+async def _first_frame(
+    ws: WebSocket, mesh: Mesh, conns: Connections, slot: asyncio.Event
+) -> str | bytes | None:
+    """The socket's first frame; or None after closing it: 4006 past MESH_REGISTER_TIMEOUT_S,
+    1013 when pushed out by a newer waiting socket (MESH_MAX_UNREGISTERED)."""
+    receive = asyncio.ensure_future(_receive(ws))
+    pushed = asyncio.ensure_future(slot.wait())
+    try:
+        await asyncio.wait((receive, pushed), timeout=mesh.settings.register_timeout_s,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut in (receive, pushed):
+            if not fut.done():
+                fut.cancel()
+    conns.end_wait(slot)
+    if receive.done() and not receive.cancelled():
+        return receive.result()
+    if pushed.done() and not pushed.cancelled():
+        why = (f"too many connections that have not sent register (MESH_MAX_UNREGISTERED "
+               f"{mesh.settings.max_unregistered}); retry")
+        conns.refusals.warning("-unregistered", "closing %r with 1013: %s", ws.url.path, why)
+        await ws.close(CloseCode.TRY_AGAIN_LATER, why)
+        return None
+    conns.register_timeouts += 1
+    why = f"no register message within {mesh.settings.register_timeout_s:g}s"
+    conns.refusals.warning("-register-timeout", "closing %r with %d: %s", ws.url.path,
+                           CloseCode.REGISTER_TIMEOUT, why)
+    await ws.close(CloseCode.REGISTER_TIMEOUT, why)
+    return None
 
 
 async def _audit(ws: WebSocket, name: str, action: str, detail: dict[str, Any]) -> None:
@@ -236,19 +308,11 @@ async def _audit(ws: WebSocket, name: str, action: str, detail: dict[str, Any]) 
         log.warning("audit record %s for node %s not stored", action, name)
 
 
-async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | None:
-    """The connection's `register`, checked for name, protocol and join token; or None after
-    closing the socket with the reason (1008 bad name/token, 4002 protocol)."""
-    if not valid_node_name(name):
-        await _reject(ws, CloseCode.POLICY_VIOLATION, f"invalid node name {name!r}: {NAME_RULE}")
-        return None
-    try:
-        raw = await asyncio.wait_for(_receive(ws), mesh.settings.register_timeout_s)
-    except TimeoutError:
-        await _reject(ws, CloseCode.POLICY_VIOLATION, "no register message in time")
-        return None
-    if raw is None:
-        return None
+async def _first_register(
+    ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes
+) -> Register | None:
+    """The connection's `register` (its first frame, `raw`), checked for protocol and join
+    token; or None after closing the socket with the reason (1008 bad token, 4002 protocol)."""
     first = decode_client(raw)
     why: str | None  # a refusal's reason; None or "": none
     if not isinstance(first, Register):
@@ -272,9 +336,11 @@ async def _first_register(ws: WebSocket, mesh: Mesh, name: str) -> Register | No
     return first
 
 
-async def _admit(ws: WebSocket, mesh: Mesh, name: str) -> tuple[Register, str] | None:
+async def _admit(
+    ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes
+) -> tuple[Register, str] | None:
     """A checked register and the credential to issue ("" if the node presented its own)."""
-    first = await _first_register(ws, mesh, name)
+    first = await _first_register(ws, mesh, name, raw)
     if first is None:
         return None
     ids: NodeIdentities = ws.app.state.identities
@@ -293,8 +359,8 @@ async def _admit(ws: WebSocket, mesh: Mesh, name: str) -> tuple[Register, str] |
     return first, admission.issued
 
 
-async def _serve(ws: WebSocket, mesh: Mesh, name: str) -> None:
-    admitted = await _admit(ws, mesh, name)
+async def _serve(ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes) -> None:
+    admitted = await _admit(ws, mesh, name, raw)
     if admitted is None:
         return
     first, issued = admitted

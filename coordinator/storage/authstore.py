@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from coordinator.storage.datadir import private_sqlite
 from coordinator.storage.schema import migrate_sqlite
 
 T = TypeVar("T")
@@ -72,7 +73,7 @@ class AuthStore:
 
     async def open(self) -> None:
         def connect() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite(self.path)  # 0600, and so its -wal and -shm (data dir 0700)
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")

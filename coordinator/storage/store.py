@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from coordinator.model import Task
+from coordinator.storage.datadir import private_sqlite
 from coordinator.storage.schema import migrate_sqlite
 from coordinator.storage.store_core import (
     AuditInsert,
@@ -87,7 +88,7 @@ class Store(GroupCommitStore):
         return conn
 
     def _open_writer(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # 0600, and so its -wal and -shm (data dir 0700)
         self._wconn = self._connect()
         migrate_sqlite(self._wconn, "mesh", str(self.path))
 

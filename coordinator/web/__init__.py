@@ -6,7 +6,7 @@ of tasks and nodes (`views`) with their typed shapes (`api_types`), the admin, d
 tenant and node routes (`admin_api`, `drain_api`, `tenant_api`, `node_api`), artifact
 uploads and downloads (`artifacts`), the OpenAPI document (`openapi`, `openapi_routes`),
 the console pages (`ui`, `static/`) and task-type templates (`templates`,
-`templates.toml`).
+`templates.toml`), and the deadline for HTTP request heads (`slowloris`).
 
 May import every other wing and `shared`; nothing imports it but `coordinator.__main__`.
 """

@@ -33,6 +33,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from gpu_client.credential import private_dirs
 from gpu_client.executors.pids import pid_is
 from gpu_client.executors.tree import MARKER_VAR, Tree, marker, scan
 from shared.durable import fsync_dir
@@ -107,10 +108,11 @@ class Journal:
 
     def intend(self, name: str, entry: dict[str, Any]) -> None:
         """Blocking. Durably record the intent to launch `name` (fsync file and dir)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dirs(self.root)  # in the state dir: the client's alone (0700, files 0600)
         final = self.path(name)
         tmp = final.with_suffix(".tmp")
-        with tmp.open("w") as f:
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(json.dumps(entry))
             f.flush()
             os.fsync(f.fileno())
