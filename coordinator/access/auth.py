@@ -38,8 +38,12 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 log = logging.getLogger(__name__)
 
-ROLES = ("read", "submit", "admin")  # each role can do everything the ones before it can
-_RANK = {role: i for i, role in enumerate(ROLES)}
+# read: look (its own tenant's tasks; other tenants only as anonymous totals); submit: also
+# submit and cancel; admin: everything, every tenant. `metrics` is a scraper's: read, and the
+# per-tenant series of /metrics (coordinator/core/metrics.py) that only admins see otherwise;
+# it ranks with read, so submit and admin tokens are not metrics tokens by rank (see `can`).
+ROLES = ("read", "metrics", "submit", "admin")
+_RANK = {"read": 0, "metrics": 0, "submit": 1, "admin": 2}
 PREFIX = "gm_"
 ADMIN_TOKEN_FILE = "admin.token"
 
@@ -51,6 +55,8 @@ class Principal:
     role: str
 
     def can(self, role: str) -> bool:
+        if role == "metrics":  # not a rank: only a metrics token and an admin read them
+            return self.role in ("metrics", "admin")
         return _RANK[self.role] >= _RANK[role]
 
     @property
@@ -60,6 +66,12 @@ class Principal:
     def sees(self, tenant: str) -> bool:
         """Whether a task of `tenant` is visible to this caller (admins see every tenant)."""
         return self.role == "admin" or tenant == self.tenant
+
+    @property
+    def sees_all_tenants(self) -> bool:
+        """Whether other tenants' task ids, names and usage are shown to this caller (an
+        admin, or anyone with MESH_AUTH=off); others see theirs and anonymous totals."""
+        return self.role == "admin"
 
 
 ANONYMOUS = Principal(token_id="", tenant="", role="admin")  # MESH_AUTH=off: a trusted desk
@@ -134,6 +146,9 @@ class TokenBook:
                 self._by_hash[h] = (h, Principal(row.id, tenant, role))
             elif rows[0].revoked_at is not None:
                 log.warning("the token in %s was revoked; delete the file to get a new one", path)
+            elif rows[0].role != role:  # e.g. a scraper's read token from before `metrics`
+                log.warning("the token in %s has role %s, not %s; delete the file to get a "
+                            "new one", path, rows[0].role, role)
             return path, False
         token, _ = await self.create(tenant, role, path.name)
         if not path.parent.is_dir():  # the process umask is 077: a scraper's dir stays open

@@ -12,7 +12,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -22,7 +22,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from coordinator.scheduling.tenants import tenant_gauges
+from coordinator.scheduling.tenants import TENANT_LABEL, TENANT_SERIES, tenant_gauges
 from shared.tasks import TASK_TYPES
 
 if TYPE_CHECKING:
@@ -136,6 +136,11 @@ class MeshMetrics:
     def watch(self, mesh: Watched, ws_connections: Callable[[], int]) -> None:
         self.registry.register(_MeshGauges(mesh, ws_connections))
 
+    def exposition(self, per_tenant: bool) -> bytes:
+        """`GET /metrics`: every series (`per_tenant`: an admin or a `metrics` token), else
+        all but those that name a tenant; global counts stay in both."""
+        return generate_latest(self.registry if per_tenant else _NoTenants(self.registry))
+
 
 class LoopCounter:
     """A labelled counter updated only on the event loop: a dict of floats, no lock.
@@ -207,6 +212,22 @@ class _LoopSeries(Collector):
     def collect(self) -> Iterator[Metric]:
         for one in self.series:
             yield one.family()
+
+
+class _NoTenants(Collector):
+    """A registry's families less the per-tenant ones (by name, or by a `tenant` label on
+    any sample, so a tenant series added later is left out without being listed here)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            if family.name in TENANT_SERIES or any(
+                TENANT_LABEL in s.labels for s in family.samples
+            ):
+                continue
+            yield family
 
 
 class LoopLag(Protocol):

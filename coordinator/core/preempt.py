@@ -151,8 +151,9 @@ class Preemption:
         return found.placement, settings.preempt_grace_s
 
     def _stop_victim(self, v: Task, node: Node, crit: Task) -> None:
-        cause = (f"preempted by critical task {crit.id} (priority {crit.priority}) "
-                 f"on {node.name}")
+        # The victim's tenant reads this (history, logs): another tenant's task id stays out
+        by = crit.id if crit.tenant == v.tenant else "of another tenant"
+        cause = f"preempted by critical task {by} (priority {crit.priority}) on {node.name}"
         attempt = v.attempt
         self.preempted_total += 1
         self._mesh.logs.open(v.id).append(f"[gpumesh] attempt {attempt} {cause}\n")

@@ -262,16 +262,24 @@ def weighted_fairness(fair: Tenants, gpu_seconds: Mapping[str, float]) -> dict[s
     }
 
 
+# The series that name a tenant: in /metrics only for an admin or a `metrics` token (a read
+# or submit token gets the rest, global counts included; coordinator/core/metrics.py).
+TENANT_LABEL = "tenant"
+TENANT_SERIES = frozenset({"gpumesh_tenant_gpus", "gpumesh_tenant_queued",
+                           "gpumesh_tenant_usage_gpu_seconds"})
+
+
 def tenant_gauges(
     fair: Tenants, gpu_seconds: Mapping[str, float], preempted_total: int
 ) -> Iterator[Metric]:
-    """The tenants' Prometheus series, read at scrape time (coordinator/core/metrics.py)."""
+    """The tenants' Prometheus series, read at scrape time (coordinator/core/metrics.py):
+    global ones, and per tenant (TENANT_SERIES, labelled TENANT_LABEL)."""
     jain = weighted_jain(dict(gpu_seconds), fair.weights)
     yield GaugeMetricFamily(
         "gpumesh_fairness_weighted_jain", "Jain's index over GPU-seconds per tenant weight",
         value=jain if jain is not None else math.nan,
     )
-    labels = ["tenant"]
+    labels = [TENANT_LABEL]
     gauges = {
         "gpus": GaugeMetricFamily("gpumesh_tenant_gpus", "GPUs held by a tenant's tasks",
                                   labels=labels),

@@ -121,9 +121,9 @@ async def open_auth(
     if settings.metrics_token_file is not None:  # for a scraper running as another user
         try:
             path, _ = await book.ensure_file(
-                settings.metrics_token_file, "monitoring", "read", 0o644
+                settings.metrics_token_file, "monitoring", "metrics", 0o644
             )
-            log.info("a read token for scraping /metrics is in %s", path)
+            log.info("a metrics token for scraping /metrics is in %s", path)
         except OSError as exc:  # serve anyway: only the scraper goes without
             log.error("MESH_METRICS_TOKEN_FILE: cannot write %s: %s", exc.filename, exc.strerror)
     state.tokens = book

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -37,7 +37,7 @@ from coordinator.web.edge import (
     stream_tasks,
 )
 from coordinator.web.templates import TemplateError, parse_submission
-from coordinator.web.views import mesh_status, node_view, task_view
+from coordinator.web.views import mesh_status, node_view, redact_task_ids, task_view, tasks_of
 from shared import __version__
 from shared.tasks import TASK_TYPES
 
@@ -151,16 +151,30 @@ async def health(request: Request) -> JSON:
                  **role.fields()})
 
 
+def private_to(request: Request) -> str | None:
+    """The tenant a caller who is not an admin is kept to (other tenants' task ids, names and
+    usage left out of what it is shown; coordinator/web/views.py); None for an admin."""
+    who = principal_of(request)
+    return None if who.sees_all_tenants else who.tenant
+
+
+def _mine(request: Request) -> Callable[[str], bool] | None:
+    tenant = private_to(request)
+    return None if tenant is None else tasks_of(_mesh(request), tenant)
+
+
 async def status(request: Request) -> JSON:
     mesh = _mesh(request)
     await mesh.settled()
-    return JSON(mesh_status(mesh))
+    return JSON(mesh_status(mesh, private_to(request)))
 
 
 async def nodes(request: Request) -> JSON:
     mesh = _mesh(request)
     await mesh.settled()
-    views = {name: node_view(n, detail=True) for name, n in sorted(mesh.nodes.items())}
+    mine = _mine(request)
+    views = {name: node_view(n, detail=True, mine=mine)
+             for name, n in sorted(mesh.nodes.items())}
     return JSON({"nodes": views, "count": len(views)})
 
 
@@ -168,7 +182,7 @@ async def node(request: Request) -> JSON:
     n = _mesh(request).nodes.get(request.path_params["name"])
     if n is None:
         return error(404, "unknown node", f"no node named {request.path_params['name']!r}")
-    return JSON(node_view(n, detail=True))
+    return JSON(node_view(n, detail=True, mine=_mine(request)))
 
 
 async def submit(request: Request) -> JSON:
@@ -242,8 +256,9 @@ async def active(request: Request) -> Response:
         t = mesh.tasks.get(task_id)
         return t if t is not None and see(t.tenant) else None
 
+    reason = queued_reason_for(mesh, principal_of(request))
     ids = open_id_chunks(mesh.store)
-    body = stream_tasks(ids, lookup, lambda t: task_view(t, mesh.queued_reason(t)))
+    body = stream_tasks(ids, lookup, lambda t: task_view(t, reason(t)))
     return StreamingResponse(body, media_type="application/json")
 
 
@@ -280,6 +295,15 @@ async def task(request: Request) -> JSON:
                                      request.path_params["task_id"], wait))
 
 
+def queued_reason_for(mesh: Mesh, who: Principal) -> Callable[[Task], str]:
+    """Why a queued task waits, as `who` may read it: the reason names nodes and may quote
+    what a node said (a quarantine's last error, its health), so a caller who is not an
+    admin gets it without task ids (another tenant's could be in it)."""
+    if who.sees_all_tenants:
+        return mesh.queued_reason
+    return lambda t: redact_task_ids(mesh.queued_reason(t))
+
+
 async def task_answer(mesh: Mesh, who: Principal, task_id: str, wait: float | None) -> Answer:
     """`GET /tasks/{id}[?wait=s]`: the route and the fast lane both answer with this."""
     t = await mesh.lookup(task_id)
@@ -290,7 +314,7 @@ async def task_answer(mesh: Mesh, who: Principal, task_id: str, wait: float | No
     if wait:
         await mesh.wait_finished(task_id, wait)
         t = await mesh.lookup(task_id) or t
-    view = task_view(t, mesh.queued_reason(t))
+    view = task_view(t, queued_reason_for(mesh, who)(t))
     view["params"] = orjson.loads(t.params_raw)  # what the template was filled with
     return 200, view, None
 
@@ -359,7 +383,8 @@ def tenant_refusal(mesh: Mesh, tenants: list[str]) -> Answer | None:
 
 async def metrics(request: Request) -> Response:
     # On the loop on purpose: the gauges read live Mesh state, which only the loop may touch.
-    body = generate_latest(_mesh(request).metrics.registry)
+    # Series that name a tenant only for an admin or a `metrics` token (tenant privacy).
+    body = _mesh(request).metrics.exposition(principal_of(request).can("metrics"))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 

@@ -139,7 +139,8 @@ class QueueBands(msgspec.Struct, kw_only=True):
 
 
 class Fairness(msgspec.Struct, kw_only=True):
-    """Jain's index over GPU-seconds per tenant (null until some tenant used a GPU)."""
+    """Jain's index over GPU-seconds per tenant (null until some tenant used a GPU). The maps
+    by tenant hold only the caller's own tenant unless the caller is an admin."""
 
     jain_index: float | None
     gpu_seconds_by_tenant: dict[str, float]
@@ -247,10 +248,11 @@ class CompletedPage(msgspec.Struct, kw_only=True):
 
 
 class TokenCreate(msgspec.Struct, kw_only=True):
-    """`POST /admin/tokens`: a token for `tenant` with `role` (read < submit < admin)."""
+    """`POST /admin/tokens`: a token for `tenant` with `role` (read < submit < admin;
+    `metrics`: read, and every tenant's series in /metrics, for a scraper)."""
 
     tenant: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-    role: Literal["read", "submit", "admin"] = "submit"
+    role: Literal["read", "metrics", "submit", "admin"] = "submit"
     name: Annotated[str, msgspec.Meta(max_length=128)] = ""
 
 

@@ -60,10 +60,19 @@ ROUTES: dict[tuple[str, str], Op] = {
     ),
     ("GET", "/metrics"): Op(
         "service", "Prometheus metrics", {"text/plain": "Prometheus text exposition format"},
+        description="Series that name a tenant (`gpumesh_tenant_*`) only for an admin or a "
+        "`metrics` token.",
     ),
-    ("GET", "/mesh/status"): Op("mesh", "The mesh at a glance: nodes, GPUs, queue",
-                                t.MeshStatus),
-    ("GET", "/mesh/nodes"): Op("mesh", "Every node with its GPUs and readings", t.NodeList),
+    ("GET", "/mesh/status"): Op(
+        "mesh", "The mesh at a glance: nodes, GPUs, queue", t.MeshStatus,
+        description="A caller who is not an admin finds only its own tenant in `fairness`; "
+        "counts and indexes are over all tenants.",
+    ),
+    ("GET", "/mesh/nodes"): Op(
+        "mesh", "Every node with its GPUs and readings", t.NodeList,
+        description="A caller who is not an admin sees only its own tenant's task ids in "
+        "`tasks` (`active_tasks` counts all) and no task ids in free text.",
+    ),
     ("GET", "/mesh/nodes/{name}"): Op("mesh", "One node", t.NodeDetail, errors=(404,)),
     ("DELETE", "/mesh/nodes/{name}"): Op(
         "mesh", "Forget a node and its credential", t.Forgotten, errors=(404, 409),

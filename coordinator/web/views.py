@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,54 @@ def _gpu_type(node: Node) -> str:
     return names.most_common(1)[0][0] if names else "none"
 
 
-def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
-    """The seed's node fields (`gpu_memory` is GB per GPU, the largest) and more."""
+# --- tenant privacy: what a caller who is not an admin sees of other tenants --------------
+# Its own tenant's task ids; other tenants' only as anonymous counts (`active_tasks`), their
+# names and usage not at all, and no task id in free text that a node or the coordinator
+# wrote about someone's work (a quarantine reason, a node's health, a queued reason).
+
+# A task id (new_task_id: 32 hex digits), also with a UUID's dashes, in either case.
+_TASK_ID = re.compile(
+    r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{8}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?[0-9A-Fa-f]{4}-?"
+    r"[0-9A-Fa-f]{12}(?![0-9A-Fa-f])"
+)
+
+
+def redact_task_ids(text: str) -> str:
+    """`text` with every task id in it replaced by "a task" (for non-admin eyes)."""
+    return _TASK_ID.sub("a task", text) if text else text
+
+
+def tasks_of(mesh: Mesh, tenant: str) -> Callable[[str], bool]:
+    """Whether a task id (one a node holds) is `tenant`'s."""
+    tasks = mesh.tasks
+
+    def mine(task_id: str) -> bool:
+        t = tasks.get(task_id)
+        return t is not None and t.tenant == tenant
+
+    return mine
+
+
+def _private_node(view: dict[str, Any], node: Node, mine: Callable[[str], bool]) -> None:
+    """A node's view as a non-admin sees it: `mine` says which task ids it may see."""
+    for key in ("quarantine_reason", "health"):
+        view[key] = redact_task_ids(view[key])
+    view["faulted_gpus"] = {k: redact_task_ids(v) for k, v in view["faulted_gpus"].items()}
+    if view["drain"] is not None:
+        view["drain"] = {**view["drain"],
+                         "reason": redact_task_ids(str(view["drain"]["reason"]))}
+    if "tasks" in view:
+        view["tasks"] = sorted(i for i in node.tasks if mine(i))
+        for g in view["gpus"]:
+            g["fault"] = redact_task_ids(g.get("fault") or "")
+
+
+def node_view(
+    node: Node, *, detail: bool = False, mine: Callable[[str], bool] | None = None
+) -> dict[str, Any]:
+    """The seed's node fields (`gpu_memory` is GB per GPU, the largest) and more. With
+    `mine` (a caller who is not an admin): only the task ids `mine` accepts, free text
+    without task ids; the counts (`active_tasks`...) stay totals."""
     biggest = max((g.memory_total_mb for g in node.gpus), default=0)
     view: dict[str, Any] = {
         "gpu_count": len(node.gpus),
@@ -114,12 +161,17 @@ def node_view(node: Node, *, detail: bool = False) -> dict[str, Any]:
                 for t, cpu, util, mem, power in node.history
             ],
         )
+    if mine is not None:
+        _private_node(view, node, mine)
     return view
 
 
-def mesh_status(mesh: Mesh) -> dict[str, Any]:
+def mesh_status(mesh: Mesh, tenant: str | None = None) -> dict[str, Any]:
+    """`/mesh/status`; for a caller who is not an admin (`tenant`: its tenant) the same fields,
+    the per-tenant ones (`fairness`) holding its own tenant only."""
     gpus = [g for n in mesh.nodes.values() if n.online for g in n.gpus]
     counts = mesh.state_counts
+    mine = tasks_of(mesh, tenant) if tenant is not None else None
     return {
         "coordinator": mesh.settings.name,
         "status": "ok",
@@ -139,10 +191,20 @@ def mesh_status(mesh: Mesh) -> dict[str, Any]:
                                                                     "normal", "low")},
         "balancing": mesh.settings.balancing,
         "energy_j": round(sum(n.energy_j for n in mesh.nodes.values()), 1),
-        "fairness": (fairness(mesh.gpu_seconds)
-                     | weighted_fairness(mesh.fair, mesh.gpu_seconds)),
-        "nodes": {name: node_view(n) for name, n in sorted(mesh.nodes.items())},
+        "fairness": _own_tenant(fairness(mesh.gpu_seconds)
+                                | weighted_fairness(mesh.fair, mesh.gpu_seconds), tenant),
+        "nodes": {name: node_view(n, mine=mine) for name, n in sorted(mesh.nodes.items())},
     }
+
+
+def _own_tenant(doc: dict[str, Any], tenant: str | None) -> dict[str, Any]:
+    """`fairness` with its per-tenant maps cut to `tenant` (None: every tenant); the indexes
+    over all tenants stay (anonymous totals)."""
+    if tenant is None:
+        return doc
+    for key in ("gpu_seconds_by_tenant", "weights"):
+        doc[key] = {k: v for k, v in doc[key].items() if k == tenant}
+    return doc
 
 
 def fairness(gpu_seconds: Mapping[str, float]) -> dict[str, Any]:

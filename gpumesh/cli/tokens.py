@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     actions = token.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="a new token; its secret is printed once")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--role", choices=["admin", "submit", "read"], default="submit")
+    create.add_argument("--role", choices=["admin", "submit", "metrics", "read"], default="submit")
     create.add_argument("--name", default="")
     actions.add_parser("list", help="every token (no secrets)")
     revoke = actions.add_parser("revoke", help="revoke a token by its id")
