@@ -31,9 +31,15 @@ MAX_ARTIFACT_BYTES = 8 << 20  # one artifact; a bigger file is left out, and the
 MAX_ARTIFACTS_TOTAL = 32 << 20  # all of one attempt's artifacts together
 MAX_NAME = 255  # characters in a file name or artifact pattern
 MAX_DEPTH = 8  # path components
+NAME_MAX_BYTES = 255  # one path component in UTF-8: NAME_MAX of Linux file systems
+PATH_MAX_BYTES = 4096  # a whole name in UTF-8 with its NUL: the kernel's PATH_MAX
 WORKSPACE = "/workspace"  # a container's working dir when its task has files or artifacts
 # The process executor's own files in an attempt's directory: a task file may not replace them.
 RESERVED = frozenset({"meta.json", "meta.tmp", "output.log", "exit_code", "exit_code.tmp", "pid"})
+# Every name the process executor and its wrapper shell use in an attempt's directory: a task
+# file may not be one, nor be under one (`pid.tmp/x` makes a directory the wrapper cannot
+# replace). Checked at submit for process tasks (`bookkeeping_problem`) and again on the node.
+EXECUTOR_NAMES = RESERVED | {"pid.tmp", "signalled"}
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -71,6 +77,31 @@ def name_problem(name: str, what: str = "file name") -> str | None:
         return f"{what} {name!r}: no empty, `.` or `..` components"
     if len(parts) == 1 and name in RESERVED:
         return f"{what} {name!r}: reserved for the executor ({', '.join(sorted(RESERVED))})"
+    return None
+
+
+def name_bytes_problem(name: str, what: str = "file name") -> str | None:
+    """Why a file system cannot hold `name` (a `name_problem`-clean relative path), or None:
+    a component over NAME_MAX_BYTES or the whole over PATH_MAX_BYTES with its NUL, in UTF-8
+    (200 × "é" is 200 characters but 400 bytes)."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(raw) + 1 > PATH_MAX_BYTES:
+        return (f"{what} {name[:40]!r}...: {len(raw)} bytes in UTF-8, over the "
+                f"{PATH_MAX_BYTES}-byte path limit (PATH_MAX, with its NUL)")
+    for part in raw.split(b"/"):
+        if len(part) > NAME_MAX_BYTES:
+            shown = part.decode("utf-8", "replace")[:40]
+            return (f"{what} {name[:40]!r}: component {shown!r}... is {len(part)} bytes in "
+                    f"UTF-8, over the {NAME_MAX_BYTES}-byte limit of a file name (NAME_MAX)")
+    return None
+
+
+def bookkeeping_problem(name: str) -> str | None:
+    """Why a process task's file `name` would replace the executor's own files, or None."""
+    top = name.split("/", 1)[0]
+    if top in EXECUTOR_NAMES:
+        names = ", ".join(sorted(EXECUTOR_NAMES))
+        return f"file name {name!r}: {top!r} is the process executor's own ({names})"
     return None
 
 

@@ -32,6 +32,7 @@ from coordinator.web.edge import (
     encode_cursor,
     frame_refusal,
     item_refusal,
+    launch_refusal,
     open_id_chunks,
     read_body,
     stream_tasks,
@@ -221,6 +222,8 @@ async def accept_tasks(state: Any, who: Principal, body: bytes) -> Answer:
         except (msgspec.ValidationError, TemplateError) as exc:
             where = f"item {i}: " if batch else ""
             return refused(422, "invalid task", f"{where}{exc}")
+        if why := launch_refusal(spec, path):  # what no node could start: not a node's fault
+            return refused(422, "invalid task", why)
         if why := frame_refusal(spec, params, path):
             return refused(413, "task too large", why)
         specs.append((spec, params))

@@ -19,7 +19,7 @@ from coordinator.model import Task
 from coordinator.storage.store_core import GroupCommitStore
 from shared.limits import MAX_NAME, labels_refusal, name_refusal, refusal
 from shared.protocol import MAX_FRAME_BYTES, Assign, encode
-from shared.tasks import TaskSubmit, executor_for
+from shared.tasks import TaskSubmit, executor_for, launch_problem
 
 MAX_OFFSET = 10_000  # `/tasks/completed?offset=` beyond this: use the `cursor` from `next`
 ACTIVE_SLICE_S = 0.005  # `/tasks/active` renders this long, then yields the loop
@@ -97,6 +97,12 @@ def frame_refusal(spec: TaskSubmit, params: dict[str, Any], where: str) -> str |
             f"{MAX_FRAME_BYTES}-byte WebSocket frame limit (MAX_FRAME_BYTES)"
         )
     return None
+
+
+def launch_refusal(spec: TaskSubmit, where: str) -> str | None:
+    """What no node could start (shared/tasks.py `launch_problem`), checked on the filled-in
+    spec after its template: a 422 naming the field, so it is never charged to a node."""
+    return launch_problem(spec, where)
 
 
 # --- /tasks/completed cursors ------------------------------------------------------------

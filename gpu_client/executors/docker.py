@@ -281,6 +281,10 @@ class DockerExecutor:
             return ""
         except ImageNotFound:
             pass
+        except APIError as exc:
+            if exc.is_client_error():  # the engine answered: the reference itself is refused
+                return f"image {image} refused by the engine on node {self._node}: {_explain(exc)}"
+            return self._unreachable(exc)
         except DOCKER_ERRORS as exc:
             return self._unreachable(exc)
         missing = f"image {image} not found on node {self._node}"

@@ -17,12 +17,16 @@ that inherited its `GPUMESH_ATTEMPT` marker) before the outcome is returned, so 
 On NVIDIA the executor then waits (bounded) until NVML lists none of them on any GPU.
 
 Node faults are not the task's: an unusable work dir, a shell that cannot be spawned or an
-ENOSPC is a `RunOutcome` with `infra=True`, which the coordinator runs elsewhere.
+ENOSPC is a `RunOutcome` with `infra=True`, which the coordinator runs elsewhere. A launch
+refused because of the task's own values (exec's E2BIG, a NUL or an `=` in an env name, a
+file name the file system will not hold) is an ordinary failure: it never counts towards the
+node's quarantine (the coordinator refuses such tasks at submit; shared/tasks.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -66,7 +70,9 @@ from gpu_client.executors.tree import (
 )
 from gpu_client.executors.workdir import collect, write_inputs
 from gpu_client.settings import ClientSettings
+from shared.files import bookkeeping_problem, name_problem
 from shared.protocol import Assign
+from shared.tasks import MAX_ARG_STRLEN
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +80,11 @@ NO_EXIT_CODE = "process ended without recording an exit code"
 GPU_RELEASE_WAIT_S = 10.0  # how long NVML may go on listing an ended task's processes
 GPU_RELEASE_POLL_S = 0.2
 DISK_FULL_BYTES = 1 << 20  # a failed attempt on a file system with less free is a node fault
+# What a file system answers for a name it will not hold, in a fresh attempt dir: the task's
+# file names did it (too long, not its encoding, over another file), not the node. EINVAL is
+# left out: a chown to a user the node cannot map answers it too.
+NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EEXIST, errno.ENOTDIR,
+                         errno.EISDIR})
 
 # $0 is "gpumesh-task", $1 the task's cgroup dir (or ""), $2 the wrapper's script, then the
 # task's argv: never interpolated into the script text. The launcher joins the cgroup before
@@ -179,9 +190,10 @@ class ProcessExecutor:
             return failed
         try:
             await asyncio.to_thread(_prepare_dir, d, meta)
-            await asyncio.to_thread(write_inputs, d, assign.files, self._run_as)  # files first
         except OSError as exc:
             return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
+        if failed := await self._write_inputs(assign, d):  # files first
+            return failed
         crash_point(self._crash_at, "dir")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
         meta["cgroup"] = None if cg is None else str(cg)
@@ -224,17 +236,45 @@ class ProcessExecutor:
         crash_point(self._crash_at, "intent")
         return None
 
+    async def _write_inputs(self, assign: Assign, d: Path) -> RunOutcome | None:
+        """Write the task's files into `d`. A name the executor or the file system refuses
+        fails the task (its own values); a disk or permission error is the node's."""
+        for name in assign.files:
+            if why := name_problem(name) or bookkeeping_problem(name):
+                return _task_fault(f"input file refused: {why}")
+        try:
+            await asyncio.to_thread(write_inputs, d, assign.files, self._run_as)
+        except ValueError as exc:  # a bad name or bad base64: the coordinator let it through
+            return _task_fault(f"input file refused: {exc}")
+        except OSError as exc:
+            if exc.errno in NAME_ERRNOS:
+                name = str(exc.filename or "?").removeprefix(f"{d}/")
+                return _task_fault(f"input file {name[:80]!r} refused by this node's file "
+                                   f"system: {exc.strerror}")
+            return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
+        return None
+
     async def _launch(
         self, d: Path, env: dict[str, str], cg: str, argv: list[str]
     ) -> tuple[int, int] | RunOutcome:
-        """Start the launcher shell; (wrapper pid, launcher pid = pgid) or an infra outcome."""
+        """Start the launcher shell; (wrapper pid, launcher pid = pgid) or the outcome of a
+        launch that failed: the task's (its argv or env refused by exec) or the node's."""
         try:
             launcher = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d, env=env,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, user=self._run_as or None,
             )
-        except (OSError, KeyError) as exc:  # KeyError: MESH_RUN_AS names no user
+        except ValueError as exc:  # a NUL in an argument or env, `=` in an env name
+            return _task_fault(f"the task's command or env cannot be passed to exec: {exc}")
+        except OSError as exc:
+            if exc.errno == errno.E2BIG:  # only the task's argv and env can be that large
+                return _task_fault(
+                    f"the task's command and env are too large for exec on this node (E2BIG: "
+                    f"{MAX_ARG_STRLEN} bytes per string, {_arg_max()} in all): send large "
+                    "values in `files`")
+            return _infra(f"could not start the task's shell on this node: {exc}")
+        except KeyError as exc:  # MESH_RUN_AS names no user
             return _infra(f"could not start the task's shell on this node: {exc}")
         self._launching.add(launcher.pid)
         crash_point(self._crash_at, "launched")  # the launcher runs; its pid is not read yet
@@ -397,6 +437,21 @@ def _infra(error: str, output: str = "") -> RunOutcome:
     coordinator runs the attempt again without spending its max_attempts."""
     log.warning("infrastructure error: %s", error)
     return RunOutcome(exit_code=None, output=output, error=error, infra=True)
+
+
+def _task_fault(error: str) -> RunOutcome:
+    """A launch refused because of the task's own values (its argv, env or file names):
+    an ordinary failure that spends an attempt, never a node fault (no quarantine)."""
+    log.info("task refused at launch: %s", error)
+    return RunOutcome(exit_code=None, error=error)
+
+
+def _arg_max() -> int | str:
+    """This node's ARG_MAX (a quarter of the stack limit), or "?" where it cannot be read."""
+    try:
+        return os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        return "?"
 
 
 def _lost_reason(verdict: Verdict, d: Path) -> str:

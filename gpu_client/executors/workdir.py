@@ -34,6 +34,7 @@ from shared.files import (
     decode_content,
     executable,
     is_glob,
+    name_bytes_problem,
     name_problem,
 )
 
@@ -271,6 +272,9 @@ def collect_from_container(api: Any, cid: str, patterns: list[str], dest: Path) 
     shutil.rmtree(dest, ignore_errors=True)  # a leftover of an earlier try
     dest.mkdir(parents=True, exist_ok=True)
     for root in fetch_roots(patterns):
+        if root and (why := name_bytes_problem(root, "artifact path")):
+            found.notes.append(f"{why}: not looked for")  # the engine would answer 500
+            continue
         try:
             stream, _ = api.get_archive(cid, posixpath.join(WORKSPACE, root) if root
                                         else WORKSPACE, chunk_size=1 << 20)
