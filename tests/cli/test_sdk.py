@@ -200,6 +200,11 @@ async def test_drain_survives_a_coordinator_restart_and_the_node_reconnecting(
         client = spawn_client("n1", f"ws://127.0.0.1:{port}")
         await wait_until(lambda: node_status(), 30, "n1 joined")
         await mesh.drain("n1", "disk swap")
+        # The `drain` frame may leave after the HTTP reply (best effort; the durable mark and the
+        # re-send on register are the guarantee): a kill -9 right after the reply can beat it
+        # on a busy machine. Wait for the first telling, so that the second below can only be
+        # the re-send on re-register.
+        await wait_until(lambda: "draining: disk swap" in client.output(), 10, "client told")
         coord.kill9()
         coord = spawn_coordinator(port, data)
         await wait_until(lambda: _is(node_status(), "drained"), 30, "n1 back, still drained")
