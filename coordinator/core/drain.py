@@ -120,19 +120,25 @@ async def drain(mesh: DrainHost, name: str, reason: str, by: str, also: Write) -
 async def undrain(mesh: DrainHost, name: str, by: str, also: Write) -> DrainMark | None:
     """Lift the drain of `name`; returns the mark it had (None: it was not drained)."""
     mesh._serving()
-    mark = mesh.drains.pop(name, None)
-    node = mesh.nodes.get(name)
-    if node is not None:
-        node.drain = None
-        mesh._node_changed(node)  # wakes work that its capacity fits
-        mesh._wake.set()
+    mark = mesh.drains.get(name)
     writes = [mesh.store.write(also)]
     if mark is not None:
         writes.append(mesh.store.write(DrainPut((name,))))
+    # Durable before visible: the node stays drained in memory until the lift is stored.
     await asyncio.shield(asyncio.gather(*writes))
-    if mark is not None:
-        log.warning("node %s undrained by %s", name, by, extra={"node": name})
+    if mark is None or mesh.drains.get(name) is not mark:
+        return mark  # it was not drained, or was drained again while this was written
+    del mesh.drains[name]
+    log.warning("node %s undrained by %s", name, by, extra={"node": name})
+    node = mesh.nodes.get(name)
+    if node is not None:
+        node.drain = None
+        # Told before placement may use it: the link is FIFO, so `lifted` precedes any
+        # assign. Waking placement first sent an assign the still-draining client refused,
+        # a false node fault on every undrain with queued work.
         _tell(mesh, name, Drain(reason=f"undrained by {by}", lifted=True))
+        mesh._node_changed(node)  # wakes work that its capacity fits
+        mesh._wake.set()
     return mark
 
 
