@@ -22,7 +22,15 @@ from typing import Any
 
 import msgspec
 
-from shared.protocol import MAX_FRAME_BYTES, Heartbeat, Msg, Register, TaskLog, TaskResult
+from shared.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_GPUS,
+    Heartbeat,
+    Msg,
+    Register,
+    TaskLog,
+    TaskResult,
+)
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 MAX_DEPTH = 32  # containers inside containers, the top-level value counting as 1
@@ -30,7 +38,6 @@ MAX_STRING = MAX_FRAME_BYTES  # characters in any string: more can never reach a
 MAX_BYTES = MAX_FRAME_BYTES  # an estimate of the encoded size of one value
 MAX_NAME = 256  # characters in a name: task ids, node names, hostnames, labels, GPU names
 MAX_LABELS = 64  # entries in a label map
-MAX_GPUS = 1024  # GPUs in one register or heartbeat
 MAX_REFS = 10_000  # task references in one register or heartbeat
 
 
@@ -170,10 +177,11 @@ def message_refusal(msg: Msg) -> str | None:
     if isinstance(task_id, str) and (why := name_refusal(task_id, "$.task_id")):
         return why
     if isinstance(msg, TaskResult):
-        return (
-            refusal(msgspec.to_builtins(msg.result), "$.result")
-            or refusal(msg.error, "$.error")
-        )
+        try:
+            result = msgspec.to_builtins(msg.result)
+        except RecursionError:  # decoded just under the limit, copied from deeper in the stack
+            return f"$.result: nesting deeper than {MAX_DEPTH}"
+        return refusal(result, "$.result") or refusal(msg.error, "$.error")
     if isinstance(msg, TaskLog):
         return name_refusal(msg.stream, "$.stream") or refusal(msg.data, "$.data")
     if isinstance(msg, Register):
@@ -243,6 +251,45 @@ def _names_refusal(names: list[str] | None, where: str) -> str | None:
         if why := name_refusal(n, f"{where}[{i}]"):
             return why
     return None
+
+
+class NodeLogLimit(logging.Filter):
+    """A filter for the loggers that write about nodes: a WARNING that names a node
+    (`extra={"node": name}`) passes at most `burst` times per `interval_s` for each (node,
+    message); the first one let through after that says how many were held back. Whatever
+    one node sends, it cannot make the coordinator warn faster than that. INFO lines (task
+    transitions, which name their node too) and errors pass untouched. At most `max_keys`
+    (node, message) pairs are remembered, the oldest forgotten first."""
+
+    def __init__(self, burst: int = 10, interval_s: float = 10.0, max_keys: int = 10_000) -> None:
+        super().__init__()
+        self.burst, self.interval_s, self.max_keys = burst, interval_s, max_keys
+        # (node, message) -> [window start, records passed in it, records held back]
+        self._seen: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
+        self.held = 0  # records held back in all
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        node = getattr(record, "node", None)
+        if node is None or record.levelno != logging.WARNING:
+            return True
+        key = (str(node), str(record.msg))
+        now = time.monotonic()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval_s:
+            if seen[1] < self.burst:
+                seen[1] += 1
+                return True
+            seen[2] += 1
+            self.held += 1
+            return False
+        self._seen[key] = [now, 1, 0]
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+        if seen is not None and seen[2]:
+            record.msg = (f"{record.msg} ({int(seen[2])} more like it about this node in the "
+                          f"last {self.interval_s:g}s not logged)")
+        return True
 
 
 class Throttled:

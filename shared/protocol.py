@@ -2,7 +2,24 @@
 
 Every frame is one JSON object with a ``type`` tag. Both sides decode a frame once, at
 the edge, into one of the typed messages below; a frame that does not decode becomes a
-``BadMessage`` value carrying the reason, never an exception in a connection handler.
+``BadMessage`` value carrying the reason, never an exception in a connection handler
+(a frame nested deeper than the decoder can follow included).
+
+Every number a node sends has a range, checked by decoding: out of range is a decode
+error naming the field (``Expected `int` <= 65536 - at `$.slots```). Integers are signed
+64-bit at most (what SQLite, PostgreSQL and orjson hold); floats are finite (JSON has no
+NaN or infinity, and ``1e400`` is refused as out of range). The ranges of `register` and
+`heartbeat` (README "Limits"):
+
+    GPU index, parent_index          0 .. 65,535 (MAX_GPU_INDEX)
+    seed gpu_count, gpu_memory       0 .. 1,024 (MAX_GPUS); 0 .. 4,194,304 GB
+    MiB (host and GPU memory)        0 .. 2**32 MiB, 4 PiB (MAX_MIB)
+    cpu_count, slots                 0 .. 65,536 (MAX_CPUS)
+    cpu_pct, utilization_pct         0 .. 100
+    temperature_c                    -273.15 .. 1,000
+    power_w, power_limit_w           0 .. 100,000
+    load1                            0 .. 1,000,000
+    attempts, seq, counts, protocol  0 .. 2**63-1 (assigns: -1 ..)
 
 Fields may be added in later protocol versions; they are never renamed. Unknown fields
 are ignored, so an older peer can read a newer one's messages.
@@ -11,6 +28,7 @@ are ignored, so an older peer can read a newer one's messages.
 from __future__ import annotations
 
 import re
+import threading
 from enum import IntEnum
 from typing import Annotated, Any, Literal
 
@@ -22,7 +40,21 @@ PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = frozenset({1})
 MAX_FRAME_BYTES = 1 << 20  # larger frames are closed with 1009 by the WebSocket layer
 
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_GPUS = 1024  # GPUs in one register or heartbeat (shared/limits.py refuses more)
+MAX_GPU_INDEX = 65_535
+MAX_MIB = 1 << 32  # 4 PiB, in MiB: no host or GPU comes near it
+MAX_CPUS = 65_536  # logical CPUs, and slots (concurrent CPU tasks), of one node
+
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
+GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
+MiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIB)]
+CpuCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPUS)]
+Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
+Celsius = Annotated[float, msgspec.Meta(ge=-273.15, le=1000)]
+Watts = Annotated[float, msgspec.Meta(ge=0, le=100_000)]
+Load = Annotated[float, msgspec.Meta(ge=0, le=1_000_000)]
 
 # What a node name may be: it goes into logs, paths, metrics labels and container names.
 NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
@@ -59,18 +91,18 @@ FATAL_CLOSE_CODES = frozenset(
 class GpuInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One schedulable GPU (a whole card, or one MIG instance) and its latest readings."""
 
-    index: NonNegInt
+    index: GpuIndex
     name: str = ""
     vendor: str = ""  # nvidia | amd | intel | apple | fake
     uuid: str = ""
-    memory_total_mb: NonNegInt = 0
-    memory_used_mb: NonNegInt = 0
-    utilization_pct: float = 0.0
-    temperature_c: float | None = None
-    power_w: float | None = None
-    power_limit_w: float | None = None
+    memory_total_mb: MiB = 0
+    memory_used_mb: MiB = 0
+    utilization_pct: Percent = 0.0
+    temperature_c: Celsius | None = None
+    power_w: Watts | None = None
+    power_limit_w: Watts | None = None
     compute_capability: str = ""
-    parent_index: int | None = None  # the physical card of a MIG instance
+    parent_index: GpuIndex | None = None  # the physical card of a MIG instance
     fault: str = ""  # a fault the driver reported (XID, uncorrectable ECC, off the bus): unusable
 
 
@@ -85,9 +117,9 @@ class TaskRef(msgspec.Struct, kw_only=True, omit_defaults=True):
 class SeedNodeInfo(msgspec.Struct, kw_only=True):
     """The seed's short register form: `{"gpu_count", "gpu_type", "gpu_memory"}` (GB)."""
 
-    gpu_count: NonNegInt = 0
+    gpu_count: Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS)] = 0
     gpu_type: str = ""
-    gpu_memory: float = 0.0
+    gpu_memory: Annotated[float, msgspec.Meta(ge=0, le=MAX_MIB / 1024)] = 0.0
 
 
 class Msg(msgspec.Struct, tag_field="type", kw_only=True, omit_defaults=True):
@@ -108,17 +140,17 @@ class NodePolicy(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class Register(Msg, tag="register"):
-    protocol: int = PROTOCOL_VERSION
+    protocol: Int64 = PROTOCOL_VERSION
     token: str = ""
     node_info: SeedNodeInfo | None = None  # the seed's short form; the fields below win
     hostname: str = ""
     role: str = "compute"
     version: str = ""
     gpus: list[GpuInfo] = []
-    cpu_count: NonNegInt = 0
-    memory_mb: NonNegInt = 0
+    cpu_count: CpuCount = 0
+    memory_mb: MiB = 0
     executors: list[str] | None = None  # None: the seed's short form, offers nothing
-    slots: NonNegInt = 0  # concurrent CPU tasks; 0 means cpu_count
+    slots: CpuCount = 0  # concurrent CPU tasks; 0 means cpu_count
     labels: dict[str, str] = {}
     running: list[TaskRef] = []
     credential: str = ""  # the node's own credential, issued on its first registration
@@ -129,15 +161,15 @@ class Register(Msg, tag="register"):
 
 class Heartbeat(Msg, tag="heartbeat"):
     gpus: list[GpuInfo] = []
-    cpu_pct: float = 0.0
-    memory_used_mb: NonNegInt = 0
-    load1: float = 0.0
+    cpu_pct: Percent = 0.0
+    memory_used_mb: MiB = 0
+    load1: Load = 0.0
     running: list[TaskRef] = []
     executors: list[str] | None = None  # the executors usable now (re-probed); None: unchanged
     health: str = ""  # why the node cannot run work now (work dir, disk); "" when healthy
     # `assign` messages this connection had delivered when `running` was read; -1: an older
     # client that does not count. A task whose assign came later is not missing from it.
-    assigns: int = -1
+    assigns: Annotated[int, msgspec.Meta(ge=-1, le=INT64_MAX)] = -1
 
 
 class TaskAccepted(Msg, tag="task_accepted"):
@@ -290,11 +322,20 @@ _server_decoder: msgspec.json.Decoder[ServerMsg | ServerBundle] = msgspec.json.D
 _encoder = msgspec.json.Encoder()
 
 
+# The decoder follows nesting on the C stack, guarded by Python's recursion limit: a frame
+# nested past it (`[[[[...` 5,000 deep fits in a few KiB) raises RecursionError. That is
+# a bad frame like any other; what does decode is still walked by shared/limits.py, which
+# refuses more than 32 levels in anything kept.
+TOO_DEEP = "JSON nested too deeply to decode (values may nest 32 levels)"
+
+
 def decode_client(raw: bytes | str) -> ClientMsg | ClientBundle | BadMessage:
     try:
         return _client_decoder.decode(raw)
     except msgspec.DecodeError as exc:  # ValidationError is a subclass
         return BadMessage(str(exc))
+    except RecursionError:
+        return BadMessage(TOO_DEEP)
 
 
 def decode_server(raw: bytes | str) -> ServerMsg | ServerBundle | BadMessage:
@@ -302,7 +343,23 @@ def decode_server(raw: bytes | str) -> ServerMsg | ServerBundle | BadMessage:
         return _server_decoder.decode(raw)
     except msgspec.DecodeError as exc:
         return BadMessage(str(exc))
+    except RecursionError:
+        return BadMessage(TOO_DEEP)
 
 
 def encode(msg: Msg) -> bytes:
     return _encoder.encode(msg)
+
+
+_scratch = threading.local()
+
+
+def encode_exact(msg: Msg) -> bytes:
+    """`encode`, into a reused buffer and copied out at its exact size, for frames that wait
+    in a queue. `encode` hands back its growing buffer, which keeps up to a few KiB of slack
+    per frame on the heap: 10,000 queued frames of 7 KiB held 1.5x their length in RSS."""
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = bytearray()
+    _encoder.encode_into(msg, buf)
+    return bytes(buf)

@@ -18,6 +18,7 @@ import sqlite3
 from collections import deque
 from typing import Any
 
+import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from coordinator.access.audit import Audit
@@ -26,7 +27,7 @@ from coordinator.core.mesh import Mesh
 from coordinator.link.identity import NodeIdentities, Refused
 from coordinator.link.join_proof import answer, join_refusal
 from coordinator.storage.store import StoreError
-from shared.limits import MAX_NAME, Throttled, message_refusal
+from shared.limits import MAX_NAME, NodeLogLimit, Throttled, message_refusal
 from shared.protocol import (
     BUNDLE,
     FEATURES,
@@ -41,12 +42,21 @@ from shared.protocol import (
     bundle_frame,
     decode_client,
     encode,
+    encode_exact,
     valid_node_name,
 )
 
 NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
 
 log = logging.getLogger(__name__)
+
+# Warnings about one node (records with `extra={"node": ...}`: refusals, stale messages, its
+# connection's fate) from the loggers of the node edge and the Mesh: at most 10 of each
+# per node per 10 s, whatever the node sends (shared/limits.py NodeLogLimit; README).
+NODE_LOGS = NodeLogLimit()
+for _name in ("coordinator.link.ws", "coordinator.link.join_proof", "coordinator.link.identity",
+              "coordinator.core.mesh"):
+    logging.getLogger(_name).addFilter(NODE_LOGS)
 
 
 class _Close:
@@ -62,11 +72,28 @@ class WsLink:
     The queue is bounded in frames and bytes (MESH_WS_QUEUE_FRAMES / _BYTES). A peer that
     does not read fills it: its queued frames are dropped, it is closed with 4005
     SLOW_CONSUMER (logged once), and if even the close cannot be written within
-    CLOSE_TIMEOUT_S the TCP connection is aborted, so a stuck peer holds no memory."""
+    CLOSE_TIMEOUT_S the TCP connection is aborted, so a stuck peer holds no memory.
+
+    The byte count is what the process really holds for the peer: each frame at its exact
+    size (`encode_exact`) plus FRAME_OVERHEAD for its object, and the frame being written
+    counted twice (its bytes and the text handed to the server) until the socket took it.
+    Below that, the transport buffers at most WRITE_BUFFER_HIGH before the writer waits
+    (plus the rest of the one write that crossed it); the kernel's socket buffers are not
+    the process's memory. So one non-reading peer costs at most MESH_WS_QUEUE_BYTES plus
+    about 1 MiB of RSS (README "Limits"; tests/security/test_node_input.py measures it).
+
+    `error` frames are replies to what the node sent: at most ERROR_FRAMES per
+    ERROR_WINDOW_S; past that they are dropped, and the first one sent in the next window
+    says how many were. Whatever a node sends, it cannot make us answer faster."""
 
     CLOSE_TIMEOUT_S = 10.0
     BUNDLE_FRAMES = 256  # at most this many messages, and BUNDLE_BYTES, in one bundle
     BUNDLE_BYTES = 256 << 10
+    FRAME_OVERHEAD = 64  # a queued bytes object's header, its allocation and its deque slot
+    WRITE_BUFFER_HIGH = 64 << 10  # the transport's write buffer: the writer waits above it
+    WRITE_BUFFER_LOW = 16 << 10
+    ERROR_FRAMES = 256  # `error` replies to one connection per ERROR_WINDOW_S
+    ERROR_WINDOW_S = 10.0
 
     def __init__(
         self, ws: WebSocket, node: str, max_frames: int | None = None,
@@ -83,17 +110,47 @@ class WsLink:
         self.slow = False
         self.bundle = False  # the node offered "bundle": frames queued together leave as one
         self._sent = False  # the first frame (`registered`, which says so) always goes alone
+        self.writing = 0  # bytes held for the frame being written (see above)
+        self._errors_at, self._errors, self.errors_dropped = 0.0, 0, 0
+        self._errors_held = 0  # dropped in the current window, told in the next
+        transport = _transport_of(ws._send)
+        if transport is not None:  # asyncio's defaults today: set, so the bound holds
+            transport.set_write_buffer_limits(self.WRITE_BUFFER_HIGH, self.WRITE_BUFFER_LOW)
 
     def send(self, msg: Msg) -> None:
         if self.closing:
             return
-        frame = encode(msg)
-        if len(self._out) >= self.max_frames or self.queued_bytes + len(frame) > self.max_bytes:
+        if isinstance(msg, Error):
+            if (err := self._error_budget(msg)) is None:
+                return
+            msg = err
+        frame = encode_exact(msg)
+        cost = len(frame) + self.FRAME_OVERHEAD
+        if (len(self._out) >= self.max_frames
+                or self.queued_bytes + self.writing + cost > self.max_bytes):
             self._slow_consumer()
             return
         self._out.append(frame)
-        self.queued_bytes += len(frame)
+        self.queued_bytes += cost
         self._ready.set()
+
+    def _error_budget(self, msg: Error) -> Error | None:
+        """`msg` if this window's budget of `error` replies allows it (with a note of those
+        dropped in the last one), else None."""
+        now = asyncio.get_running_loop().time()
+        if now - self._errors_at >= self.ERROR_WINDOW_S:
+            held, self._errors_held = self._errors_held, 0
+            self._errors_at, self._errors = now, 0
+            if held:
+                msg = msgspec.structs.replace(msg, reason=(
+                    f"{msg.reason} ({held} earlier refusals not answered: more than "
+                    f"{self.ERROR_FRAMES} in {self.ERROR_WINDOW_S:g}s)"))
+        if self._errors >= self.ERROR_FRAMES:
+            self._errors_held += 1
+            self.errors_dropped += 1
+            return None
+        self._errors += 1
+        return msg
 
     def close(self, code: int, reason: str) -> None:
         if not self.closing:
@@ -126,11 +183,16 @@ class WsLink:
             if isinstance(item, _Close):
                 await self.ws.close(item.code, item.reason)
                 return
-            self.queued_bytes -= len(item)
+            self.queued_bytes -= len(item) + self.FRAME_OVERHEAD
             if self._sent and self.bundle and self._out and not isinstance(self._out[0], _Close):
                 item = self._bundle(item)
             self._sent = True
-            await self.ws.send_text(item.decode())
+            text = item.decode()
+            self.writing = 2 * len(item)  # its bytes and its text, until the socket took it
+            try:
+                await self.ws.send_text(text)
+            finally:
+                self.writing = 0
 
     def _bundle(self, first: bytes) -> bytes:
         """`first` and the frames queued behind it, up to the caps, as one `bundle` frame:
@@ -143,7 +205,7 @@ class WsLink:
             out.popleft()
             frames.append(nxt)
             size += len(nxt)
-            self.queued_bytes -= len(nxt)
+            self.queued_bytes -= len(nxt) + self.FRAME_OVERHEAD
         return frames[0] if len(frames) == 1 else bundle_frame(frames)
 
 
@@ -167,8 +229,10 @@ def _transport_of(send: object) -> asyncio.Transport | None:
         fn = todo.pop()
         looked += 1
         transport = getattr(getattr(fn, "__self__", None), "transport", None)
-        if isinstance(transport, asyncio.BaseTransport):
-            return transport  # type: ignore[return-value]
+        # asyncio's transports, and uvloop's (what `python -m coordinator` runs on), which
+        # are not asyncio.BaseTransport subclasses: any with the two methods used here.
+        if all(hasattr(transport, m) for m in ("abort", "set_write_buffer_limits")):
+            return transport
         for cell in getattr(fn, "__closure__", None) or ():
             try:
                 value = cell.cell_contents

@@ -40,18 +40,27 @@ from coordinator.web.edge import (
 from coordinator.web.templates import TemplateError, parse_submission
 from coordinator.web.views import mesh_status, node_view, redact_task_ids, task_view, tasks_of
 from shared import __version__
+from shared.limits import Throttled
 from shared.tasks import TASK_TYPES
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 10_000
+_unencodable = Throttled(log)  # logged once per 10 s
 
 
 class JSON(Response):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content)
+        try:
+            return orjson.dumps(content)
+        except orjson.JSONEncodeError as exc:  # defence in depth: see views.jsonable
+            from coordinator.web.views import jsonable
+
+            _unencodable.warning("render", "an answer held what JSON cannot carry (%s): "
+                                 "sent with those values as null", exc)
+            return orjson.dumps(jsonable(content))
 
 
 # (status, JSON document, extra headers): what a route computes, before it is a Response,

@@ -2,23 +2,70 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 import msgspec
 
 from coordinator.core.drain import drain_view, view_status
 from coordinator.model import Node, Task, TaskState
 from coordinator.scheduling.tenants import weighted_fairness
+from shared.limits import Throttled
 
 if TYPE_CHECKING:
     from coordinator.core.mesh import Mesh
 
 GB = 1024  # MiB per GiB: GPU memory is reported in MiB by every vendor tool
+
+# --- defence in depth: what a node reported never fails a listing -------------------------
+# The values are checked where they arrive (shared/protocol.py ranges, shared/limits.py);
+# should one get through anyway, that node's entry says so and the answer is still 200.
+
+log = logging.getLogger(__name__)
+_view_errors = Throttled(log)
+_P = ParamSpec("_P")
+
+
+def never_fails(
+    view: Callable[Concatenate[Node, _P], dict[str, Any]],
+) -> Callable[Concatenate[Node, _P], dict[str, Any]]:
+    """A node view that, should building it raise, gives a stub for that node instead."""
+
+    @functools.wraps(view)
+    def guarded(node: Node, /, *args: _P.args, **kwargs: _P.kwargs) -> dict[str, Any]:
+        try:
+            return view(node, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - one record must not fail the listing
+            _view_errors.warning(node.name, "cannot show node %s: %r", node.name, exc)
+            return {"gpu_count": 0, "gpu_type": "none", "gpu_memory": 0.0,
+                    "status": "online" if node.online else "offline", "active_tasks": 0,
+                    "completed_tasks": 0, "view_error": f"its record cannot be shown "
+                    f"({type(exc).__name__}); see the coordinator's log"}
+
+    return guarded
+
+
+def jsonable(value: Any, depth: int = 0) -> Any:
+    """`value` with what JSON cannot carry made null: integers orjson cannot write (outside
+    -2**63 .. 2**64-1), objects that are not JSON, nesting past 64 levels. For an answer
+    orjson refused."""
+    if value is None or isinstance(value, str | bool | float):
+        return value
+    if isinstance(value, int):
+        return value if -(2**63) <= value < 2**64 else None
+    if depth >= 64:
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v, depth + 1) for v in value]
+    return None
 
 
 def iso(ts: float | None) -> str | None:
@@ -107,6 +154,7 @@ def _private_node(view: dict[str, Any], node: Node, mine: Callable[[str], bool])
             g["fault"] = redact_task_ids(g.get("fault") or "")
 
 
+@never_fails
 def node_view(
     node: Node, *, detail: bool = False, mine: Callable[[str], bool] | None = None
 ) -> dict[str, Any]:

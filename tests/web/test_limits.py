@@ -14,6 +14,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from benchmarks.limits import DeafPeer
+from coordinator.link.ws import WsLink
 from coordinator.model import TaskState
 from coordinator.settings import Settings
 from coordinator.web.edge import MAX_OFFSET
@@ -278,8 +279,12 @@ async def test_connection_cap_closes_with_1013(settings: Settings) -> None:
         await first.close()
 
 
-async def test_a_peer_that_does_not_read_is_closed_with_4005(settings: Settings) -> None:
+async def test_a_peer_that_does_not_read_is_closed_with_4005(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     limits = replace(settings, ws_queue_frames=50, ws_queue_bytes=1 << 20)
+    # its replies fill the queue here; their own bound is tests/security/test_node_input.py's
+    monkeypatch.setattr(WsLink, "ERROR_FRAMES", 1 << 30)
     async with run_coordinator(limits) as live:
         # A raw socket that reads nothing after the handshake (a library client would keep
         # reading into its own memory); blocking, so off this loop, which runs the server.
