@@ -35,7 +35,7 @@ from gpu_client.detectors import (
 )
 from gpu_client.hoststats import host_stats
 from shared.config import env_bool, env_str
-from shared.protocol import GpuInfo
+from shared.protocol import GpuInfo, within_ranges
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,8 @@ class DetectedGpus:
                     exc_info=True,
                 )
                 gpus = []
-            per_vendor.append((detector.vendor, [g for g in gpus if self._usable(g)]))
+            kept = [within_ranges(g) for g in gpus if self._usable(g)]
+            per_vendor.append((detector.vendor, kept))
         return lay_out(per_vendor)
 
     def _usable(self, gpu: GpuInfo) -> bool:

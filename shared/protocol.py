@@ -27,6 +27,7 @@ are ignored, so an older peer can read a newer one's messages.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from enum import IntEnum
@@ -104,6 +105,27 @@ class GpuInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     compute_capability: str = ""
     parent_index: GpuIndex | None = None  # the physical card of a MIG instance
     fault: str = ""  # a fault the driver reported (XID, uncorrectable ECC, off the bus): unusable
+
+
+def _within(value: float | None, low: float, high: float) -> float | None:
+    ok = value is not None and math.isfinite(value) and low <= value <= high
+    return value if ok else None
+
+
+def within_ranges(gpu: GpuInfo) -> GpuInfo:
+    """`gpu` with every reading inside its range above: what a driver got wrong (a sentinel
+    such as 65535 C, a power limit of 0xFFFFFFFF mW, utilization past 100) becomes no
+    reading, so the node's heartbeat is taken instead of refused. The client sends only this."""
+    util = gpu.utilization_pct if math.isfinite(gpu.utilization_pct) else 0.0
+    return msgspec.structs.replace(
+        gpu,
+        memory_total_mb=min(max(gpu.memory_total_mb, 0), MAX_MIB),
+        memory_used_mb=min(max(gpu.memory_used_mb, 0), MAX_MIB),
+        utilization_pct=min(max(util, 0.0), 100.0),
+        temperature_c=_within(gpu.temperature_c, -273.15, 1000),
+        power_w=_within(gpu.power_w, 0, 100_000),
+        power_limit_w=_within(gpu.power_limit_w, 0, 100_000),
+    )
 
 
 class TaskRef(msgspec.Struct, kw_only=True, omit_defaults=True):

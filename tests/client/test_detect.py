@@ -24,7 +24,7 @@ from gpu_client.detectors.amd import ROCM_SMI_ARGV
 from gpu_client.detectors.base import CliError
 from gpu_client.hoststats import HostStats, host_stats
 from shared.config import ConfigError
-from shared.protocol import GpuInfo
+from shared.protocol import GpuInfo, Heartbeat, decode_client, encode
 from tests.fakes import FakeAmdSmi, FakeNvml, h100, mig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +116,27 @@ def test_single_vendor_keeps_the_vendor_indices() -> None:
     nvml = FakeNvml([h100(0), h100(1, mig=[mig("3g.40gb", 40_192, 1)]), h100(2)])
     gpus = DetectedGpus([NvmlDetector(nvml), RocmSmiDetector(lambda a: "{}")]).read()
     assert [(g.index, g.parent_index) for g in gpus] == [(0, None), (2, None), (3, 1)]
+
+
+def test_a_drivers_wrong_readings_are_dropped_so_the_heartbeat_is_taken() -> None:
+    """NVML and friends report sentinels (65535 C, 0xFFFFFFFF mW); the coordinator refuses a
+    heartbeat out of range (shared/protocol.py), so the client sends no reading instead."""
+    wrong = GpuInfo(index=0, vendor="nvidia", memory_total_mb=81_920, memory_used_mb=-5,
+                    utilization_pct=101.0, temperature_c=65_535.0, power_w=float("nan"),
+                    power_limit_w=4_294_967.295)
+
+    class Odd:
+        vendor = "nvidia"
+
+        def read(self) -> list[GpuInfo]:
+            return [wrong]
+
+    (gpu,) = DetectedGpus([Odd()]).read()  # type: ignore[list-item]
+    assert (gpu.memory_used_mb, gpu.utilization_pct) == (0, 100.0)
+    assert (gpu.temperature_c, gpu.power_w, gpu.power_limit_w) == (None, None, None)
+    beat = encode(Heartbeat(gpus=[gpu]))
+    assert isinstance(decode_client(beat), Heartbeat)  # what the coordinator takes
+    assert not isinstance(decode_client(encode(Heartbeat(gpus=[wrong]))), Heartbeat)
 
 
 def test_mixed_vendors_get_a_block_each() -> None:
