@@ -165,8 +165,11 @@ def _state_dir(env: Mapping[str, str]) -> Path:
 def _volume_prefixes(env: Mapping[str, str]) -> tuple[str, ...]:
     prefixes = env_list(env, "MESH_ALLOWED_VOLUMES", ())
     for p in prefixes:
-        if not p.startswith("/") and "/" in p:
-            raise ConfigError("MESH_ALLOWED_VOLUMES", p, "absolute host paths or volume names")
+        path = p[:-3] if p.endswith((":ro", ":rw")) else p
+        if (not path.startswith("/") and "/" in path) or ":" in path or not path:
+            raise ConfigError("MESH_ALLOWED_VOLUMES", p,
+                              "absolute host paths or volume names, each with `:rw` to allow "
+                              "writes (read-only otherwise)")
     return prefixes
 
 

@@ -54,6 +54,7 @@ from gpu_client.executors.docker_spec import (
     container_spec,
 )
 from gpu_client.executors.workdir import Collected, collect_from_container, inputs_tar
+from gpu_client.policy import VolumeRefused, resolve_volumes
 from gpu_client.settings import ClientSettings
 from shared.files import WORKSPACE
 from shared.protocol import Assign
@@ -95,8 +96,10 @@ class DockerExecutor:
         environment: Mapping[str, str] | None = None,
         capabilities: Sequence[str] = (),
         stage_dir: Path | None = None,
+        allowed_volumes: Sequence[str] = (),
     ) -> None:
         self._node = node_name
+        self._volumes = tuple(allowed_volumes)  # MESH_ALLOWED_VOLUMES: none, no bind mount
         self._caps = tuple(capabilities)  # MESH_DOCKER_CAPS: all others are dropped
         self._source = source
         self._tail_bytes = output_tail_bytes
@@ -137,8 +140,16 @@ class DockerExecutor:
         if why:
             return RunOutcome(exit_code=None, error=why, infra=_infra_text(why))
         gpus = await asyncio.to_thread(self._source.read)
+        try:  # symlinks resolved on this host now, not the strings placement judged
+            volumes = await asyncio.to_thread(resolve_volumes, assign.volumes, self._volumes)
+        except VolumeRefused as exc:
+            return RunOutcome(exit_code=None, error=f"node policy: {exc}")
+        except OSError as exc:  # the node's own file system refused (permissions, disk)
+            return RunOutcome(exit_code=None, infra=True,
+                              error=f"could not prepare the volumes of {assign.image}: {exc}")
         created_at = time.time()
-        spec = container_spec(assign, self._node, gpus, created_at=created_at, caps=self._caps)
+        spec = container_spec(assign, self._node, gpus, created_at=created_at, caps=self._caps,
+                              volumes=volumes)
         try:
             files = inputs_tar(assign.files, WORKSPACE.lstrip("/")) if assign.files else b""
             cid = await asyncio.to_thread(self._create_and_start, spec, files)
@@ -488,4 +499,5 @@ def _since(t: float) -> float:
 def create(settings: ClientSettings, source: GpuSource) -> DockerExecutor:
     return DockerExecutor(settings.node_name, source, output_tail_bytes=settings.output_tail_bytes,
                           capabilities=settings.docker_caps,
-                          stage_dir=settings.work_dir / ".docker-artifacts")
+                          stage_dir=settings.work_dir / ".docker-artifacts",
+                          allowed_volumes=settings.allowed_volumes)

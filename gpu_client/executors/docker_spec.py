@@ -5,6 +5,7 @@ Tests assert on it for NVIDIA, AMD, Intel and simulated allocations without any 
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import time
@@ -16,6 +17,7 @@ from docker.types import DeviceRequest
 from gpu_client.detectors.layout import VENDOR_BLOCK, runtime_id
 from gpu_client.executors.base import gpu_env
 from shared.files import WORKSPACE
+from shared.policy import GPU_ENV
 from shared.protocol import Assign, GpuInfo
 
 LABEL_MANAGED = "gpumesh.managed"
@@ -36,7 +38,7 @@ def container_name(node: str, task_id: str, attempt: int) -> str:
 
 def container_spec(
     assign: Assign, node: str, gpus: Sequence[GpuInfo], *, created_at: float | None = None,
-    caps: Sequence[str] = (),
+    caps: Sequence[str] = (), volumes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments handed to `DockerClient.containers.create` for one attempt.
 
@@ -46,10 +48,19 @@ def container_spec(
     ZE_AFFINITY_MASK; simulated (`fake`) GPUs only the environment.
 
     Never privileged: `no-new-privileges`, every capability dropped but the node's `caps`
-    (MESH_DOCKER_CAPS). Volumes were checked against the node's policy before this.
+    (MESH_DOCKER_CAPS). `volumes`: the task's, resolved and checked on this host right
+    before create (`gpu_client.policy.resolve_volumes`); the task's own when None.
+
+    The GPU steering variables (`shared.policy.GPU_ENV`) come only from the assignment: a
+    task's own are dropped (the node policy refuses them before this), and
+    NVIDIA_VISIBLE_DEVICES always names the assigned NVIDIA devices, `void` when there are
+    none, so an image's `NVIDIA_VISIBLE_DEVICES=all` hands out no GPU under a default
+    NVIDIA runtime either.
     """
-    env = dict(assign.env)
+    steer = re.compile("|".join(fnmatch.translate(p) for p in GPU_ENV))
+    env = {k: v for k, v in assign.env.items() if not steer.match(k)}
     env.update(gpu_env(assign, gpus))
+    env["NVIDIA_VISIBLE_DEVICES"] = "void"
     env["MESH_NODE"] = node
     labels = {
         LABEL_MANAGED: "1",
@@ -75,8 +86,9 @@ def container_spec(
         spec["entrypoint"] = list(assign.command)
     elif assign.script:
         spec["entrypoint"] = ["/bin/sh", "-c", assign.script]
-    if assign.volumes:
-        spec["volumes"] = list(assign.volumes)
+    binds = list(assign.volumes if volumes is None else volumes)
+    if binds:
+        spec["volumes"] = binds
     if assign.files or assign.artifacts:  # files go in, artifacts come out, here (workdir.py)
         spec["working_dir"] = WORKSPACE
         labels[LABEL_ARTIFACTS] = json.dumps(assign.artifacts)
@@ -110,6 +122,7 @@ def _gpu_access(assign: Assign, gpus: Sequence[GpuInfo], env: dict[str, str]) ->
         access["device_requests"] = [
             DeviceRequest(driver="nvidia", device_ids=nvidia, capabilities=[["gpu"]])
         ]
+        env["NVIDIA_VISIBLE_DEVICES"] = ",".join(nvidia)
         if not all(d.startswith(_NVIDIA_IDS) for d in nvidia):
             # The container sees only its devices, numbered from 0: host indices would hide them.
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(n) for n in range(len(nvidia)))

@@ -113,7 +113,7 @@ def _client_env(env: dict[str, str], port: int, data_dir: Path) -> dict[str, str
         "MESH_COORDINATOR_URL": f"ws://127.0.0.1:{port}",
         "MESH_EXECUTORS": env.get("MESH_EXECUTORS", "process,docker"),  # opted in: own desk
         # The templates' model cache (coordinator/web/templates.toml), as in profiles/gpu.env.
-        "MESH_ALLOWED_VOLUMES": env.get("MESH_ALLOWED_VOLUMES", "/var/cache/gpumesh"),
+        "MESH_ALLOWED_VOLUMES": env.get("MESH_ALLOWED_VOLUMES", "/var/cache/gpumesh:rw"),
         # the coordinator wrote its join token there; the client's credential lives beside it
         "MESH_TOKEN_FILE": env.get("MESH_TOKEN_FILE", str(data_dir / "join.token")),
         "MESH_STATE_DIR": env.get("MESH_STATE_DIR", str(data_dir / "client-state")),

@@ -245,7 +245,9 @@ async def test_env_gpus_and_command(ex: DockerExecutor) -> None:
 
 
 @engine
-async def test_volumes_read_write_and_read_only(ex: DockerExecutor, tmp_path: Path) -> None:
+async def test_volumes_read_write_and_read_only(node: str, tmp_path: Path) -> None:
+    # The node allows tmp_path read-write (MESH_ALLOWED_VOLUMES=<tmp_path>:rw).
+    ex = DockerExecutor(node, NoGpus(), allowed_volumes=[f"{tmp_path}:rw"])
     rw, ro = tmp_path / "rw", tmp_path / "ro"
     rw.mkdir()
     ro.mkdir()
@@ -255,6 +257,7 @@ async def test_volumes_read_write_and_read_only(ex: DockerExecutor, tmp_path: Pa
             volumes=[f"{rw}:/out", f"{ro}:/in:ro"]),
         lambda: None, lambda _: None,
     )
+    ex.close()
     assert out.exit_code != 0 and "Read-only file system" in out.output
     assert (rw / "copy.txt").read_text() == "input" and not (ro / "nope").exists()
 
