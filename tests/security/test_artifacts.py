@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -20,79 +19,29 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from coordinator.settings import Settings
 from shared.files import MAX_ARTIFACT_FILES, MAX_ARTIFACTS_TOTAL
 from tests.conftest import (
     ADMIN_HEADERS,
-    TEST_JOIN_TOKEN,
     LiveCoordinator,
     Proc,
     free_port,
     run_coordinator,
     wait_until,
 )
+from tests.security.handnode import HandNode, healthy
 
-REGISTER = {"type": "register", "executors": ["builtin"], "cpu_count": 2, "slots": 2}
 MiB = 1 << 20
 
 
-class LyingNode:
-    """A node the test drives: registers, heartbeats (listing what it runs), answers its
-    assignment with `task_started`, uploads with its own credential, and sends whatever
-    result the test writes."""
+class LyingNode(HandNode):
+    """A hand-driven node that answers its assignment with `task_started`, uploads with
+    its own credential, and sends whatever result the test writes."""
 
     def __init__(self, name: str, url: str, ws_url: str) -> None:
-        self.name, self.url, self.ws_url = name, url, ws_url
-        self.credential = ""
-        self.running: list[dict[str, Any]] = []
-        self.frames: list[dict[str, Any]] = []
-        self._ws: ClientConnection | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def connect(self) -> None:
-        self.frames = []
-        self._ws = await connect(f"{self.ws_url}/ws/{self.name}")
-        doc = {**REGISTER, "token": TEST_JOIN_TOKEN, "running": self.running}
-        if self.credential:
-            doc["credential"] = self.credential
-        await self._ws.send(json.dumps(doc))
-        registered = json.loads(await self._ws.recv())
-        assert registered["type"] == "registered", registered
-        self.credential = registered.get("credential") or self.credential
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._beat())]
-
-    async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ws is not None:
-            await self._ws.close()
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in self._ws:
-                self.frames.append(json.loads(raw))
-
-    async def _beat(self) -> None:
-        assert self._ws is not None
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await self._ws.send(json.dumps({"type": "heartbeat", "running": self.running}))
-                await asyncio.sleep(0.2)
-
-    async def send(self, doc: dict[str, Any]) -> None:
-        assert self._ws is not None
-        await self._ws.send(json.dumps(doc))
-
-    async def frame(self, **match: Any) -> dict[str, Any]:
-        found: list[dict[str, Any]] = await wait_until(
-            lambda: [f for f in self.frames if all(f.get(k) == v for k, v in match.items())],
-            20, f"a frame {match} for node {self.name}")
-        return found[0]
+        super().__init__(name, ws_url)
+        self.url = url
 
     async def take(self, task_id: str) -> int:
         """Wait for the task's assignment, start it; its attempt."""
@@ -295,7 +244,7 @@ async def test_partial_uploads_left_by_a_kill_9_are_removed_at_start(
 
     async def up() -> Proc:
         proc: Proc = spawn_coordinator(port, data_dir, **env)
-        await wait_until(lambda: _healthy(admin), 30, "the coordinator answering")
+        await wait_until(lambda: healthy(admin), 30, "the coordinator answering")
         return proc
 
     first = await up()
@@ -340,7 +289,7 @@ async def test_partial_uploads_left_by_a_kill_9_are_removed_at_start(
         await admin.aclose()
 
 
-async def _healthy(http: httpx.AsyncClient) -> bool:
+async def healthy(http: httpx.AsyncClient) -> bool:
     try:
         return (await http.get("/health")).status_code == 200
     except httpx.HTTPError:

@@ -35,6 +35,7 @@ from tests.conftest import (
     wait_until,
 )
 from tests.pgserver import PgServer, pg_dsn, pg_server  # noqa: F401 - the fixtures
+from tests.security.handnode import healthy
 
 Spawn = Callable[..., Proc]
 
@@ -122,7 +123,7 @@ async def test_raw_connections_that_never_finish_a_request_head_are_closed(
                       MESH_MAX_HTTP_PENDING="120")
     url = f"http://127.0.0.1:{port}"
     async with httpx.AsyncClient(base_url=url, timeout=30, headers=ADMIN_HEADERS) as http:
-        await wait_until(lambda: _healthy(http), 30, "the coordinator to answer")
+        await wait_until(lambda: healthy(http), 30, "the coordinator to answer")
         opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
         trickles = []
         for i in range(200):
@@ -146,13 +147,6 @@ async def test_raw_connections_that_never_finish_a_request_head_are_closed(
         for _, writer in opened:
             writer.close()
         assert (await http.get("/health")).status_code == 200
-
-
-async def _healthy(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/health")).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 # --- a standby forwards paths, never targets ----------------------------------------------

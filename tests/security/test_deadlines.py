@@ -9,8 +9,6 @@ keep those deadlines across a restart.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
 from coordinator.core.deadlines import COMPACT_SLACK, EXPIRE_BATCH, ended_by_coordinator
 from coordinator.core.mesh import Mesh
@@ -28,74 +24,8 @@ from coordinator.settings import Settings
 from coordinator.storage.store import Store
 from shared.protocol import Assign, Cancel, Msg, Register, TaskResult, TaskStarted
 from shared.tasks import TaskSubmit
-from tests.conftest import FAST, TEST_JOIN_TOKEN, LiveCoordinator, run_coordinator, wait_until
-
-REGISTER = {"type": "register", "executors": ["builtin"], "cpu_count": 2, "slots": 2}
-
-
-class HandNode:
-    """A node driven by the test: it heartbeats every 0.2 s listing `running`, collects
-    every frame the coordinator sends into `frames`, and sends only what it is told to."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.credential = ""
-        self.running: list[dict[str, Any]] = []
-        self.frames: list[dict[str, Any]] = []
-        self._ws: ClientConnection | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    async def connect(
-        self, live: LiveCoordinator, running: list[dict[str, Any]] | None = None
-    ) -> dict[str, Any]:
-        self.running = list(running or [])
-        self.frames = []
-        self._ws = await connect(f"{live.ws_url}/ws/{self.name}")
-        doc = {**REGISTER, "token": TEST_JOIN_TOKEN, "running": self.running}
-        if self.credential:
-            doc["credential"] = self.credential
-        await self._ws.send(json.dumps(doc))
-        registered: dict[str, Any] = json.loads(await self._ws.recv())
-        assert registered["type"] == "registered", registered
-        self.credential = registered.get("credential") or self.credential
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._beat())]
-        return registered
-
-    async def _read(self) -> None:
-        assert self._ws is not None
-        with contextlib.suppress(ConnectionClosed):
-            async for raw in self._ws:
-                self.frames.append(json.loads(raw))
-
-    async def _beat(self) -> None:
-        assert self._ws is not None
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                await self._ws.send(json.dumps({"type": "heartbeat", "running": self.running}))
-                await asyncio.sleep(0.2)
-
-    async def send(self, doc: dict[str, Any]) -> None:
-        assert self._ws is not None
-        await self._ws.send(json.dumps(doc))
-
-    def seen(self, **match: Any) -> list[dict[str, Any]]:
-        return [f for f in self.frames if all(f.get(k) == v for k, v in match.items())]
-
-    async def frame(self, timeout: float = 20, **match: Any) -> dict[str, Any]:
-        """The first frame received with these fields, waiting for it."""
-        found: list[dict[str, Any]] = await wait_until(
-            lambda: self.seen(**match), timeout, f"a frame {match} for node {self.name}"
-        )
-        return found[0]
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._ws is not None:
-            await self._ws.close()
+from tests.conftest import FAST, LiveCoordinator, run_coordinator, wait_until
+from tests.security.handnode import HandNode
 
 
 def _msg(kind: str, task_id: str, attempt: int, **more: Any) -> dict[str, Any]:
@@ -129,7 +59,7 @@ async def test_a_node_cannot_keep_a_task_running_past_its_timeout(settings: Sett
     tuned = replace(settings, timeout_grace_s=0.5)
     node = HandNode("liar")
     async with run_coordinator(tuned) as live:
-        await node.connect(live)
+        await node.connect(live.ws_url)
         task_id, attempt = await _start_lying(node, live, timeout_s=1, max_attempts=3)
         cancel = await node.frame(type="cancel", task_id=task_id, attempt=attempt)
         assert cancel["reason"] == "timed out after 1s"
@@ -147,7 +77,7 @@ async def test_a_node_cannot_keep_a_task_running_past_its_timeout(settings: Sett
 
     async with run_coordinator(tuned) as live:  # the same data dir: only the store knows
         ref = {"task_id": task_id, "attempt": attempt, "state": "finished"}
-        registered = await node.connect(live, running=[ref])
+        registered = await node.connect(live.ws_url, running=[ref])
         assert registered["stop"] == [ref] and not registered.get("keep")
         await node.send(_msg("task_result", task_id, attempt, **FORGED))
         err = await node.frame(type="error", task_id=task_id)
@@ -167,7 +97,7 @@ async def test_a_node_cannot_hold_an_assigned_task_without_starting_it(
     tuned = replace(settings, start_deadline_s=1.5)
     node = HandNode("sitter")
     async with run_coordinator(tuned) as live:
-        await node.connect(live)
+        await node.connect(live.ws_url)
         task_id = await live.submit(task_type="test", sleep_s=600, max_attempts=1)
         first = int((await node.frame(type="assign", task_id=task_id))["attempt"])
         node.running = [{"task_id": task_id, "attempt": first}]
@@ -200,7 +130,7 @@ async def test_a_coordinator_restart_keeps_the_deadline(settings: Settings) -> N
     tuned = replace(settings, timeout_grace_s=grace, restart_grace_s=2.0)
     node = HandNode("liar")
     async with run_coordinator(tuned) as live:
-        await node.connect(live)
+        await node.connect(live.ws_url)
         task_id, attempt = await _start_lying(node, live, timeout_s=timeout_s)
         await wait_until(lambda: live.mesh.tasks[task_id].state is TaskState.RUNNING, 10,
                          "the task running")
@@ -211,7 +141,7 @@ async def test_a_coordinator_restart_keeps_the_deadline(settings: Settings) -> N
 
     async with run_coordinator(tuned) as live:
         ref = {"task_id": task_id, "attempt": attempt}
-        registered = await node.connect(live, running=[ref])
+        registered = await node.connect(live.ws_url, running=[ref])
         assert registered["keep"] == [ref]
         assert live.mesh.tasks[task_id].started_at == started_at
         due = live.mesh.deadlines.due(task_id)

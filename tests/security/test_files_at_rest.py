@@ -18,6 +18,7 @@ import httpx
 
 from coordinator.settings import Settings
 from tests.conftest import Proc, free_port, run_coordinator, wait_until
+from tests.security.handnode import healthy
 
 Spawn = Callable[..., Proc]
 
@@ -54,13 +55,6 @@ def assert_private(root: Path, skip: frozenset[str] = frozenset()) -> dict[str, 
     return found
 
 
-async def _healthy(http: httpx.AsyncClient) -> bool:
-    try:
-        return (await http.get("/health")).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
 async def test_a_coordinators_data_dir_and_a_nodes_state_dir_are_private(
     spawn_coordinator: Spawn, spawn_client: Spawn, tmp_path: Path
 ) -> None:
@@ -78,7 +72,7 @@ async def test_a_coordinators_data_dir_and_a_nodes_state_dir_are_private(
     join = (data / "join.token").read_text().strip()
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
                                  headers={"Authorization": f"Bearer {admin}"}) as http:
-        await wait_until(lambda: _healthy(http), 30, "the coordinator to answer")
+        await wait_until(lambda: healthy(http), 30, "the coordinator to answer")
         spawn_client("n1", f"ws://127.0.0.1:{port}", MESH_TOKEN=join)
         r = await http.post("/tasks/submit", json=TASK)
         assert r.status_code == 200, r.text
@@ -117,7 +111,7 @@ async def test_a_wide_data_dir_is_narrowed_at_start(
     port = free_port()
     spawn_coordinator(port, data)
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-        await wait_until(lambda: _healthy(http), 30, "the coordinator to answer")
+        await wait_until(lambda: healthy(http), 30, "the coordinator to answer")
         assert_private(data)
     assert stat.S_IMODE(outside.stat().st_mode) == 0o644  # a link is not followed
 
