@@ -649,6 +649,11 @@ class Mesh:
         """One decoded message from a registered node. Replies go out through `link`."""
         self.node_side.handle(name, link, msg)
 
+    def heard(self, name: str, link: Link) -> None:
+        """A frame came from `name` that was refused before it reached `handle`: the node is
+        still there, so it is not judged silent; nothing else changes."""
+        self.node_side.heard(name, link)
+
     def disconnected(self, name: str, link: Link, why: str) -> None:
         self.node_side.disconnected(name, link, why)
 

@@ -236,6 +236,12 @@ class NodeSide:
             log.info("node %s disconnected (%s)", name, why, extra={"node": name})
             self.start_grace(node, mesh.settings.reconnect_grace_s, "disconnected")
 
+    def heard(self, name: str, link: Link) -> None:
+        """Liveness only: any frame on the node's current link shows it is there."""
+        node = self._mesh.nodes.get(name)
+        if node is not None and node.link is link:
+            node.last_seen = time.monotonic()
+
     def handle(self, name: str, link: Link, msg: ClientMsg) -> None:
         """One decoded message from a registered node. Replies go out through `link`."""
         mesh = self._mesh

@@ -483,6 +483,7 @@ def _admitted(
         code, task_id, attempt = "too_large", _task_id(msg), getattr(msg, "attempt", None)
     else:
         return msg
+    mesh.heard(name, link)  # refused, but the node is alive: never judged silent for it
     mesh.metrics.bad_messages.inc()
     conns: Connections = ws.app.state.connections
     conns.refusals.warning(name, "refused a frame from %s: %s", name, why, extra={"node": name})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import replace
 from typing import Any
@@ -110,6 +111,22 @@ async def test_malformed_frames_get_errors_and_the_connection_lives(
             assert err["type"] == "error" and needle in err["reason"], err
         await send(ws, {"type": "heartbeat", "cpu_pct": 12.5})
         await wait_until(lambda: coordinator.mesh.nodes["n1"].cpu_pct == 12.5, 5, "heartbeat")
+
+
+async def test_a_node_sending_only_refused_frames_is_not_judged_silent(
+    settings: Settings,
+) -> None:
+    """Refused frames still show the node is there: a node whose every frame is refused
+    for twice the node timeout stays online (it was 'lost: silent' before)."""
+    tuned = replace(settings, node_timeout_s=1.0)
+    async with run_coordinator(tuned) as live, connect(f"{live.ws_url}/ws/n1") as ws:
+        await send(ws, FULL)
+        assert (await recv(ws))["type"] == "registered"
+        for _ in range(10):  # 2 s of frames that never reach the Mesh, 0.2 s apart
+            await send(ws, "{oops")
+            assert (await recv(ws))["type"] == "error"
+            await asyncio.sleep(0.2)
+        assert live.mesh.nodes["n1"].online
 
 
 async def test_oversize_frame_closes_1009_and_others_carry_on(
