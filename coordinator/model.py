@@ -110,12 +110,12 @@ class Task:
     @property
     def policy_ask(self) -> PolicyAsk:
         if self._ask is None:
-            self._ask = PolicyAsk(self.executor)
+            self._ask = PolicyAsk(self.executor, tenant=self.tenant)
             if any(k in self.spec_raw for k in _POLICY_KEYS):
                 spec = self.spec
                 self._ask = PolicyAsk(
                     self.executor, spec.image or "", tuple(sorted(spec.volumes)),
-                    tuple(sorted(spec.env)),
+                    tuple(sorted(spec.env)), self.tenant,
                 )
         return self._ask
 
@@ -163,6 +163,7 @@ class Node:
     seed_form: bool = False
     executors: frozenset[str] = frozenset()
     policy: NodePolicy | None = None  # what it agrees to run, from its register
+    isolation: str = ""  # how it isolates process tasks: user+cgroup | user | none ("": unstated)
     labels: dict[str, str] = field(default_factory=dict)
     slots: int = 1
     cpu_count: int = 0

@@ -17,6 +17,7 @@ from gpu_client.agent import EXIT_FATAL, Agent
 from gpu_client.credential import private_state_dir
 from gpu_client.detect import GpuSource, make_source
 from gpu_client.executors import load_executors
+from gpu_client.isolation import detect as detect_isolation
 from gpu_client.settings import ClientSettings
 from shared.config import ConfigError, env_str
 
@@ -28,14 +29,15 @@ async def serve(settings: ClientSettings, source: GpuSource) -> int:
     # The credential and the launch journal live there: the node's alone (0700).
     await asyncio.to_thread(private_state_dir, settings.state_dir.expanduser())
     executors = await load_executors(settings, source)
-    agent = Agent(settings, source, executors)
+    isolation = await asyncio.to_thread(detect_isolation, settings)  # logs what it means
+    agent = Agent(settings, source, executors, isolation)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
     log.info(
-        "node %s connecting to %s; executors: %s", settings.node_name,
+        "node %s connecting to %s; executors: %s; isolation: %s", settings.node_name,
         "a coordinator found by mDNS" if settings.discover else settings.ws_url,
-        ", ".join(executors), extra={"node": settings.node_name},
+        ", ".join(executors), isolation, extra={"node": settings.node_name},
     )
     try:
         return await agent.run()

@@ -32,6 +32,8 @@ from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
 from gpu_client.handshake import Unproven, proving, signed
 from gpu_client.health import NodeHealth
+from gpu_client.isolation import level as isolation_level
+from gpu_client.isolation import owner_tenant
 from gpu_client.logstream import LogStream
 from gpu_client.policy import assign_refusal, node_policy
 from gpu_client.settings import ClientSettings
@@ -128,9 +130,12 @@ class Run:
 
 class Agent:
     def __init__(
-        self, settings: ClientSettings, source: GpuSource, executors: Mapping[str, Executor]
+        self, settings: ClientSettings, source: GpuSource, executors: Mapping[str, Executor],
+        isolation: str = "",
     ) -> None:
         self._settings = settings
+        # user+cgroup | user | none (gpu_client/isolation.py); "": judged without a cgroup probe
+        self.isolation = isolation or isolation_level(settings, cgroups=False)
         self._source = source
         self._executors = dict(executors)
         self._runs: dict[Key, Run] = {}
@@ -143,7 +148,8 @@ class Agent:
         self._stop = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         self.registrations = 0  # sessions that got `registered`; tests wait on it
-        self._policy = node_policy(settings, self._executors)  # what it was built with
+        self._policy = node_policy(  # what it was built with
+            settings, self._executors, owner_tenant(settings, self.isolation))
         self._credential_paths = credential_paths(  # one credential per mesh (HA: every URL)
             settings.state_dir, settings.urls, settings.node_name
         )
@@ -361,6 +367,7 @@ class Agent:
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
             running=self._refs(), policy=self._policy, features=sorted(FEATURES),
+            isolation=self.isolation,  # type: ignore[arg-type]  # one of isolation.LEVELS
             credential=await asyncio.to_thread(load_any, self._credential_paths),
             token=await asyncio.to_thread(join_token, s.token, s.token_file),
         )

@@ -27,11 +27,15 @@ from shared.policy import (
 from shared.protocol import Assign, NodePolicy
 
 
-def node_policy(settings: ClientSettings, executors: Iterable[str]) -> NodePolicy:
+def node_policy(
+    settings: ClientSettings, executors: Iterable[str], owner_tenant: str = ""
+) -> NodePolicy:
     """The policy sent in `register`: the executors offered and the operator's allow lists.
     The hook list and the GPU steering variables (set only from the node's GPU assignment)
-    are always forbidden; MESH_FORBIDDEN_ENV adds to them."""
+    are always forbidden; MESH_FORBIDDEN_ENV adds to them. `owner_tenant`: a node that cannot
+    isolate process tasks runs only this tenant's (gpu_client/isolation.py)."""
     return NodePolicy(
+        owner_tenant=owner_tenant,
         executors=list(executors),
         allowed_images=list(settings.allowed_images),
         allowed_volumes=list(settings.allowed_volumes),
@@ -43,7 +47,7 @@ def node_policy(settings: ClientSettings, executors: Iterable[str]) -> NodePolic
 def ask_of(assign: Assign) -> PolicyAsk:
     return PolicyAsk(
         executor=assign.executor, image=assign.image or "", volumes=tuple(assign.volumes),
-        env_names=tuple(assign.env),
+        env_names=tuple(assign.env), tenant=assign.tenant,
     )
 
 

@@ -48,6 +48,9 @@ class ClientSettings:
     run_as: str = ""  # process tasks run as this user (the client must be root to switch)
     fence_after_s: float = 20.0  # cut off this long: stop all running work (0: never)
     cgroup: str = "auto"  # per-task cgroup v2 root: auto | off | a directory
+    # MESH_ISOLATION=none: a node that cannot isolate process tasks runs every tenant's anyway
+    isolation: str = "auto"  # auto | none
+    owner_tenant: str = "default"  # MESH_OWNER_TENANT: whose process tasks a `none` node runs
     min_free_mb: int = 100  # less free disk in the work dir: the node reports itself unhealthy
     probe_interval_s: float = 30.0  # executors and node health are re-probed this often
     discover: bool = False  # no MESH_COORDINATOR_URL: find it by mDNS (gpu_client/discover.py)
@@ -113,6 +116,8 @@ class ClientSettings:
             run_as=env_str(env, "MESH_RUN_AS", ""),
             fence_after_s=fence_after_s,
             cgroup=env_str(env, "MESH_CGROUP", "auto"),
+            isolation=_isolation(env),
+            owner_tenant=env_str(env, "MESH_OWNER_TENANT", "default"),
             min_free_mb=min_free_mb,
             probe_interval_s=probe_s,
             discover=(not env_str(env, "MESH_COORDINATOR_URL", "")
@@ -171,6 +176,14 @@ def _volume_prefixes(env: Mapping[str, str]) -> tuple[str, ...]:
                               "absolute host paths or volume names, each with `:rw` to allow "
                               "writes (read-only otherwise)")
     return prefixes
+
+
+def _isolation(env: Mapping[str, str]) -> str:
+    value = env_str(env, "MESH_ISOLATION", "auto").lower()
+    if value not in ("auto", "none"):
+        raise ConfigError("MESH_ISOLATION", value, "auto, or none (run every tenant's process "
+                          "tasks on a node that cannot isolate them)")
+    return value
 
 
 def _role(env: Mapping[str, str]) -> str:

@@ -48,10 +48,25 @@ class PolicyAsk:
     image: str = ""
     volumes: tuple[str, ...] = ()
     env_names: tuple[str, ...] = ()
+    tenant: str = ""  # "" = DEFAULT_TENANT; judged by a node's `owner_tenant` (not in `trivial`)
 
     @property
     def trivial(self) -> bool:
         return not (self.image or self.volumes or self.env_names)
+
+
+DEFAULT_TENANT = "default"  # the tenant of work submitted without one (auth off, an admin)
+
+
+def owner_refusal(policy: NodePolicy, ask: PolicyAsk) -> str:
+    """A node that cannot isolate process tasks (isolation `none`, no MESH_ISOLATION=none
+    opt-in) runs only its owner's: another tenant's process task is refused."""
+    owner = policy.owner_tenant
+    if not owner or ask.executor != "process" or (ask.tenant or DEFAULT_TENANT) == owner:
+        return ""
+    return (f"isolation none: this node runs process tasks of its owner's tenant {owner!r} "
+            "only (it cannot give a task a user and cgroup of its own; its owner opts in "
+            "to others with MESH_ISOLATION=none)")
 
 
 def volume_source(spec: str) -> str:
@@ -179,6 +194,8 @@ def refusal(policy: NodePolicy | None, ask: PolicyAsk) -> str:
         return ""
     if policy.executors and ask.executor not in policy.executors:
         return f"executor {ask.executor} not offered"
+    if why := owner_refusal(policy, ask):
+        return why
     if ask.trivial:
         return ""
     images = policy.allowed_images

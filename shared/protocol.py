@@ -156,6 +156,9 @@ class NodePolicy(msgspec.Struct, kw_only=True, omit_defaults=True):
     allowed_volumes: list[str] = []  # host path prefixes a bind mount must lie under
     forbidden_env: list[str] = []  # env names or glob patterns a task may not set
     capabilities: list[str] = []  # Linux capabilities containers keep (all others dropped)
+    # Set by a node that cannot isolate process tasks (isolation `none`) and whose owner did
+    # not opt in (MESH_ISOLATION=none): it runs process tasks of this tenant only.
+    owner_tenant: str = ""
 
 
 # --- client -> coordinator ---------------------------------------------------------------
@@ -179,6 +182,8 @@ class Register(Msg, tag="register"):
     policy: NodePolicy | None = None  # None: an older client that states no policy
     proof: str = ""  # HMAC of the join token over this connection's nonces (shared/proof.py)
     features: list[str] = []  # optional protocol features the client speaks (FEATURES)
+    # How the node isolates process tasks: user+cgroup | user | none; "": an older client.
+    isolation: Literal["", "user+cgroup", "user", "none"] = ""
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -281,6 +286,7 @@ class Assign(Msg, tag="assign"):
     params: dict[str, Any] = {}  # the submission's other fields, for task-type templates
     files: dict[str, FileContent] = {}  # written into the working dir first (shared/files.py)
     artifacts: list[str] = []  # paths or globs collected from the working dir afterwards
+    tenant: str = ""  # the task's tenant ("default" with auth off): node policy owner_tenant
 
 
 class Cancel(Msg, tag="cancel"):

@@ -40,11 +40,12 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "shared.sdk": ("gpumesh.sdk",),
     "shared": ("shared",),
     # Users' package: the SDK and the CLI reach the coordinator over HTTP only. `gpumesh
-    # detect` and `discover` use the client's detection and mDNS browser; `up` reads the
-    # data-dir lock so it never reports another coordinator's health as its own.
+    # detect` and `discover` use the client's detection (and its isolation level) and mDNS
+    # browser; `up` reads the data-dir lock so it never reports another coordinator's health
+    # as its own.
     "gpumesh": (
         "gpumesh", "shared", "gpu_client.detect", "gpu_client.detectors", "gpu_client.hoststats",
-        "gpu_client.discover", "coordinator.storage.datadir",
+        "gpu_client.discover", "gpu_client.isolation", "coordinator.storage.datadir",
     ),
 }
 

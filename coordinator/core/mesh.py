@@ -631,7 +631,7 @@ class Mesh:
             script=spec.script, command=spec.command, image=spec.image, env=spec.env,
             timeout_s=spec.timeout_s, volumes=spec.volumes, shm_size=spec.shm_size,
             cpus=spec.cpus, mem_limit=spec.mem_limit, params=msgspec.json.decode(t.params_raw),
-            files=spec.files, artifacts=spec.artifacts,
+            files=spec.files, artifacts=spec.artifacts, tenant=tenant_of(t.tenant),
         )
 
     # --- invariants --------------------------------------------------------------------

@@ -25,6 +25,7 @@ def apply_register(node: Node, msg: Register) -> None:
     node.gpus = msg.gpus or seed_gpus(msg)
     node.executors = frozenset(msg.executors or ())
     node.policy = msg.policy
+    node.isolation = msg.isolation
     node.hostname, node.role, node.version = msg.hostname, msg.role, msg.version
     node.protocol, node.labels = msg.protocol, dict(msg.labels)
     node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb

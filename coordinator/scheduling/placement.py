@@ -284,8 +284,9 @@ def choose_gpus(
 
 def _policy_refuses(node: NodeView, ask: PolicyAsk | None) -> str:
     """Why the node's policy refuses the task ("" if it does not): a pure filter. A task that
-    asks for no image, volume or env passes at once (its executor is checked already)."""
-    if ask is None or ask.trivial or node.policy is None:
+    asks for no image, volume or env passes at once (its executor is checked already), unless
+    the node runs only its owner's process tasks (NodePolicy.owner_tenant)."""
+    if ask is None or node.policy is None or (ask.trivial and not node.policy.owner_tenant):
         return ""
     return refusal(node.policy, ask)
 

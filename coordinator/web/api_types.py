@@ -113,6 +113,10 @@ class NodeDetail(NodeSummary, kw_only=True):
     version: str
     protocol: int
     seed_form: bool
+    # How the node isolates process tasks: `user+cgroup` (a uid and a cgroup per attempt),
+    # `user` (a uid per attempt, no cgroup), `none` (tasks share the client's or MESH_RUN_AS's
+    # user; it runs only its owner's unless opted in), "" (an older client that does not say).
+    isolation: Literal["", "user+cgroup", "user", "none"]
     cpu_count: int
     memory_mb: int
     cpu_pct: float

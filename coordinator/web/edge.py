@@ -84,7 +84,7 @@ def assign_size(spec: TaskSubmit, params: dict[str, Any]) -> int:
         script=spec.script, command=spec.command, image=spec.image, env=spec.env,
         timeout_s=spec.timeout_s, volumes=spec.volumes, shm_size=spec.shm_size,
         cpus=spec.cpus, mem_limit=spec.mem_limit, params=params,
-        files=spec.files, artifacts=spec.artifacts,
+        files=spec.files, artifacts=spec.artifacts, tenant=spec.tenant or "default",
     )
     return len(encode(msg)) + _ASSIGN_SLACK
 

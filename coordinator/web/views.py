@@ -193,6 +193,7 @@ def node_view(
             version=node.version,
             protocol=node.protocol,
             seed_form=node.seed_form,
+            isolation=node.isolation,  # user+cgroup | user | none; "": an older client
             cpu_count=node.cpu_count,
             memory_mb=node.memory_mb,
             cpu_pct=node.cpu_pct,

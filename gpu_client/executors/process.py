@@ -65,6 +65,7 @@ from gpu_client.executors.tree import (
     become_subreaper,
     cgroup_root,
     end_tree,
+    join_cgroup,
     make_cgroup,
     marker,
 )
@@ -87,12 +88,15 @@ NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EILSEQ, errno.EEXIST, errno.E
                          errno.EISDIR})
 
 # $0 is "gpumesh-task", $1 the task's cgroup dir (or ""), $2 the wrapper's script, then the
-# task's argv: never interpolated into the script text. The launcher joins the cgroup before
-# it forks anything, starts the wrapper in the background and prints its pid.
+# task's argv: never interpolated into the script text. With a cgroup, the launcher waits for
+# a line on stdin: the client (root) writes the launcher's pid into the cgroup's root-owned
+# `cgroup.procs` first, so everything the task forks is born in it, and the task's own user
+# needs (and has) no write access to any cgroup file. EOF instead (the client could not place
+# it): it exits without starting anything. Then it starts the wrapper and prints its pid.
 _LAUNCHER = """
 cg=$1; wrapper=$2; shift 2
 if [ -n "$cg" ]; then
-  echo $$ > "$cg/cgroup.procs" || echo "gpumesh: could not join cgroup $cg" >&2
+  read -r placed || exit 112
 fi
 /bin/sh -c "$wrapper" gpumesh-wrap "$$" "$@" </dev/null >/dev/null 2>&1 &
 echo "$!"
@@ -262,7 +266,8 @@ class ProcessExecutor:
         try:
             launcher = await asyncio.create_subprocess_exec(
                 "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d, env=env,
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stdin=asyncio.subprocess.PIPE if cg else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True, user=self._run_as or None,
             )
         except ValueError as exc:  # a NUL in an argument or env, `=` in an env name
@@ -277,6 +282,8 @@ class ProcessExecutor:
         except KeyError as exc:  # MESH_RUN_AS names no user
             return _infra(f"could not start the task's shell on this node: {exc}")
         self._launching.add(launcher.pid)
+        if cg:
+            await self._place_in_cgroup(launcher, Path(cg))
         crash_point(self._crash_at, "launched")  # the launcher runs; its pid is not read yet
         try:
             out, err = await launcher.communicate()
@@ -287,6 +294,22 @@ class ProcessExecutor:
         except (ValueError, IndexError):
             why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
             return _infra(f"could not start the task's shell on this node: {why}")
+
+    async def _place_in_cgroup(self, launcher: asyncio.subprocess.Process, cg: Path) -> None:
+        """Write the waiting launcher's pid into `cg` (as the client: root), then let it go on;
+        on failure close its stdin unanswered, so it starts nothing (an infra outcome)."""
+        assert launcher.stdin is not None
+        try:
+            await asyncio.to_thread(join_cgroup, cg, launcher.pid)
+        except OSError as exc:
+            log.warning("cannot place the launcher %d in cgroup %s: %s", launcher.pid, cg, exc)
+        else:
+            launcher.stdin.write(b"placed\n")
+        try:
+            await launcher.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # it died already: communicate() reports it
+        launcher.stdin.close()
 
     async def _cgroups(self) -> Path | None:
         if not self._cgroup_probed:

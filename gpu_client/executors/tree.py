@@ -2,8 +2,11 @@
 
 Every process of an attempt is marked twice: it inherits `GPUMESH_ATTEMPT=<task>.<attempt>` in
 its environment, and, where the node has a writable cgroup v2 hierarchy (root, or a delegated
-subtree), it lives in a cgroup of its own, `{root}/gpumesh/<task>.<attempt>` (the launcher
-writes its pid to `cgroup.procs` before it forks anything, so every descendant is born there).
+subtree), it lives in a cgroup of its own, `{root}/gpumesh/<task>.<attempt>` (the client
+writes the launcher's pid to `cgroup.procs` while the launcher waits, before it forks
+anything, so every descendant is born there). The cgroup's directory and files are root's
+(0755/0644): a task running as a user of its own cannot write its pid into any other cgroup's
+`cgroup.procs` (the parent's, the root's), so it cannot leave; `cgroup.kill` ends it whole.
 The client is a child subreaper (PR_SET_CHILD_SUBREAPER), so a task's orphans (`sleep 777 &`,
 a double fork) are reparented to it rather than to PID 1.
 
@@ -157,6 +160,12 @@ def make_cgroup(root: Path | None, name: str) -> Path | None:
         log.warning("cannot create cgroup %s (%s): falling back to the process group", path, exc)
         return None
     return path
+
+
+def join_cgroup(path: Path, pid: int) -> None:
+    """Move `pid` into the cgroup `path` (the client does it, as root: the task's user cannot
+    write any cgroup file, so it can neither join one nor leave its own). Raises OSError."""
+    (path / "cgroup.procs").write_text(str(pid))
 
 
 def _cgroup_pids(path: Path) -> set[int]:

@@ -3,7 +3,9 @@
 Runs the compute client's own detectors (gpu_client/detect.py) here, one vendor at a time,
 the way a client on this machine would (GPU_ENABLED and MESH_FAKE_GPUS are honoured), and
 reports every device found, in the node's index space, and for every vendor or device left
-out the reason the detector gave (no driver, tool missing, no memory, a driver fault).
+out the reason the detector gave (no driver, tool missing, no memory, a driver fault); and
+how a client here would isolate process tasks (gpu_client/isolation.py: user+cgroup, user,
+none).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rich.table import Table
 from gpu_client.detect import DetectedGpus, FakeGpus, NoGpus, default_detectors, make_source
 from gpu_client.detectors import lay_out
 from gpu_client.hoststats import host_stats
+from gpu_client.isolation import describe_env as describe_isolation
 from gpumesh.cli.common import OK, console, print_json
 from shared.protocol import GpuInfo
 
@@ -79,7 +82,15 @@ def detect() -> dict[str, Any]:
                                       "why": f"driver reports a fault: {g.fault}"})
     report["gpus"] = msgspec.to_builtins(gpus)
     report["host"] = dataclasses.asdict(host_stats())
+    report["isolation"] = _isolation()
     return report
+
+
+def _isolation() -> dict[str, str]:
+    """How a client started here with this environment would isolate process tasks."""
+    with _notes():  # the cgroup probe's log lines: the `why` says it
+        level, why = describe_isolation(os.environ)
+    return {"level": level, "why": why}
 
 
 def _detect_vendors(report: dict[str, Any]) -> list[GpuInfo]:
@@ -143,4 +154,6 @@ def cmd_detect(args: argparse.Namespace) -> int:
     host = report["host"]
     out.print(f"[bold]host[/]: {host.get('cpu_count', '?')} CPUs, "
               f"{host.get('memory_total_mb', 0) / 1024:.1f} GiB memory")
+    iso = report["isolation"]
+    out.print(f"[bold]isolation[/]: {escape(iso['level'])} ({escape(iso['why'])})")
     return OK
