@@ -46,6 +46,7 @@ class ClientSettings:
     forbidden_env: tuple[str, ...] = ()  # names/globs refused on top of the hook list
     docker_caps: tuple[str, ...] = ()  # capabilities task containers keep (all others dropped)
     run_as: str = ""  # process tasks run as this user (the client must be root to switch)
+    task_uids: tuple[int, int] = (60000, 60999)  # MESH_TASK_UIDS: a uid per attempt (root client)
     fence_after_s: float = 20.0  # cut off this long: stop all running work (0: never)
     cgroup: str = "auto"  # per-task cgroup v2 root: auto | off | a directory
     # MESH_ISOLATION=none: a node that cannot isolate process tasks runs every tenant's anyway
@@ -114,6 +115,7 @@ class ClientSettings:
             forbidden_env=env_list(env, "MESH_FORBIDDEN_ENV", ()),
             docker_caps=tuple(c.upper() for c in env_list(env, "MESH_DOCKER_CAPS", ())),
             run_as=env_str(env, "MESH_RUN_AS", ""),
+            task_uids=_task_uids(env),
             fence_after_s=fence_after_s,
             cgroup=env_str(env, "MESH_CGROUP", "auto"),
             isolation=_isolation(env),
@@ -184,6 +186,30 @@ def _isolation(env: Mapping[str, str]) -> str:
         raise ConfigError("MESH_ISOLATION", value, "auto, or none (run every tenant's process "
                           "tasks on a node that cannot isolate them)")
     return value
+
+
+def _task_uids(env: Mapping[str, str]) -> tuple[int, int]:
+    raw = env_str(env, "MESH_TASK_UIDS", "60000-60999")
+    try:
+        return parse_uid_range(raw)
+    except ValueError as exc:
+        raise ConfigError("MESH_TASK_UIDS", raw, str(exc)) from None
+
+
+def parse_uid_range(raw: str) -> tuple[int, int]:
+    """`60000-60999` -> (60000, 60999). ValueError with the reason otherwise."""
+    first_s, sep, last_s = raw.strip().partition("-")
+    if not sep:
+        raise ValueError("a range FIRST-LAST of numeric uids")
+    try:
+        first, last = int(first_s), int(last_s)
+    except ValueError:
+        raise ValueError("a range FIRST-LAST of numeric uids") from None
+    if not 1 <= first <= last <= 2**31 - 2:
+        raise ValueError("FIRST-LAST with 1 <= FIRST <= LAST < 2147483647 (never root)")
+    if first <= 65534 <= last:
+        raise ValueError("a range without 65534 (nobody: files of unmapped users show as it)")
+    return first, last
 
 
 def _role(env: Mapping[str, str]) -> str:

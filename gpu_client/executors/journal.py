@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from gpu_client.credential import private_dirs
+from gpu_client.executors.output import read_small
 from gpu_client.executors.pids import pid_is
 from gpu_client.executors.tree import MARKER_VAR, Tree, marker, scan
+from gpu_client.executors.uids import owner
 from shared.durable import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -119,12 +121,45 @@ class Journal:
         tmp.replace(final)
         fsync_dir(self.root)
 
+    def record(self, name: str, meta: dict[str, Any]) -> None:
+        """Blocking. The attempt's metadata (pid, pgid, create time, uid, timeout, ...): kept
+        here, where only the client can write, never in the task's work dir."""
+        final = self.root / f"{name}.meta"
+        tmp = self.root / f"{name}.meta.tmp"
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(json.dumps(meta))
+        tmp.replace(final)
+
+    def meta(self, name: str) -> dict[str, Any] | None:
+        """Blocking. What `record` wrote for `name`, or None."""
+        try:
+            meta = json.loads((self.root / f"{name}.meta").read_text())
+            str(meta["task_id"]), int(meta["attempt"]), float(meta["started_at"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def uids(self) -> list[tuple[str, int]]:
+        """Blocking. (name, uid) of every attempt recorded here with a uid of its own."""
+        out = []
+        try:
+            paths = sorted(self.root.glob("*.meta"))
+        except OSError:
+            return []
+        for path in paths:
+            meta = self.meta(path.name.removesuffix(".meta"))
+            if meta is not None and isinstance(meta.get("uid"), int):
+                out.append((path.name.removesuffix(".meta"), int(meta["uid"])))
+        return out
+
     def forget(self, name: str) -> None:
         """Blocking. The attempt is settled with the coordinator: drop its intent."""
-        try:
-            self.path(name).unlink()
-        except FileNotFoundError:
-            pass
+        for path in (self.path(name), self.root / f"{name}.meta"):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
 
     def entries(self) -> list[dict[str, Any]]:
         """Blocking. Every readable intent; unreadable ones are logged and skipped."""
@@ -170,6 +205,7 @@ def survey(work_dir: Path, journal: Journal, settle_s: float) -> list[Survey]:
     for entry in journal.entries():
         d = Path(entry["dir"])
         _, meta = dirs.pop(d.name, (d, None))
+        meta = journal.meta(str(entry.get("marker") or "")) or meta
         if meta is None:  # the client died before (or while) it wrote meta.json
             meta = {"task_id": entry["task_id"], "attempt": entry["attempt"],
                     "started_at": float(entry.get("at") or time.time()),
@@ -186,10 +222,22 @@ def judge(d: Path, meta: dict[str, Any], settle_s: float) -> Survey:
     if d.is_dir() and not (d / "pid").exists() and not (d / "exit_code").exists():
         _settle(d, name, settle_s)
     try:
-        pid, pgid = map(int, (d / "pid").read_text().split())
+        pid, pgid = map(int, read_small(d / "pid").split())
     except (OSError, ValueError):
         pid, pgid = 0, 0
     recorded = bool(pid)
+    uid = meta.get("uid")
+    if pid and isinstance(uid, int) and owner(pid) != uid:
+        # The wrapper runs as the attempt's own uid, which can rewrite `pid`: a pid of a
+        # process of another user is a forgery (or long gone), never signalled.
+        log.warning("attempt %s: its pid record names pid %d, not a process of uid %d: "
+                    "ignored", name, pid, uid)
+        pid = pgid = 0
+    elif pid and isinstance(uid, int):
+        try:
+            pgid = os.getpgid(pid)  # the kernel's answer, not the file's
+        except OSError:
+            pgid = 0
     here = pid_space()
     if (meta.get("pid_space") or here) != here:
         # Another boot or another container's pid namespace: these numbers now name other
@@ -203,6 +251,11 @@ def judge(d: Path, meta: dict[str, Any], settle_s: float) -> Survey:
                   pid_record=recorded, wrapper_alive=alive,
                   signalled=(d / "signalled").exists())
     return Survey(d, meta, decide(found))
+
+
+def _own(path: Path, uid: int) -> bool:
+    st = os.lstat(path)
+    return st.st_uid == uid and not st.st_mode & 0o022
 
 
 def pid_space() -> str:
@@ -228,9 +281,15 @@ def _settle(d: Path, name: str, settle_s: float) -> None:
 
 
 def scan_work_dir(work_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """`meta.json` of work dirs a client from before the journal wrote. One in a directory
+    the client does not own (a task's, handed to its uid) is the task's writing: ignored."""
     found = []
+    me = os.geteuid()
     for meta_path in sorted(work_dir.glob("*/meta.json")):
         try:
+            if not all(_own(p, me) for p in (meta_path.parent, meta_path)):
+                log.warning("ignoring %s: not written by this client's user", meta_path)
+                continue
             meta = json.loads(meta_path.read_text())
             str(meta["task_id"]), int(meta["attempt"]), float(meta["started_at"])
         except (OSError, ValueError, KeyError, TypeError) as exc:

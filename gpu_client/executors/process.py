@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import os
+import pwd
 import re
 import shutil
+import stat
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -57,7 +58,7 @@ from gpu_client.executors.journal import (
     pid_space,
     survey,
 )
-from gpu_client.executors.output import Tail, file_size, read_tail
+from gpu_client.executors.output import Tail, file_size, read_small, read_tail
 from gpu_client.executors.pids import alive, create_time, wait_pid
 from gpu_client.executors.tree import (
     MARKER_VAR,
@@ -69,6 +70,7 @@ from gpu_client.executors.tree import (
     make_cgroup,
     marker,
 )
+from gpu_client.executors.uids import DEFAULT_TASK_UIDS, NoFreeUid, UidPool, end_uid, owner
 from gpu_client.executors.workdir import collect, write_inputs
 from gpu_client.settings import ClientSettings
 from shared.files import bookkeeping_problem, name_problem
@@ -126,6 +128,7 @@ class _Attempt:
     pgid: int
     tree: Tree
     cancelled: bool = False
+    uid: int | None = None  # its own uid from the pool (ended whole by uid), else None
 
 
 class ProcessExecutor:
@@ -142,13 +145,27 @@ class ProcessExecutor:
         cgroup: str = "auto",
         run_as: str = "",
         journal_dir: Path | None = None,
+        task_uids: tuple[int, int] | None = DEFAULT_TASK_UIDS,
     ) -> None:
         self._run_as = run_as  # MESH_RUN_AS: tasks run as this user (needs a root client)
+        # A root client without MESH_RUN_AS: a uid of its own per attempt (uids.py).
+        self._uids = (UidPool(*task_uids) if task_uids and not run_as and os.geteuid() == 0
+                      else None)
+        self._uids_seeded = False
+        if run_as:
+            log.warning("MESH_RUN_AS=%s: every process task runs as this one user, so tasks "
+                        "of different tenants on this node can read, replace and signal each "
+                        "other's files and processes; unset it to give each attempt a uid of "
+                        "its own (MESH_TASK_UIDS)", run_as)
         self._work_dir = work_dir
         self._source = source
         self._tail_bytes = output_tail_bytes
         self._grace = kill_grace_s
         self._base_env = dict(os.environ if base_env is None else base_env)
+        if self._uids is not None and self._base_env.get("PATH"):
+            # entries a task's own user cannot search (/root/.local/bin) only turn a
+            # "not found" into "Permission denied": left out, once
+            self._base_env["PATH"] = _searchable_path(self._base_env["PATH"])
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._cgroup_setting = cgroup
         # Several clients may share a host (and tests do): their markers must not collide.
@@ -167,6 +184,8 @@ class ProcessExecutor:
     async def available(self) -> bool:
         try:
             await asyncio.to_thread(self._work_dir.mkdir, parents=True, exist_ok=True)
+            if self._uids is not None or self._run_as:
+                await asyncio.to_thread(_guard_work_dir, self._work_dir)
         except OSError as exc:
             log.warning("process executor off: work dir %s: %s", self._work_dir, exc)
             return False
@@ -193,31 +212,35 @@ class ProcessExecutor:
         if failed := await self._intend(assign, d, name, meta["started_at"]):
             return failed
         try:
-            await asyncio.to_thread(_prepare_dir, d, meta)
-        except OSError as exc:
-            return _infra(f"work dir {self._work_dir} unusable on this node: {exc}")
-        if failed := await self._write_inputs(assign, d):  # files first
+            ids = await asyncio.to_thread(self._task_ids, name)
+        except (KeyError, NoFreeUid) as exc:  # MESH_RUN_AS names no user; the range is full
+            return _infra(f"no user to run the task as on this node: {exc}")
+        if ids is not None:
+            meta["uid"] = ids[0]
+        if failed := await self._prepare(assign, d, name, meta, ids):  # files first
+            await asyncio.to_thread(self._free_uid, name)
             return failed
         crash_point(self._crash_at, "dir")
         cg = await asyncio.to_thread(make_cgroup, await self._cgroups(), name)
         meta["cgroup"] = None if cg is None else str(cg)
         env = task_env(self._base_env, assign, await asyncio.to_thread(self._source.read), d)
-        if self._run_as:
-            await asyncio.to_thread(shutil.chown, d, self._run_as)
         env[MARKER_VAR] = name  # every process of the task inherits it: see tree.py
-        launched = await self._launch(d, env, str(cg or ""), argv)
+        launched = await self._launch(d, env, str(cg or ""), argv, ids)
         if isinstance(launched, RunOutcome):
             await asyncio.to_thread(end_tree, Tree(name, cg), self._grace, self._launching)
+            await asyncio.to_thread(self._end_uid, meta.get("uid"))
             return launched
         pid, pgid = launched
         started = await asyncio.to_thread(create_time, pid)
         await asyncio.to_thread(_await_pid_record, d, pid)  # so "started" means it runs
         meta.update(pid=pid, pgid=pgid, create_time=started)
         try:
-            await asyncio.to_thread(_write_json, d / "meta.json", meta)
+            await asyncio.to_thread(self._journal.record, name, meta)
         except OSError as exc:
-            log.warning("task %s: cannot record its pid in %s: %s", name, d, exc)
-        att = _Attempt(assign.task_id, assign.attempt, d, pid, pgid, Tree(name, cg, pgid, pid))
+            log.warning("task %s: cannot record its pid in %s: %s", name, self._journal.root,
+                        exc)
+        att = _Attempt(assign.task_id, assign.attempt, d, pid, pgid, Tree(name, cg, pgid, pid),
+                       uid=meta.get("uid") if self._uids else None)
         self._attempts[(att.task_id, att.attempt)] = att  # cancel() can reach it from now on
         log.info(
             "task %s.%d started as pid %d%s", att.task_id, att.attempt, pid,
@@ -240,14 +263,43 @@ class ProcessExecutor:
         crash_point(self._crash_at, "intent")
         return None
 
-    async def _write_inputs(self, assign: Assign, d: Path) -> RunOutcome | None:
-        """Write the task's files into `d`. A name the executor or the file system refuses
-        fails the task (its own values); a disk or permission error is the node's."""
-        for name in assign.files:
-            if why := name_problem(name) or bookkeeping_problem(name):
+    def _task_ids(self, name: str) -> tuple[int, int] | None:
+        """Blocking. (uid, gid) the attempt runs as: a free one of the pool, the MESH_RUN_AS
+        user's, or None (a client that is not root: its own user)."""
+        if self._uids is not None:
+            if not self._uids_seeded:  # uids of attempts a previous client left stay taken
+                self._uids.seed(self._journal.uids())
+                self._uids_seeded = True
+            uid = self._uids.take(name)
+            return uid, uid
+        if self._run_as:
+            pw = pwd.getpwnam(self._run_as)
+            return pw.pw_uid, pw.pw_gid
+        return None
+
+    def _free_uid(self, name: str) -> None:
+        if self._uids is not None:
+            self._uids.free(name)
+
+    def _end_uid(self, uid: Any) -> None:
+        """Blocking. End every process left under an attempt's own uid (pool uids only)."""
+        if self._uids is not None and isinstance(uid, int):
+            if n := end_uid(uid, self._grace):
+                log.info("ended %d process(es) left under task uid %d", n, uid)
+
+    async def _prepare(self, assign: Assign, d: Path, name: str, meta: dict[str, Any],
+                       ids: tuple[int, int] | None) -> RunOutcome | None:
+        """Make `d` (0700, the client's), record the attempt's metadata in the journal and
+        write the task's files, then hand `d` to the task's user: one thread hop. A name the
+        executor or the file system refuses fails the task (its own values); a disk or
+        permission error is the node's."""
+        for fname in assign.files:
+            if why := name_problem(fname) or bookkeeping_problem(fname):
                 return _task_fault(f"input file refused: {why}")
         try:
-            await asyncio.to_thread(write_inputs, d, assign.files, self._run_as)
+            await asyncio.to_thread(_prepare_dir, d, self._journal, name, meta, assign, ids)
+        except _DirUnusable as exc:
+            return _infra(f"work dir {self._work_dir} unusable on this node: {exc.__cause__}")
         except ValueError as exc:  # a bad name or bad base64: the coordinator let it through
             return _task_fault(f"input file refused: {exc}")
         except OSError as exc:
@@ -259,7 +311,8 @@ class ProcessExecutor:
         return None
 
     async def _launch(
-        self, d: Path, env: dict[str, str], cg: str, argv: list[str]
+        self, d: Path, env: dict[str, str], cg: str, argv: list[str],
+        ids: tuple[int, int] | None = None,
     ) -> tuple[int, int] | RunOutcome:
         """Start the launcher shell; (wrapper pid, launcher pid = pgid) or the outcome of a
         launch that failed: the task's (its argv or env refused by exec) or the node's."""
@@ -268,7 +321,8 @@ class ProcessExecutor:
                 "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d, env=env,
                 stdin=asyncio.subprocess.PIPE if cg else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, start_new_session=True, user=self._run_as or None,
+                stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                **_as_user(ids),
             )
         except ValueError as exc:  # a NUL in an argument or env, `=` in an env name
             return _task_fault(f"the task's command or env cannot be passed to exec: {exc}")
@@ -290,10 +344,17 @@ class ProcessExecutor:
         finally:
             self._launching.discard(launcher.pid)
         try:
-            return int(out.split()[0]), launcher.pid
+            pid = int(out.split()[0])
         except (ValueError, IndexError):
-            why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
-            return _infra(f"could not start the task's shell on this node: {why}")
+            pid = 0
+        if pid and ids is not None and await asyncio.to_thread(owner, pid) not in (ids[0], None):
+            # the launcher runs as the task's user (its env, its libraries): a pid of another
+            # user's process is never taken as the task's (nor signalled)
+            return _infra(f"the task's shell reported pid {pid}, not a process of its user")
+        if pid:
+            return pid, launcher.pid
+        why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
+        return _infra(f"could not start the task's shell on this node: {why}")
 
     async def _place_in_cgroup(self, launcher: asyncio.subprocess.Process, cg: Path) -> None:
         """Write the waiting launcher's pid into `cg` (as the client: root), then let it go on;
@@ -336,6 +397,8 @@ class ProcessExecutor:
             key = (str(s.meta["task_id"]), int(s.meta["attempt"]))
             if key in self._attempts:
                 continue
+            if self._uids is not None and isinstance(s.meta.get("uid"), int):
+                self._uids.seed([(f"{self._tag}-{s.dir.name}", s.meta["uid"])])
             running = s.verdict is Verdict.RUNNING
             adopted.append(
                 Adopted(
@@ -352,6 +415,7 @@ class ProcessExecutor:
         d = self.attempt_dir(task_id, attempt)
         await asyncio.to_thread(shutil.rmtree, d, True)
         await asyncio.to_thread(self._journal.forget, f"{self._tag}-{d.name}")
+        await asyncio.to_thread(self._free_uid, f"{self._tag}-{d.name}")  # its processes are gone
         root = await self._cgroups()
         if root is not None:  # gone already unless the attempt ended while no client watched
             await asyncio.to_thread(_rmdir_quietly, root / f"{self._tag}-{d.name}")
@@ -360,8 +424,10 @@ class ProcessExecutor:
         self, d: Path, meta: dict[str, Any], verdict: Verdict
     ) -> Callable[[OnOutput], Awaitable[RunOutcome]]:
         async def follow(on_output: OnOutput) -> RunOutcome:
+            uid = meta.get("uid") if self._uids is not None else None
             att = _Attempt(str(meta["task_id"]), int(meta["attempt"]), d,
-                           int(meta["pid"]), int(meta["pgid"]), _tree_of(meta))
+                           int(meta["pid"]), int(meta["pgid"]), _tree_of(meta),
+                           uid=uid if isinstance(uid, int) else None)
             if verdict in INFRA_VERDICTS:  # the node lost it: what it left goes, then rerun
                 await self._end(att)
                 output = await asyncio.to_thread(read_tail, d / "output.log", self._tail_bytes)
@@ -408,6 +474,9 @@ class ProcessExecutor:
     async def _end(self, att: _Attempt) -> None:
         """End what is left of the attempt's tree, then wait for NVML to let go of it."""
         took = await asyncio.to_thread(end_tree, att.tree, self._grace, self._launching)
+        began = time.monotonic()
+        await asyncio.to_thread(self._end_uid, att.uid)  # whatever left its tree: same uid
+        took += time.monotonic() - began
         took += await self._wait_gpus_released(att.tree)
         self.cleanup_s = [*self.cleanup_s[-99:], took]
         log.info("task %s.%d: its processes are gone %.3fs after its end", att.task_id,
@@ -433,7 +502,7 @@ class ProcessExecutor:
         output = read_tail(d / "output.log", self._tail_bytes)
         duration = round(max(0.0, _mtime(d / "exit_code") - meta["started_at"]), 3)
         try:
-            exit_code: int | None = int((d / "exit_code").read_text().strip())
+            exit_code: int | None = int(read_small(d / "exit_code").strip())
         except (OSError, ValueError):
             exit_code = None
         if not error:
@@ -521,17 +590,56 @@ def task_env(
 # --- blocking helpers: call through asyncio.to_thread -----------------------------------
 
 
-def _prepare_dir(d: Path, meta: dict[str, Any]) -> None:
-    if d.exists():
-        shutil.rmtree(d)  # a leftover of a crash before this attempt was ever reported
-    d.mkdir(parents=True)
-    _write_json(d / "meta.json", meta)
+class _DirUnusable(Exception):
+    """The work dir or the journal failed (the node's fault); the OSError is its cause."""
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+def _prepare_dir(d: Path, journal: Journal, name: str, meta: dict[str, Any], assign: Assign,
+                 ids: tuple[int, int] | None) -> None:
+    """Make the attempt's dir (0700, the client's: no task can enter it yet), record its
+    metadata (with its uid) in the journal, where only the client writes, before anything of
+    the task runs, then write its files and hand the dir to `ids` last (workdir.py)."""
+    try:
+        if os.path.lexists(d):
+            shutil.rmtree(d)  # a leftover of a crash before this attempt was ever reported
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(d, 0o700)
+        journal.record(name, meta)
+    except OSError as exc:
+        raise _DirUnusable from exc
+    write_inputs(d, assign.files, ids)
+
+
+def _guard_work_dir(work_dir: Path) -> None:
+    """Tasks run as other users: the work dir must be the client's alone to write (else a
+    task could plant a next attempt's dir), and 0711: a task reaches its own dir by path
+    but cannot list the others'. OSError (refused) otherwise."""
+    st = os.lstat(work_dir)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, "not a directory owned by the client's user "
+                              f"(uid {os.geteuid()}): tasks could plant files in it")
+    os.chmod(work_dir, 0o711)
+
+
+def _searchable_path(value: str) -> str:
+    """The entries of a PATH value that any user can search (o+x on every component)."""
+    def searchable(entry: str) -> bool:
+        p = Path(entry)
+        if not p.is_absolute():
+            return False
+        try:
+            return all(os.stat(q).st_mode & 0o001 for q in (p, *p.parents))
+        except OSError:
+            return False
+    return ":".join(e for e in value.split(":") if searchable(e)) or _DEFAULT_PATH
+
+
+def _as_user(ids: tuple[int, int] | None) -> dict[str, Any]:
+    """subprocess arguments that start the launcher as `ids` (numeric: no passwd entry is
+    needed), with no supplementary groups (none of root's)."""
+    if ids is None:
+        return {}
+    return {"user": ids[0], "group": ids[1], "extra_groups": []}
 
 
 def _await_pid_record(d: Path, pid: int) -> None:
@@ -569,4 +677,5 @@ def _mtime(path: Path) -> float:
 def create(settings: ClientSettings, source: GpuSource) -> ProcessExecutor:
     return ProcessExecutor(settings.work_dir, source, output_tail_bytes=settings.output_tail_bytes,
                            cgroup=settings.cgroup, run_as=settings.run_as,
+                           task_uids=settings.task_uids,
                            journal_dir=settings.state_dir.expanduser() / "journal")

@@ -89,22 +89,51 @@ def _match(parts: list[str], pats: list[str]) -> bool:
 # --- the process executor: the attempt's directory on this host --------------------------
 
 
-def write_inputs(root: Path, files: dict[str, FileContent], owner: str = "") -> None:
-    """Write the task's files under `root` (which exists), owned by `owner` when given (the
-    MESH_RUN_AS user, so the task may replace them and write beside them). Raises ValueError
-    for a bad name (the coordinator checked them; a node checks again), OSError for the disk."""
-    for name, content in files.items():
-        if why := name_problem(name):
-            raise ValueError(why)
-        data = decode_content(content)
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        if executable(name, data):
-            path.chmod(0o755)
+def write_inputs(root: Path, files: dict[str, FileContent],
+                 owner: tuple[int, int] | None = None) -> None:
+    """Write the task's files under `root` (a fresh directory the task's user has no access
+    to yet), then hand `root` and everything in it to `owner` (uid, gid) when given, `root`
+    itself last. Every name is opened relative to its directory's file descriptor, never
+    through a symlink (`O_NOFOLLOW`, directories opened with `O_DIRECTORY | O_NOFOLLOW`),
+    files with `O_EXCL`; ownership is set on the open descriptors, so nothing a task planted
+    can make the (root) client write or chown outside `root`. Raises ValueError for a bad name
+    (the coordinator checked them; a node checks again), OSError for the disk."""
+    top = os.open(root, _DIR_FLAGS)
+    try:
+        for name, content in files.items():
+            if why := name_problem(name):
+                raise ValueError(why)
+            data = decode_content(content)
+            *dirs, base = name.split("/")
+            fds = [top]
+            try:
+                for part in dirs:
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=fds[-1])
+                    except FileExistsError:
+                        pass
+                    fds.append(os.open(part, _DIR_FLAGS, dir_fd=fds[-1]))
+                mode = 0o755 if executable(name, data) else 0o644
+                fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, mode, dir_fd=fds[-1])
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    os.fchmod(f.fileno(), mode)  # whatever the umask
+                    if owner:
+                        os.fchown(f.fileno(), *owner)
+                if owner:
+                    for dfd in fds[1:]:
+                        os.fchown(dfd, *owner)
+            finally:
+                for dfd in fds[1:]:
+                    os.close(dfd)
         if owner:
-            for p in (path, *path.relative_to(root).parents):
-                shutil.chown(root / p, owner)
+            os.fchown(top, *owner)  # last: until now the task's user could not enter
+    finally:
+        os.close(top)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def collect(root: Path, patterns: list[str]) -> Collected:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -207,8 +208,13 @@ async def test_client_killed_at_a_point_of_launch_then_restarted(
     settings: Settings, spawn_client: Spawn, tmp_path: Path, point: str, attempt: int,
     losses: int,
 ) -> None:
-    marks, gate = tmp_path / "marks", tmp_path / "gate"
+    # (a root client runs each task as a uid of its own: the marks and the gate must be
+    # where any user reaches them, not in pytest's 0700 tmp)
+    top = Path(tempfile.mkdtemp(prefix="gpumesh-marks-"))
+    top.chmod(0o755)
+    marks, gate = top / "marks", top / "gate"
     marks.mkdir()
+    marks.chmod(0o1777)
     # Each run leaves a mark named by task and attempt; the gate holds the first task in
     # `midrun` until the client has been killed under it.
     script = (f"touch {marks}/$MESH_TASK_ID.$MESH_ATTEMPT; "

@@ -107,11 +107,11 @@ async def test_cancel_ends_the_whole_tree(tmp_path: Path, cgroup: str) -> None:
 async def test_adoption_of_an_ended_attempt_ends_what_it_left(tmp_path: Path) -> None:
     first = pexec(tmp_path, "off")
     started = asyncio.Event()
-    gate = tmp_path / "go"
-    script = CHILDREN + f"; while [ ! -e {gate} ]; do sleep 0.05; done"
+    d = first.attempt_dir("t1", 1)
+    gate = d / "go"  # in its own dir: a root client's task runs as a uid that cannot see ours
+    script = CHILDREN + "; while [ ! -e go ]; do sleep 0.05; done"
     run = asyncio.create_task(first.run(passign(script=script), started.set, lambda _: None))
     await asyncio.wait_for(started.wait(), WAIT_S)
-    d = first.attempt_dir("t1", 1)
     while not (d / "setsid.pid").exists():
         await asyncio.sleep(0.02)
     run.cancel()  # the client goes away; the task runs on

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 
 from gpu_client.detect import FakeGpus
 from gpu_client.executors.base import RunOutcome
-from gpu_client.executors.process import ProcessExecutor
+from gpu_client.executors.process import ProcessExecutor, _searchable_path
 from shared.protocol import Assign
 
 
@@ -107,7 +106,9 @@ async def test_env_and_gpu_env(tmp_path: Path) -> None:
                                       gpu_vendor="nvidia"))
     env = dict(line.split("=", 1) for line in outcome.output.splitlines() if "=" in line)
     assert env["FOO"] == "bar" and "KEEP" not in env  # a clean env: nothing of the client's
-    assert env["HOME"].startswith(str(tmp_path)) and env["PATH"] == os.environ["PATH"]
+    # a root client runs the task as a uid of its own: PATH entries it cannot search go
+    path = _searchable_path(os.environ["PATH"]) if os.geteuid() == 0 else os.environ["PATH"]
+    assert env["HOME"].startswith(str(tmp_path)) and env["PATH"] == path
     assert env["CUDA_VISIBLE_DEVICES"] == "1"
     assert env["MESH_TASK_ID"] == "t1" and env["MESH_ATTEMPT"] == "1"
     assert env["MESH_GPU_INDICES"] == "1"
@@ -161,8 +162,8 @@ async def test_cancel_kills_the_group_and_run_returns(tmp_path: Path) -> None:
 async def test_adopt_after_the_client_goes_away(tmp_path: Path) -> None:
     first = make(tmp_path)
     rec = Recorder()
-    gate = tmp_path / "go"
-    script = f"echo before; while [ ! -e {gate} ]; do sleep 0.05; done; echo after; exit 4"
+    gate = first.attempt_dir("t1", 1) / "go"  # in its own dir: the task's uid may not see ours
+    script = "echo before; while [ ! -e go ]; do sleep 0.05; done; echo after; exit 4"
     task = asyncio.create_task(first.run(assign(script=script), rec.on_started, rec.on_output))
     await asyncio.wait_for(rec.started.wait(), 10)
     task.cancel()  # the client shuts down: the process must keep running
@@ -197,9 +198,9 @@ async def test_adopt_reports_a_dead_process_without_exit_code(tmp_path: Path) ->
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    meta = json.loads((first.attempt_dir("t1", 1) / "meta.json").read_text())
-    os.killpg(meta["pgid"], 9)
-    await wait_until(lambda: not live(meta["pid"]))
+    pid, pgid = map(int, (first.attempt_dir("t1", 1) / "pid").read_text().split())
+    os.killpg(pgid, 9)
+    await wait_until(lambda: not live(pid))
     (found,) = await make(tmp_path).adopt()
     assert not found.running
     outcome = await found.follow(rec.on_output)
