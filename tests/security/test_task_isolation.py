@@ -113,10 +113,12 @@ async def test_a_planted_symlink_never_makes_root_write_or_chown_outside(
     # The attacker runs beside every launch, planting links in its own dir and in every
     # attempt dir it can reach (a next attempt's too), as fast as it can.
     attacker = run_in(ex, "evil", (
-        f"T={target}; while :; do for i in $(seq 0 199); do d=../v$i.1; mkdir -p $d 2>/dev/null;"
-        " ln -sfn $T $d/sub 2>/dev/null; ln -sfn $T/x $d/a 2>/dev/null; done;"
-        " ln -sfn $T sub 2>/dev/null; done"))
-    files = {"sub/x": "pwned", "a": "1", "sub/y/z": "2", "run.sh": "#!/bin/sh\necho ok\n"}
+        f"T={target}; while :; do for d in ../v*.1; do ln -s $T $d/sub; ln -s $T/x $d/a;"
+        " done; mkdir ../v$((${#n}+1)).1 && ln -s $T ../v$((${#n}+1)).1/sub; n=x$n;"
+        " done 2>/dev/null"))
+    # (a plain file first: before this change the dir was handed over after the first file)
+    files = {"a": "1", **{f"f{j}": "filler" for j in range(50)}, "sub/x": "pwned",
+             "sub/y/z": "2", "run.sh": "#!/bin/sh\necho ok\n"}
     deadline = time.monotonic() + 120
     for i in range(200):
         assert time.monotonic() < deadline, f"only {i} launches in 120s"
