@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fnmatch
 import logging
 import os
 import pwd
@@ -74,6 +75,7 @@ from gpu_client.executors.uids import DEFAULT_TASK_UIDS, NoFreeUid, UidPool, end
 from gpu_client.executors.workdir import collect, write_inputs
 from gpu_client.settings import ClientSettings
 from shared.files import bookkeeping_problem, name_problem
+from shared.policy import HOOK_ENV
 from shared.protocol import Assign
 from shared.tasks import MAX_ARG_STRLEN
 
@@ -152,6 +154,7 @@ class ProcessExecutor:
         self._uids = (UidPool(*task_uids) if task_uids and not run_as and os.geteuid() == 0
                       else None)
         self._uids_seeded = False
+        self._run_as_ids: tuple[int, int] | None = None
         if run_as:
             log.warning("MESH_RUN_AS=%s: every process task runs as this one user, so tasks "
                         "of different tenants on this node can read, replace and signal each "
@@ -212,7 +215,9 @@ class ProcessExecutor:
         if failed := await self._intend(assign, d, name, meta["started_at"]):
             return failed
         try:
-            ids = await asyncio.to_thread(self._task_ids, name)
+            if not self._uids_seeded:  # once: reads the journal
+                await asyncio.to_thread(self._seed_uids)
+            ids = self._task_ids(name)  # no I/O: the pool, or the MESH_RUN_AS user resolved once
         except (KeyError, NoFreeUid) as exc:  # MESH_RUN_AS names no user; the range is full
             return _infra(f"no user to run the task as on this node: {exc}")
         if ids is not None:
@@ -231,8 +236,14 @@ class ProcessExecutor:
             await asyncio.to_thread(self._end_uid, meta.get("uid"))
             return launched
         pid, pgid = launched
-        started = await asyncio.to_thread(create_time, pid)
-        await asyncio.to_thread(_await_pid_record, d, pid)  # so "started" means it runs
+        # so "started" means it runs; one hop for the pid's start time and its owner
+        started, who = await asyncio.to_thread(_await_pid_record, d, pid)
+        if ids is not None and who not in (ids[0], None):
+            # the launcher runs as the task's user (its env, its libraries): a pid of another
+            # user's process is never taken as the task's (nor signalled)
+            await asyncio.to_thread(end_tree, Tree(name, cg), self._grace, self._launching)
+            await asyncio.to_thread(self._end_uid, meta.get("uid"))
+            return _infra(f"the task's shell reported pid {pid}, not a process of its user")
         meta.update(pid=pid, pgid=pgid, create_time=started)
         try:
             await asyncio.to_thread(self._journal.record, name, meta)
@@ -263,19 +274,23 @@ class ProcessExecutor:
         crash_point(self._crash_at, "intent")
         return None
 
-    def _task_ids(self, name: str) -> tuple[int, int] | None:
-        """Blocking. (uid, gid) the attempt runs as: a free one of the pool, the MESH_RUN_AS
-        user's, or None (a client that is not root: its own user)."""
+    def _seed_uids(self) -> None:
+        """Blocking, once: uids of attempts a previous client left stay taken; the
+        MESH_RUN_AS user's ids are looked up (KeyError: no such user)."""
         if self._uids is not None:
-            if not self._uids_seeded:  # uids of attempts a previous client left stay taken
-                self._uids.seed(self._journal.uids())
-                self._uids_seeded = True
+            self._uids.seed(self._journal.uids())
+        if self._run_as and self._run_as_ids is None:
+            pw = pwd.getpwnam(self._run_as)
+            self._run_as_ids = pw.pw_uid, pw.pw_gid
+        self._uids_seeded = True
+
+    def _task_ids(self, name: str) -> tuple[int, int] | None:
+        """(uid, gid) the attempt runs as: a free one of the pool, the MESH_RUN_AS user's,
+        or None (a client that is not root: its own user). No I/O (`_seed_uids` did it)."""
+        if self._uids is not None:
             uid = self._uids.take(name)
             return uid, uid
-        if self._run_as:
-            pw = pwd.getpwnam(self._run_as)
-            return pw.pw_uid, pw.pw_gid
-        return None
+        return self._run_as_ids
 
     def _free_uid(self, name: str) -> None:
         if self._uids is not None:
@@ -317,12 +332,13 @@ class ProcessExecutor:
         """Start the launcher shell; (wrapper pid, launcher pid = pgid) or the outcome of a
         launch that failed: the task's (its argv or env refused by exec) or the node's."""
         try:
+            drop, as_user = _as_user(ids, env)
             launcher = await asyncio.create_subprocess_exec(
-                "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d, env=env,
-                stdin=asyncio.subprocess.PIPE if cg else asyncio.subprocess.DEVNULL,
+                *drop, "/bin/sh", "-c", _LAUNCHER, "gpumesh-task", cg, _WRAPPER, *argv, cwd=d,
+                env=env, stdin=asyncio.subprocess.PIPE if cg else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE, start_new_session=True,
-                **_as_user(ids),
+                **as_user,
             )
         except ValueError as exc:  # a NUL in an argument or env, `=` in an env name
             return _task_fault(f"the task's command or env cannot be passed to exec: {exc}")
@@ -347,10 +363,6 @@ class ProcessExecutor:
             pid = int(out.split()[0])
         except (ValueError, IndexError):
             pid = 0
-        if pid and ids is not None and await asyncio.to_thread(owner, pid) not in (ids[0], None):
-            # the launcher runs as the task's user (its env, its libraries): a pid of another
-            # user's process is never taken as the task's (nor signalled)
-            return _infra(f"the task's shell reported pid {pid}, not a process of its user")
         if pid:
             return pid, launcher.pid
         why = err.decode(errors="replace").strip() or f"exit code {launcher.returncode}"
@@ -634,21 +646,37 @@ def _searchable_path(value: str) -> str:
     return ":".join(e for e in value.split(":") if searchable(e)) or _DEFAULT_PATH
 
 
-def _as_user(ids: tuple[int, int] | None) -> dict[str, Any]:
-    """subprocess arguments that start the launcher as `ids` (numeric: no passwd entry is
-    needed), with no supplementary groups (none of root's)."""
+_SETPRIV = shutil.which("setpriv", path="/usr/bin:/bin:/usr/sbin:/sbin")
+
+
+def _as_user(ids: tuple[int, int] | None, env: dict[str, str]) -> tuple[list[str], dict[str, Any]]:
+    """How the launcher starts as `ids` (numeric: no passwd entry is needed) with no
+    supplementary groups (none of root's): a command prefix, or subprocess arguments.
+
+    `setpriv` (util-linux) switches in the exec chain, so the client spawns with vfork: a
+    fork of the whole client for `user=` costs milliseconds per launch. setpriv runs as root
+    for one exec with the task's env, so every name that steers a loader or an interpreter
+    (shared/policy.py HOOK_ENV: the node refuses a task that sets one) is dropped again here.
+    Without setpriv: subprocess's own switch (a fork)."""
     if ids is None:
-        return {}
-    return {"user": ids[0], "group": ids[1], "extra_groups": []}
+        return [], {}
+    if _SETPRIV is None:
+        return [], {"user": ids[0], "group": ids[1], "extra_groups": []}
+    for name in [n for n in env if any(fnmatch.fnmatchcase(n, p) for p in HOOK_ENV)]:
+        del env[name]
+    return [_SETPRIV, f"--reuid={ids[0]}", f"--regid={ids[1]}", "--clear-groups", "--"], {}
 
 
-def _await_pid_record(d: Path, pid: int) -> None:
-    """Wait (bounded) until the wrapper has recorded its start, or has ended without."""
+def _await_pid_record(d: Path, pid: int) -> tuple[float | None, int | None]:
+    """The wrapper's start time and real uid; then wait (bounded) until it has recorded its
+    start, or has ended without."""
+    started, who = create_time(pid), owner(pid)
     deadline = time.monotonic() + LAUNCH_SETTLE_S
     while not (d / "pid").exists() and time.monotonic() < deadline:
         if not alive(pid):
-            return
+            break
         time.sleep(0.002)
+    return started, who
 
 
 def _rmdir_quietly(path: Path) -> None:
