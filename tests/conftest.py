@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
@@ -238,13 +239,35 @@ class Proc:
 def _base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "NODE_", "GPU_"))}
     env.update(PYTHONUNBUFFERED="1", **extra)
+    if os.geteuid() == 0 and (shims := _task_python_shims()):
+        env["PATH"] = f"{shims}:{env.get('PATH', '')}"
     return env
+
+
+def _task_python_shims() -> str:
+    """A root client runs process tasks as uids of their own, which cannot search /root: where
+    `python` is only root's (pyenv here), a world-readable dir with `python` -> python3."""
+    if not Path("/usr/bin/python3").exists() or Path("/usr/bin/python").exists():
+        return ""
+    shims = Path("/tmp/gpumesh-test-shims")
+    shims.mkdir(mode=0o755, exist_ok=True)
+    if not (shims / "python").is_symlink():
+        try:
+            (shims / "python").symlink_to("/usr/bin/python3")
+        except FileExistsError:
+            pass
+    return str(shims)
 
 
 @pytest.fixture
 async def spawn_client(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]]:
     """Start `python -m gpu_client` processes; all are stopped (and their groups killed)."""
     procs: list[Proc] = []
+    if os.geteuid() == 0:  # tasks run as uids of their own: let them reach their work dirs
+        for p in (tmp_path, *tmp_path.parents):
+            if p == Path(tempfile.gettempdir()) or p == p.parent:
+                break
+            p.chmod(p.stat().st_mode | 0o001)
 
     def spawn(name: str, coordinator_url: str, **env: str) -> Proc:
         proc_env = _base_env(

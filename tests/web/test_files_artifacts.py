@@ -277,9 +277,11 @@ async def test_upload_limits_and_what_a_cancelled_attempt_left(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root (a MESH_RUN_AS client)")
 def test_inputs_belong_to_the_run_as_user(tmp_path: Path) -> None:
-    write_inputs(tmp_path, {"sub/dir/t.sh": "#!/bin/sh\necho\n", "a.txt": "x"}, "nobody")
-    nobody = pwd.getpwnam("nobody").pw_uid
-    for rel in ("sub", "sub/dir", "sub/dir/t.sh", "a.txt"):
+    pw = pwd.getpwnam("nobody")
+    write_inputs(tmp_path, {"sub/dir/t.sh": "#!/bin/sh\necho\n", "a.txt": "x"},
+                 (pw.pw_uid, pw.pw_gid))
+    nobody = pw.pw_uid
+    for rel in (".", "sub", "sub/dir", "sub/dir/t.sh", "a.txt"):
         assert (tmp_path / rel).stat().st_uid == nobody, rel
     assert os.access(tmp_path / "sub/dir/t.sh", os.X_OK)
 
