@@ -263,7 +263,8 @@ def _task_python_shims() -> str:
 async def spawn_client(tmp_path: Path) -> AsyncIterator[Callable[..., Proc]]:
     """Start `python -m gpu_client` processes; all are stopped (and their groups killed)."""
     procs: list[Proc] = []
-    if os.geteuid() == 0:  # tasks run as uids of their own: let them reach their work dirs
+    if os.geteuid() == 0:  # tasks run as uids of their own: let them reach their work dirs,
+        tmp_path.chmod(0o1777)  # and leave flags and pid files in the test's tmp dir
         for p in (tmp_path, *tmp_path.parents):
             if p == Path(tempfile.gettempdir()) or p == p.parent:
                 break

@@ -75,7 +75,8 @@ async def test_kill9_client_mid_task_finishes_on_the_other_exactly_once(
     coordinator: LiveCoordinator, spawn_client: Spawn, tmp_path: Path
 ) -> None:
     marks = tmp_path / "marks"
-    marks.mkdir()
+    marks.mkdir(mode=0o1777)
+    marks.chmod(0o1777)  # a root client's tasks run as uids of their own
     a = spawn_client("a", coordinator.ws_url)
     await online(coordinator, "a")
     script = f'echo $$ > {marks}/pid.$MESH_ATTEMPT; sleep 2; echo done.$MESH_ATTEMPT'
