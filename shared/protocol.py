@@ -236,19 +236,73 @@ class TaskResult(Msg, tag="task_result"):
     infra: bool = False  # the attempt ended because of the node, not the task: run it elsewhere
 
 
-ClientMsg = Register | Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
+# --- model serving (issue 27): replicas and HTTP streams over the node's own link --------
+# A service replica is a task whose `assign` carries `service`; the node fills `{port}` with
+# a free loopback port, runs it, checks its health path and reports `replica`. The
+# coordinator then opens streams to it on this same WebSocket: each stream is one HTTP
+# request to the engine on 127.0.0.1:{port}, answered by `stream_head`, `stream_data`
+# chunks and one `stream_end`. Flow control is by credit: the node sends at most `window`
+# bytes of `stream_data` (counted as the UTF-8 length of `data`) beyond what the
+# coordinator granted back with `stream_credit`, so a slow caller stalls its stream, never
+# the link or the coordinator's memory.
+SERVE = "serve"
+StreamId = Annotated[int, msgspec.Meta(ge=1, le=INT64_MAX)]
+MAX_STREAM_BODY = 1 << 19  # a request body carried in `stream_open` (bytes of UTF-8)
+MAX_STREAM_CHUNK = 1 << 16  # one `stream_data` chunk (bytes of UTF-8)
+HttpStatus = Annotated[int, msgspec.Meta(ge=100, le=599)]
+
+
+class ReplicaState(Msg, tag="replica"):
+    """node -> coordinator: a replica's health, after each change."""
+
+    task_id: str
+    attempt: NonNegInt
+    state: Literal["starting", "ready", "unhealthy"]
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    reason: str = ""
+
+
+class StreamHead(Msg, tag="stream_head"):
+    """node -> coordinator: the engine's status line and content type."""
+
+    stream: StreamId
+    status: HttpStatus
+    content_type: str = ""
+
+
+class StreamData(Msg, tag="stream_data"):
+    """node -> coordinator: the next chunk of the engine's body, passed through as it came."""
+
+    stream: StreamId
+    data: Annotated[str, msgspec.Meta(max_length=MAX_STREAM_CHUNK)]
+
+
+class StreamEnd(Msg, tag="stream_end"):
+    """node -> coordinator: the body is complete ("" error) or broke off (the reason)."""
+
+    stream: StreamId
+    error: str = ""
+
+
+ClientMsg = (
+    Register | Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
+    | ReplicaState | StreamHead | StreamData | StreamEnd
+)
 
 # Optional features, offered in `register.features` and accepted in `registered.features`;
 # a peer that does not list one never receives it. "bundle": several messages in one frame
 # (`bundle` below, each direction), in the order they were made, handled as if sent one by one.
 BUNDLE = "bundle"
-FEATURES = frozenset({BUNDLE})
+FEATURES = frozenset({BUNDLE, SERVE})  # SERVE: the messages of model serving
 MAX_BUNDLE = 1024  # messages in one bundle; more is a bad frame
 
 
 class ClientBundle(Msg, tag="bundle"):
     msgs: Annotated[
-        list[Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult],
+        list[
+            Heartbeat | TaskAccepted | TaskStarted | TaskLog | TaskResult
+            | ReplicaState | StreamHead | StreamData | StreamEnd
+        ],
         msgspec.Meta(max_length=MAX_BUNDLE),
     ] = []
 
@@ -264,6 +318,15 @@ class Registered(Msg, tag="registered"):
     stop: list[TaskRef] = []  # reported tasks that were fenced off: stop and forget them
     credential: str = ""  # set on a node's first registration: keep it, present it from now on
     features: list[str] = []  # those of the register's `features` the coordinator will use
+
+
+class ServiceRun(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What makes an `assign` a service replica (issue 27): the node picks a free loopback
+    port, puts it where `{port}` appears (command, script, env), and checks `health_path`."""
+
+    service: str
+    model: str
+    health_path: str = "/v1/models"
 
 
 class Assign(Msg, tag="assign"):
@@ -287,6 +350,34 @@ class Assign(Msg, tag="assign"):
     files: dict[str, FileContent] = {}  # written into the working dir first (shared/files.py)
     artifacts: list[str] = []  # paths or globs collected from the working dir afterwards
     tenant: str = ""  # the task's tenant ("default" with auth off): node policy owner_tenant
+    service: ServiceRun | None = None  # set for a model service's replica (issue 27)
+
+
+class StreamOpen(Msg, tag="stream_open"):
+    """coordinator -> node: one HTTP request to a replica it runs (current attempt only)."""
+
+    stream: StreamId
+    task_id: str
+    attempt: NonNegInt
+    path: str  # origin-form under /v1/ (the node refuses anything else)
+    method: Literal["GET", "POST"] = "POST"
+    content_type: str = "application/json"
+    body: Annotated[str, msgspec.Meta(max_length=MAX_STREAM_BODY)] = ""
+    window: Annotated[int, msgspec.Meta(ge=1, le=1 << 30)] = 1 << 20  # bytes before credit
+
+
+class StreamCredit(Msg, tag="stream_credit"):
+    """coordinator -> node: the caller took `bytes` more of the stream: send that much more."""
+
+    stream: StreamId
+    bytes: Annotated[int, msgspec.Meta(ge=1, le=1 << 30)]
+
+
+class StreamCancel(Msg, tag="stream_cancel"):
+    """coordinator -> node: the caller went away: abort the engine's request."""
+
+    stream: StreamId
+    reason: str = ""
 
 
 class Cancel(Msg, tag="cancel"):
@@ -319,12 +410,17 @@ class Error(Msg, tag="error"):
     attempt: int | None = None
 
 
-ServerMsg = Registered | Assign | Cancel | Ack | Drain | Error
+ServerMsg = (
+    Registered | Assign | Cancel | Ack | Drain | Error | StreamOpen | StreamCredit | StreamCancel
+)
 
 
 class ServerBundle(Msg, tag="bundle"):
     msgs: Annotated[
-        list[Registered | Assign | Cancel | Ack | Drain | Error],
+        list[
+            Registered | Assign | Cancel | Ack | Drain | Error
+            | StreamOpen | StreamCredit | StreamCancel
+        ],
         msgspec.Meta(max_length=MAX_BUNDLE),
     ] = []
 
