@@ -31,6 +31,7 @@ from typing import Any
 import msgspec
 
 from coordinator.core.deadlines import Deadlines
+from coordinator.core.dispatch import dispatch_pass
 from coordinator.core.drain import load_drains
 from coordinator.core.faults import LoopWatch
 from coordinator.core.invariants import check_invariants
@@ -39,11 +40,11 @@ from coordinator.core.metrics import MeshMetrics
 from coordinator.core.node_side import NodeSide
 from coordinator.core.preempt import Preemption
 from coordinator.model import FINISHED, DrainMark, Link, Node, Task, TaskState, new_task_id
-from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
+from coordinator.scheduling.fairqueue import FairQueue
 from coordinator.scheduling.fairshare import tenant_of
-from coordinator.scheduling.placement import NoFit, PlacementIndex, place
+from coordinator.scheduling.placement import Placement, PlacementIndex
 from coordinator.scheduling.tenants import Tenants
-from coordinator.scheduling.wake import class_wake_key, node_wake_keys
+from coordinator.scheduling.wake import node_wake_keys
 from coordinator.settings import Settings
 from coordinator.storage.store import StoreError, Write, insert_of, update_of
 from coordinator.storage.store_core import GroupCommitStore
@@ -547,41 +548,23 @@ class Mesh:
         return send
 
     def _dispatch_pass(self) -> list[tuple[Task, asyncio.Future[None]]]:
-        """Place queued work until nothing more fits. Synchronous: no await inside.
-
-        Each decision takes the ready class whose head comes first (O(log classes)). A
-        class whose head does not fit is parked with its NoFit and costs nothing more
-        until `_node_changed` wakes it: blocked classes are not retried pass after pass.
-        A pass stops after `PASS_BUDGET_S` of decisions (many new classes, a big batch)
-        and asks for another, so the loop never stalls behind it."""
+        """Place queued work until nothing more fits (coordinator/core/dispatch.py, the code
+        the simulator runs too). Synchronous: no await inside. A pass stops after
+        `PASS_BUDGET_S` of decisions (many new classes, a big batch) and asks for another,
+        so the loop never stalls behind it."""
         placed: list[tuple[Task, asyncio.Future[None]]] = []
-        deadline = time.perf_counter() + PASS_BUDGET_S
-        while (found := self.queue.next()) is not None:
-            if time.perf_counter() > deadline:
-                self._wake.set()
-                break
-            key, (_, _, task_id) = found
-            t = self.tasks[task_id]
-            if why := self.fair.hold(t):  # its tenant is at a quota: wait until it lets go
-                self.queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
-                continue
-            decision = place(
-                t.spec.requirements, t.executor, self.index, t.priority, self.settings.balancing,
-                ask=t.policy_ask,
-            )
-            hold = 0.0
-            if isinstance(decision, NoFit) and self.settings.preemption:
-                decision, hold = self.preemption.preempt_for(t, decision)  # preempt.py
-            if isinstance(decision, NoFit):  # its reason is worked out when read
-                self.queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
-                continue
-            self.queue.pop(key)
+
+        def assign(t: Task, decision: Placement, hold: float) -> None:
             node = self.nodes[decision.node]
             write = self._transition(
                 t, A, cause=f"placed on {node.name}", node=node, gpus=decision.gpu_indices,
                 hold_s=hold,
             )
             placed.append((t, write))
+
+        if dispatch_pass(self, assign, self.preemption.preempt_for,
+                         deadline=time.perf_counter() + PASS_BUDGET_S):
+            self._wake.set()
         return placed
 
     def _node_changed(self, node: Node) -> None:

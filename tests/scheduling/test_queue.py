@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec import structs
 
-import coordinator.core.mesh as mesh_module
+import coordinator.core.dispatch as dispatch_module
 from coordinator.core.mesh import Mesh
 from coordinator.model import TaskState
 from coordinator.scheduling.queue import ClassKey, TaskQueue
@@ -216,15 +216,16 @@ async def mesh(tmp_path: Path) -> AsyncIterator[Mesh]:
 
 @pytest.fixture
 def place_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every call of the real `place()` by the Mesh, as the gpu_type it was asked for."""
+    """Every call of the real `place()` by the Mesh's dispatch pass (coordinator/core/dispatch.py),
+    as the gpu_type it was asked for."""
     calls: list[str] = []
-    real: Callable[..., Any] = mesh_module.place
+    real: Callable[..., Any] = dispatch_module.place
 
     def counting(req: Requirements, *args: Any, **kwargs: Any) -> Any:
         calls.append(req.gpu_type)
         return real(req, *args, **kwargs)
 
-    monkeypatch.setattr(mesh_module, "place", counting)
+    monkeypatch.setattr(dispatch_module, "place", counting)
     return calls
 
 

@@ -1,0 +1,89 @@
+"""One dispatch pass: which queued task goes where, decided without I/O.
+
+The Mesh (`Mesh._dispatch_pass`, coordinator/core/mesh.py) and the simulator
+(coordinator/sim/engine.py) run this same code; each hands in what differs:
+
+- `host`: where the queue, the tenants, placement's index, the tasks and the settings are
+  read (the Mesh itself; the simulator's cluster). Read at each call, so a Mesh rebuilt
+  from its store is seen as it is now.
+- `assign(task, placement, hold_s)`: carry a decision out. The Mesh writes the transition
+  queued -> assigned and sends the `assign` once it commits; the simulator starts the job on
+  its virtual clock. The task has left the queue (`queue.pop`) when it is called.
+- `preempt(task, nofit)`: free GPUs for critical work (coordinator/core/preempt.py), or None.
+
+A decision takes the ready class whose head comes first (the queue's order, across tenants
+by fair share). A class whose head does not fit is parked with its NoFit and costs nothing
+more until capacity that could fit it frees up (coordinator/scheduling/wake.py): blocked
+classes are not retried pass after pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from coordinator.model import Task
+from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
+from coordinator.scheduling.placement import NoFit, Placement, PlacementIndex, place
+from coordinator.scheduling.tenants import Tenants
+from coordinator.scheduling.wake import class_wake_key
+from coordinator.settings import Settings
+
+Assign = Callable[[Task, Placement, float], None]
+Preempt = Callable[[Task, NoFit], tuple[Placement | NoFit, float]]
+
+
+class DispatchHost(Protocol):
+    """What a dispatch pass reads, at the time of each call."""
+
+    @property
+    def settings(self) -> Settings: ...
+    @property
+    def queue(self) -> FairQueue: ...
+    @property
+    def fair(self) -> Tenants: ...
+    @property
+    def index(self) -> PlacementIndex: ...
+    @property
+    def tasks(self) -> Mapping[str, Task]: ...
+
+
+def decide(host: DispatchHost, t: Task, preempt: Preempt | None) -> tuple[Placement | NoFit, float]:
+    """Where `t` goes now (and how long its `assign` waits), or why it cannot go anywhere.
+
+    Gang tasks (issue 28) plug in here: one decision for all of a gang's members."""
+    decision = place(
+        t.spec.requirements, t.executor, host.index, t.priority, host.settings.balancing,
+        ask=t.policy_ask,
+    )
+    if isinstance(decision, NoFit) and preempt is not None and host.settings.preemption:
+        return preempt(t, decision)  # coordinator/core/preempt.py
+    return decision, 0.0
+
+
+def dispatch_pass(
+    host: DispatchHost, assign: Assign, preempt: Preempt | None = None,
+    deadline: float | None = None,
+) -> bool:
+    """Place queued work until nothing more fits. Synchronous: no await inside.
+
+    `deadline` (a `time.perf_counter()` value, None for none): the pass stops after it and
+    returns True, so the caller can let its event loop breathe and run another pass; False
+    when nothing more fits now."""
+    queue = host.queue
+    while (found := queue.next()) is not None:
+        if deadline is not None and time.perf_counter() > deadline:
+            return True
+        key, (_, _, task_id) = found
+        t = host.tasks[task_id]
+        if why := host.fair.hold(t):  # its tenant is at a quota: wait until it lets go
+            queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
+            continue
+        decision, hold = decide(host, t, preempt)
+        if isinstance(decision, NoFit):  # its reason is worked out when read
+            queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
+            continue
+        queue.pop(key)
+        assign(t, decision, hold)
+    return False
