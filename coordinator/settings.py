@@ -89,6 +89,17 @@ class Settings:
     # more at usual sizes, and small beside a disk that holds a week of them (retention).
     artifacts_max_bytes: int = 10 << 30
     fast_lane: bool = True  # MESH_FAST_LANE=off: every request through the full stack
+    # The OpenAI-compatible /v1 (coordinator/web/openai.py, coordinator/link/streams.py):
+    # how long a request waits for a first ready replica (then 503 + Retry-After), open
+    # streams in all and per node (then 503), each stream's window (the bytes a node may
+    # send beyond what the caller took: the stream's buffer bound), the request body cap
+    # (at most the protocol's MAX_STREAM_BODY) and the wait for a replica's response head.
+    serve_cold_start_s: float = 120.0
+    serve_max_streams: int = 1024
+    serve_max_streams_per_node: int = 256
+    serve_window_bytes: int = 256 << 10
+    serve_max_body_bytes: int = 512 << 10
+    serve_head_timeout_s: float = 600.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: object) -> Settings:
@@ -147,6 +158,7 @@ class Settings:
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),
             artifacts_max_bytes=env_int(env, "MESH_ARTIFACTS_MAX_BYTES", d.artifacts_max_bytes),
+            **_serve_env(env, d),
         )
         if base.auth not in ("token", "off"):
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
@@ -196,4 +208,41 @@ def _tenant_env(env: Mapping[str, str], d: Settings) -> _TenantEnv:
                                           d.fairshare_halflife_s),
         "preemption": env_bool(env, "MESH_PREEMPTION", False),
         "preempt_grace_s": env_float(env, "MESH_PREEMPT_GRACE_S", d.preempt_grace_s),
+    }
+
+class _ServeEnv(TypedDict):
+    serve_cold_start_s: float
+    serve_max_streams: int
+    serve_max_streams_per_node: int
+    serve_window_bytes: int
+    serve_max_body_bytes: int
+    serve_head_timeout_s: float
+
+
+def _serve_env(env: Mapping[str, str], d: Settings) -> _ServeEnv:
+    """MESH_SERVE_*: the limits of the OpenAI-compatible /v1 (README "Limits")."""
+    from shared.protocol import MAX_STREAM_BODY
+
+    def count(name: str, default: int, low: int = 1, high: int = 1 << 30) -> int:
+        value = env_int(env, name, default)
+        if not low <= value <= high:
+            raise ConfigError(name, str(value), f"an integer from {low} to {high}")
+        return value
+
+    def seconds(name: str, default: float) -> float:
+        value = env_float(env, name, default)
+        if not value > 0:
+            raise ConfigError(name, f"{value:g}", "seconds > 0")
+        return value
+
+    return {
+        "serve_cold_start_s": seconds("MESH_SERVE_COLD_START_S", d.serve_cold_start_s),
+        "serve_max_streams": count("MESH_SERVE_MAX_STREAMS", d.serve_max_streams),
+        "serve_max_streams_per_node": count("MESH_SERVE_MAX_STREAMS_PER_NODE",
+                                            d.serve_max_streams_per_node),
+        "serve_window_bytes": count("MESH_SERVE_WINDOW_BYTES", d.serve_window_bytes,
+                                    high=1 << 30),
+        "serve_max_body_bytes": count("MESH_SERVE_MAX_BODY_BYTES", d.serve_max_body_bytes,
+                                      high=MAX_STREAM_BODY),
+        "serve_head_timeout_s": seconds("MESH_SERVE_HEAD_TIMEOUT_S", d.serve_head_timeout_s),
     }

@@ -26,6 +26,7 @@ from coordinator.core.drain import drain_notice
 from coordinator.core.mesh import Mesh
 from coordinator.link.identity import NodeIdentities, Refused
 from coordinator.link.join_proof import answer, join_refusal
+from coordinator.link.streams import StreamTable
 from coordinator.storage.store import StoreError
 from shared.limits import MAX_NAME, NodeLogLimit, Throttled, message_refusal
 from shared.protocol import (
@@ -39,6 +40,9 @@ from shared.protocol import (
     Error,
     Msg,
     Register,
+    StreamData,
+    StreamEnd,
+    StreamHead,
     bundle_frame,
     decode_client,
     encode,
@@ -445,6 +449,8 @@ async def _serve(ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes) -> None
         why = await _read_loop(ws, mesh, name, link)
     finally:
         mesh.disconnected(name, link, why)
+        if (streams := _streams(ws)) is not None:
+            streams.link_gone(name, link, why)  # its replicas' answers in flight end short
         link.close(CloseCode.NORMAL, why)
         try:
             await asyncio.wait_for(writer, 5)
@@ -452,7 +458,13 @@ async def _serve(ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes) -> None
             writer.cancel()
 
 
+def _streams(ws: WebSocket) -> StreamTable | None:
+    """The stream table of model serving (coordinator/link/streams.py), once the app built it."""
+    return getattr(ws.app.state, "streams", None)
+
+
 async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
+    streams = _streams(ws)
     while not link.closing:
         raw = await _receive(ws)
         if raw is None:
@@ -460,6 +472,10 @@ async def _read_loop(ws: WebSocket, mesh: Mesh, name: str, link: WsLink) -> str:
         msg = decode_client(raw)
         for one in msg.msgs if isinstance(msg, ClientBundle) else (msg,):
             if link.closing or (ok := _admitted(ws, mesh, name, link, one)) is None:
+                continue
+            if isinstance(ok, StreamData | StreamHead | StreamEnd) and streams is not None:
+                mesh.heard(name, link)  # alive; the stream table checks and applies it
+                streams.on_frame(name, link, ok)
                 continue
             try:
                 mesh.handle(name, link, ok)

@@ -32,6 +32,8 @@ from coordinator.web.drain_api import drain_routes
 from coordinator.web.edge import BodyTooLarge, read_body
 from coordinator.web.fastlane import FastLane
 from coordinator.web.node_api import node_routes
+from coordinator.web.openai import Router
+from coordinator.web.openai import routes as openai_routes
 from coordinator.web.openapi import openapi_routes
 from coordinator.web.templates import load_templates
 from coordinator.web.tenant_api import tenant_routes
@@ -91,6 +93,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         app.state.mesh = mesh
         app.state.connections = connections
         app.state.templates = templates
+        router = app.state.router = Router(settings)  # /v1 (coordinator/web/openai.py)
+        app.state.streams = router.streams  # the node link hands it stream frames
         await mesh.start()
         artifacts = ArtifactFiles(settings.data_dir / "artifacts", mesh,
                                   settings.artifact_retention_s, settings.artifacts_max_bytes)
@@ -106,6 +110,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         try:
             yield
         finally:
+            router.streams.shutdown("the coordinator stopped leading")
             await advertiser.stop()
             await artifacts.stop()
             await mesh.stop()
@@ -121,7 +126,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app: Starlette = Starlette(  # typed here: the lambdas below read it
         routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
-                *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes],
+                *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes,
+                *openai_routes],
         middleware=[
             *([Middleware(  # submit and read a task without the stack below (fastlane.py)
                 FastLane, state=lambda: app.state, auth=settings.auth != "off",

@@ -33,6 +33,7 @@ class HandNode:
         self.credential = ""
         self.running: list[dict[str, Any]] = []
         self.frames: list[dict[str, Any]] = []
+        self.register_extra: dict[str, Any] = {}  # more register fields (e.g. features)
         self._ws: ClientConnection | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -45,7 +46,8 @@ class HandNode:
             self.running = list(running)
         self.frames = []
         self._ws = await connect(f"{self.ws_url}/ws/{self.name}")
-        doc = {**REGISTER, "token": TEST_JOIN_TOKEN, "running": self.running}
+        doc = {**REGISTER, **self.register_extra, "token": TEST_JOIN_TOKEN,
+               "running": self.running}
         if self.credential:
             doc["credential"] = self.credential
         await self._ws.send(json.dumps(doc))
