@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
+# llama-cpp-python (the serving tests' engine) builds from its sdist: portable code, no
+# examples or tests, about 4 minutes on 2 cores; pip caches the wheel.
+$(VENV)/.installed-test: export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
