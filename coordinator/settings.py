@@ -71,6 +71,12 @@ class Settings:
     mdns_addresses: tuple[str, ...] = ()  # advertise these instead of the bound addresses
     lease_s: float = 10.0  # PostgreSQL: the leader lease; a standby leads this long after
     advertise_url: str = ""  # how peers and nodes reach this coordinator; "": from host/port
+    # Model services (coordinator/core/services.py): a replica that ends while wanted is
+    # restarted after service_restart_s, doubled per consecutive crash up to the max; at most
+    # max_services services in all (a create past it gets 409).
+    service_restart_s: float = 1.0
+    service_restart_max_s: float = 60.0
+    max_services: int = 1000
     # Tenants (coordinator/scheduling/tenants.py): defaults for a tenant without a stored config
     # (0 = unlimited), the fair-share half-life, and preemption of low work by critical work.
     tenant_default_weight: float = 1.0
@@ -154,6 +160,10 @@ class Settings:
             mdns_addresses=env_list(env, "MESH_MDNS_ADDRESSES", d.mdns_addresses),
             lease_s=env_float(env, "MESH_LEASE_S", d.lease_s),
             advertise_url=env_str(env, "MESH_ADVERTISE_URL", d.advertise_url),
+            service_restart_s=env_float(env, "MESH_SERVICE_RESTART_S", d.service_restart_s),
+            service_restart_max_s=env_float(env, "MESH_SERVICE_RESTART_MAX_S",
+                                            d.service_restart_max_s),
+            max_services=env_int(env, "MESH_MAX_SERVICES", d.max_services),
             **_tenant_env(env, d),
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),

@@ -39,6 +39,8 @@ from coordinator.core.logs import TaskLogs
 from coordinator.core.metrics import MeshMetrics
 from coordinator.core.node_side import NodeSide
 from coordinator.core.preempt import Preemption
+from coordinator.core.service_metrics import ServiceMetrics
+from coordinator.core.services import ServiceManager
 from coordinator.model import FINISHED, DrainMark, Link, Node, Task, TaskState, new_task_id
 from coordinator.scheduling.fairqueue import FairQueue
 from coordinator.scheduling.fairshare import tenant_of
@@ -107,6 +109,10 @@ class Mesh:
             wake_blocked=self._wake_blocked, wake=self._wake_dispatch,
         )
         self.preemption = Preemption(self, self._transition)
+        # Model services: their specs, replicas (tasks marked as theirs) and scaling.
+        self.services = ServiceManager(self, ServiceMetrics())
+        self.metrics.registry.register(self.services.metrics)
+        self.services.metrics.watch(lambda: list(self.services.services.values()))
         # The coordinator's own deadlines: timeout_s, and a start after assignment.
         self.deadlines = Deadlines(
             self, transition=self._transition, infra_loss=self.node_side.faults.infra_loss,
@@ -163,6 +169,7 @@ class Mesh:
                 # its deadline, from the stored times; none before its node may be back
                 self.deadlines.moved(t, t.state, not_before=now + self.settings.restart_grace_s)
         await load_drains(self)
+        await self.services.load()  # before any node may report a replica
         for node in self.nodes.values():
             self.node_side.start_grace(
                 node, self.settings.restart_grace_s, "coordinator restart"
@@ -172,6 +179,7 @@ class Mesh:
             asyncio.create_task(self.node_side.faults.liveness_loop(), name="liveness"),
             asyncio.create_task(self._load_queued(len(active)), name="load-queued"),
             asyncio.create_task(self.node_side.forget_loop(), name="forget-nodes"),
+            asyncio.create_task(self.services.run(), name="services"),
         ]
         self._wake.set()
 
@@ -283,6 +291,8 @@ class Mesh:
         t.state = to
         self._count(t, prev, to)
         self.deadlines.moved(t, to)  # cancels one timer, arms one (core/deadlines.py)
+        if t.id in self.services.by_task:  # a model service's replica (core/services.py)
+            self.services.task_moved(t, to)
         if log.isEnabledFor(logging.INFO):  # its context dict is not built for nothing
             log.info(
                 "task %s %s -> %s (%s)", t.id, prev, to, cause, extra=t.log_context(cause=cause)
@@ -615,6 +625,7 @@ class Mesh:
             timeout_s=spec.timeout_s, volumes=spec.volumes, shm_size=spec.shm_size,
             cpus=spec.cpus, mem_limit=spec.mem_limit, params=msgspec.json.decode(t.params_raw),
             files=spec.files, artifacts=spec.artifacts, tenant=tenant_of(t.tenant),
+            service=self.services.run_for(t.id),
         )
 
     # --- invariants --------------------------------------------------------------------

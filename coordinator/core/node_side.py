@@ -32,6 +32,7 @@ from shared.protocol import (
     Heartbeat,
     Register,
     Registered,
+    ReplicaState,
     TaskAccepted,
     TaskLog,
     TaskOutcome,
@@ -40,6 +41,7 @@ from shared.protocol import (
 )
 
 if TYPE_CHECKING:
+    from coordinator.core.services import ServiceManager
     from coordinator.scheduling.fairqueue import FairQueue
     from coordinator.scheduling.placement import PlacementIndex
     from coordinator.storage.store_core import GroupCommitStore
@@ -66,6 +68,8 @@ class NodeHost(FaultHost, Protocol):
     def queue(self) -> FairQueue: ...
     @property
     def drains(self) -> Mapping[str, DrainMark]: ...
+    @property
+    def services(self) -> ServiceManager: ...
 
 
 class NodeSide:
@@ -272,6 +276,8 @@ class NodeSide:
                 self._transition(t, R, cause=f"started on {name}")
             elif isinstance(msg, TaskLog):
                 mesh.logs.open(t.id).append(msg.data)
+        elif isinstance(msg, ReplicaState):  # a model service's replica: its health
+            mesh.services.replica_report(name, msg)
         elif isinstance(msg, Register):
             link.send(Error(reason="already registered on this connection", code="bad_message"))
 

@@ -76,6 +76,17 @@ SQLITE: dict[str, tuple[Migration, ...]] = {
             "CREATE TABLE IF NOT EXISTS node_drains (name TEXT PRIMARY KEY, reason TEXT NOT NULL,"
             " since REAL NOT NULL, actor TEXT NOT NULL)",
         )),
+        Migration(5, "model services", (  # coordinator/core/services.py (issue 27)
+            "CREATE TABLE services (tenant TEXT NOT NULL, name TEXT NOT NULL, spec BLOB NOT NULL,"
+            " task BLOB NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+            " PRIMARY KEY (tenant, name))",
+            "CREATE TABLE service_events (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+            " tenant TEXT NOT NULL, name TEXT NOT NULL, at REAL NOT NULL, kind TEXT NOT NULL,"
+            " detail BLOB NOT NULL)",
+            "CREATE INDEX service_events_of ON service_events(tenant, name, seq)",
+            "CREATE TABLE service_replicas (task_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,"
+            " name TEXT NOT NULL)",
+        )),
     ),
     "auth": (
         Migration(1, "tokens", (
@@ -138,6 +149,17 @@ POSTGRES: dict[str, tuple[Migration, ...]] = {
                     RAISE EXCEPTION USING ERRCODE = 'GM001', MESSAGE = what;
                 END IF;
             END $$ LANGUAGE plpgsql""",
+        )),
+        Migration(6, "model services", (  # coordinator/core/services.py (issue 27)
+            "CREATE TABLE services (tenant text NOT NULL, name text NOT NULL, spec bytea NOT NULL,"
+            " task bytea NOT NULL, created_at double precision NOT NULL,"
+            " updated_at double precision NOT NULL, PRIMARY KEY (tenant, name))",
+            "CREATE TABLE service_events (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+            " tenant text NOT NULL, name text NOT NULL, at double precision NOT NULL,"
+            " kind text NOT NULL, detail bytea NOT NULL)",
+            "CREATE INDEX service_events_of ON service_events(tenant, name, seq)",
+            "CREATE TABLE service_replicas (task_id text PRIMARY KEY, tenant text NOT NULL,"
+            " name text NOT NULL)",
         )),
     ),
     "auth": (

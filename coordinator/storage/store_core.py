@@ -116,7 +116,32 @@ class DrainPut:
     values: tuple[Any, ...]
 
 
-Op = Insert | Update | AuditInsert | TenantPut | DrainPut  # a write an engine applies
+@dataclass(frozen=True, slots=True)
+class ServiceWrite:
+    """A model service's row, an event of its history or a replica mark
+    (coordinator/core/services.py): `kind` is a key of SERVICE_SQL, `values` its arguments."""
+
+    kind: str
+    values: tuple[Any, ...]
+
+
+MAX_SERVICE_EVENTS = 1000  # a service's history keeps its newest events, older ones pruned
+SERVICE_SQL = {
+    "put": "INSERT INTO services (tenant, name, spec, task, created_at, updated_at) "
+           "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, name) DO UPDATE SET "
+           "spec = excluded.spec, task = excluded.task, updated_at = excluded.updated_at",
+    "delete": "DELETE FROM services WHERE tenant = ? AND name = ?",
+    "forget": "DELETE FROM service_events WHERE tenant = ? AND name = ?",
+    "event": "INSERT INTO service_events (tenant, name, at, kind, detail) VALUES (?, ?, ?, ?, ?)",
+    "prune": "DELETE FROM service_events WHERE tenant = ? AND name = ? AND seq <= (SELECT seq "
+             "FROM service_events WHERE tenant = ? AND name = ? ORDER BY seq DESC LIMIT 1 "
+             f"OFFSET {MAX_SERVICE_EVENTS})",
+    "replica": "INSERT INTO service_replicas (task_id, tenant, name) VALUES (?, ?, ?)",
+    "unreplica": "DELETE FROM service_replicas WHERE task_id = ?",
+}
+
+
+Op = Insert | Update | AuditInsert | TenantPut | DrainPut | ServiceWrite  # an engine applies
 Write = Op | Barrier
 
 
@@ -143,6 +168,8 @@ def statement_of(op: Op) -> tuple[str, tuple[Any, ...]]:
         return TENANT_SQL, op.values
     if isinstance(op, DrainPut):
         return DRAIN_SET_SQL if len(op.values) > 1 else DRAIN_LIFT_SQL, op.values
+    if isinstance(op, ServiceWrite):
+        return SERVICE_SQL[op.kind], op.values
     return UPDATE_SQL, (*op.values, op.task_id, op.prev_state, op.prev_attempt)
 
 
@@ -403,6 +430,32 @@ class GroupCommitStore:
         return await self._query(
             "SELECT name, reason, since, actor FROM node_drains ORDER BY name", (),
             lambda rows: [(str(n), str(r), float(s), str(a)) for n, r, s, a in rows],
+        )
+
+    async def services(self) -> list[tuple[str, str, bytes, bytes, float, float]]:
+        """Every model service: (tenant, name, spec JSON, replica task JSON, created_at,
+        updated_at)."""
+        return await self._query(
+            "SELECT tenant, name, spec, task, created_at, updated_at FROM services "
+            "ORDER BY tenant, name", (),
+            lambda rows: [(str(t), str(n), bytes(s), bytes(k), float(c), float(u))
+                          for t, n, s, k, c, u in rows],
+        )
+
+    async def service_replicas(self) -> list[tuple[str, str, str]]:
+        """Every task marked as a service's replica: (task id, tenant, service name)."""
+        return await self._query(
+            "SELECT task_id, tenant, name FROM service_replicas ORDER BY task_id", (),
+            lambda rows: [(str(i), str(t), str(n)) for i, t, n in rows],
+        )
+
+    async def service_events(self, tenant: str, name: str, limit: int) -> list[dict[str, Any]]:
+        """A service's newest `limit` events, oldest first: {seq, at, kind, detail}."""
+        return await self._query(
+            "SELECT seq, at, kind, detail FROM service_events WHERE tenant = ? AND name = ? "
+            "ORDER BY seq DESC LIMIT ?", (tenant, name, limit),
+            lambda rows: [{"seq": int(q), "at": float(a), "kind": str(k),
+                           "detail": orjson.loads(d)} for q, a, k, d in reversed(rows)],
         )
 
     async def audit_page(

@@ -30,11 +30,13 @@ from coordinator.web.api import as_json, error, not_stored, routes
 from coordinator.web.artifacts import ArtifactFiles, artifact_routes
 from coordinator.web.drain_api import drain_routes
 from coordinator.web.edge import BodyTooLarge, read_body
+from coordinator.web.engines import load_engines
 from coordinator.web.fastlane import FastLane
 from coordinator.web.node_api import node_routes
 from coordinator.web.openai import Router
 from coordinator.web.openai import routes as openai_routes
 from coordinator.web.openapi import openapi_routes
+from coordinator.web.services_api import service_routes
 from coordinator.web.templates import load_templates
 from coordinator.web.tenant_api import tenant_routes
 from coordinator.web.ui import ui_routes
@@ -69,6 +71,7 @@ def _body_reader(limit: int) -> Callable[[Request], Awaitable[bytes]]:
 
 def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
     templates = load_templates(settings.templates)  # a bad file stops the start, with why
+    engines = load_engines(settings.templates)  # [engine.*] of model services, the same file
 
     @contextlib.asynccontextmanager
     async def leading(
@@ -93,6 +96,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         app.state.mesh = mesh
         app.state.connections = connections
         app.state.templates = templates
+        app.state.engines = engines
         router = app.state.router = Router(settings)  # /v1 (coordinator/web/openai.py)
         app.state.streams = router.streams  # the node link hands it stream frames
         await mesh.start()
@@ -125,7 +129,8 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
 
     hint = how_to_get_a_token(settings.data_dir, bool(settings.admin_token))
     app: Starlette = Starlette(  # typed here: the lambdas below read it
-        routes=[*routes, *admin_routes, *node_routes, WebSocketRoute("/ws/{node_id}", node_socket),
+        routes=[*routes, *service_routes, *admin_routes, *node_routes,
+                WebSocketRoute("/ws/{node_id}", node_socket),
                 *openapi_routes, *ui_routes(), *artifact_routes, *drain_routes, *tenant_routes,
                 *openai_routes],
         middleware=[

@@ -97,6 +97,7 @@ def load_templates(path: Path | str | None = None) -> Templates:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TemplateError(f"templates file {p}: {exc}") from exc
+    doc.pop("engine", None)  # model services' engines: coordinator/web/engines.py
     try:
         return msgspec.convert(doc, dict[str, Template])
     except msgspec.ValidationError as exc:
