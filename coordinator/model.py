@@ -16,7 +16,7 @@ import msgspec
 
 from shared.policy import PolicyAsk
 from shared.protocol import GpuInfo, Msg, NodePolicy
-from shared.tasks import TaskSubmit
+from shared.tasks import GangRef, TaskSubmit
 
 
 class TaskState(StrEnum):
@@ -90,12 +90,32 @@ class Task:
     # (attempt, node epoch, n): that attempt's `assign` was the n-th sent on that connection
     # (Node.assigns_sent); a heartbeat counting fewer was made before the node had it.
     sent_as: tuple[int, int, int] | None = None
+    _gang: tuple[int, GangRef | None] | None = None  # (gang size, member ref), from the spec
 
     @property
     def spec(self) -> TaskSubmit:
         if self._spec is None:
             self._spec = _spec_decoder.decode(self.spec_raw)
         return self._spec
+
+    def _gang_of(self) -> tuple[int, GangRef | None]:
+        if self._gang is None:  # the substring test spares most tasks a decode of their spec
+            raw = self.spec_raw
+            if b'"nodes":' in raw or b'"gang":' in raw:
+                self._gang = (self.spec.nodes, self.spec.gang)
+            else:
+                self._gang = (1, None)
+        return self._gang
+
+    @property
+    def gang_size(self) -> int:
+        """More than 1: a gang task (coordinator/core/gangs.py), placed all or nothing."""
+        return self._gang_of()[0]
+
+    @property
+    def member_of(self) -> GangRef | None:
+        """Set when this task is one member (one rank) of a gang's attempt."""
+        return self._gang_of()[1]
 
     @property
     def class_key(self) -> tuple[str, bytes]:
@@ -105,6 +125,8 @@ class Task:
         (coordinator/scheduling/tenants.py) must not hold preemptible work queued behind it."""
         digest = self.policy_digest
         key = self.req_raw + b"\0" + digest if digest else self.req_raw
+        if self.gang_size > 1:  # a gang never shares a class with single tasks
+            key += b"\0gang%d" % self.gang_size
         return (self.executor, key + b"\0np" if _PINNED in self.spec_raw else key)
 
     @property
@@ -200,6 +222,7 @@ class Node:
     missing: dict[str, int] = field(default_factory=dict)  # task id -> heartbeats missed
     assigns_sent: int = 0  # `assign` messages sent on the current connection (epoch)
     drain: DrainMark | None = None  # an admin drained it: no new work (coordinator/core/drain.py)
+    address: str = ""  # where peers reach it: its register's `address`, else its socket's peer
 
     @property
     def online(self) -> bool:

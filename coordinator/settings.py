@@ -59,6 +59,7 @@ class Settings:
     ws_queue_bytes: int = 64 << 20  # ... past either bound is closed with 4005
     forget_node_s: float = 3600.0  # an offline node holding no tasks is forgotten after this
     max_infra_retries: int = 20  # node-fault requeues of one task before it fails
+    gang_ready_s: float = 300.0  # every member of a gang started within this, or all stop
     quarantine_errors: int = 3  # infrastructure errors within the window that quarantine a node
     quarantine_window_s: float = 600.0
     quarantine_probe_s: float = 30.0  # a quarantined node's healthy heartbeat lifts it after this
@@ -150,6 +151,7 @@ class Settings:
             ws_queue_bytes=env_int(env, "MESH_WS_QUEUE_BYTES", d.ws_queue_bytes),
             forget_node_s=env_float(env, "MESH_FORGET_NODE_S", d.forget_node_s),
             max_infra_retries=env_int(env, "MESH_MAX_INFRA_RETRIES", d.max_infra_retries),
+            gang_ready_s=env_float(env, "MESH_GANG_READY_S", d.gang_ready_s),
             quarantine_errors=env_int(env, "MESH_QUARANTINE_ERRORS", d.quarantine_errors),
             quarantine_window_s=env_float(env, "MESH_QUARANTINE_WINDOW_S", d.quarantine_window_s),
             quarantine_probe_s=env_float(env, "MESH_QUARANTINE_PROBE_S", d.quarantine_probe_s),
@@ -174,6 +176,8 @@ class Settings:
             raise ConfigError("MESH_AUTH", base.auth, "token | off")
         if not base.timeout_grace_s >= 0:
             raise ConfigError("MESH_TIMEOUT_GRACE_S", f"{base.timeout_grace_s:g}", "seconds >= 0")
+        if not base.gang_ready_s > 0:
+            raise ConfigError("MESH_GANG_READY_S", f"{base.gang_ready_s:g}", "seconds > 0")
         if not base.start_deadline_s > 0:
             raise ConfigError("MESH_START_DEADLINE_S", f"{base.start_deadline_s:g}", "seconds > 0")
         if base.balancing not in MODES:

@@ -30,6 +30,7 @@ from gpu_client.discover import serve_discovered
 from gpu_client.endpoints import Endpoints, reconnect_delays
 from gpu_client.executors.base import Executor, OnOutput, RunOutcome
 from gpu_client.fencing import Fence
+from gpu_client.gang import with_rendezvous
 from gpu_client.handshake import Unproven, proving, signed
 from gpu_client.health import NodeHealth
 from gpu_client.isolation import level as isolation_level
@@ -367,6 +368,7 @@ class Agent:
             memory_mb=host.memory_total_mb if host else 0,
             executors=list(self.health.usable), slots=s.slots, labels=dict(s.labels),
             running=self._refs(), policy=self._policy, features=sorted(FEATURES),
+            address=s.node_address,
             isolation=self.isolation,  # type: ignore[arg-type]  # one of isolation.LEVELS
             credential=await asyncio.to_thread(load_any, self._credential_paths),
             token=await asyncio.to_thread(join_token, s.token, s.token_file),
@@ -498,7 +500,10 @@ class Agent:
             return
         executor = self._executors.get(a.executor)
         run = self._new_run(a.task_id, a.attempt, executor)
-        self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt))
+        # A gang member's env gets its rendezvous, past policy: it is the mesh's, not the
+        # task's (gpu_client/gang.py); rank 0 reports the MASTER_PORT it found.
+        ran, port = with_rendezvous(a, self._settings.node_address)
+        self._send(TaskAccepted(task_id=a.task_id, attempt=a.attempt, master_port=port))
         if self._draining:
             self._finish(run, RunOutcome(exit_code=None, error="node draining", infra=True))
         elif executor is None or a.executor not in self.health.usable:
@@ -511,7 +516,8 @@ class Agent:
             self._finish(run, RunOutcome(exit_code=None, error=refused))
         else:
             log.info("running task %s.%d with %s", *key, a.executor, extra=extra)
-            work = partial(executor.run, a, lambda: self._on_started(run))
+            work = partial(executor.run, ran if a.gang is not None else a,
+                           lambda: self._on_started(run))
             run.task = self._spawn(self._complete(run, work, run.stream.feed))
 
     def _on_cancel(

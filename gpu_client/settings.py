@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class ClientSettings:
     executors: tuple[str, ...] = ("builtin", "docker")  # "builtin" always first
     slots: int = 1
     labels: dict[str, str] = field(default_factory=dict)
+    node_address: str = ""  # MESH_NODE_ADDRESS: where a gang's peers reach this node
     token: str = ""
     work_dir: Path = Path("/tmp/gpumesh-work")
     reconnect_max_s: float = 10.0
@@ -103,6 +105,7 @@ class ClientSettings:
             executors=_executors(env),
             slots=slots,
             labels=env_labels(env, "MESH_LABELS"),
+            node_address=_node_address(env),
             token=env.get("MESH_TOKEN", "").strip(),
             work_dir=Path(work_dir),
             reconnect_max_s=reconnect_max_s,
@@ -145,6 +148,15 @@ def normalize_url(raw: str) -> str:
             if rest and not rest.startswith("/"):
                 return scheme + rest
     raise ConfigError("MESH_COORDINATOR_URL", raw, "a ws://, wss://, http:// or https:// URL")
+
+
+def _node_address(env: Mapping[str, str]) -> str:
+    """MESH_NODE_ADDRESS: a host name or IP literal its gang peers reach it at ("": the
+    coordinator uses the address this node connects from)."""
+    address = env_str(env, "MESH_NODE_ADDRESS", "")
+    if len(address) > 253 or not re.fullmatch(r"[A-Za-z0-9.:_\-\[\]%]*", address):
+        raise ConfigError("MESH_NODE_ADDRESS", address[:80], "a host name or an IP address")
+    return address
 
 
 def _name_from_file(env: Mapping[str, str]) -> str:

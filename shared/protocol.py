@@ -36,6 +36,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from shared.files import ArtifactRef, FileContent
+from shared.tasks import MAX_GANG_NODES
 
 PROTOCOL_VERSION = 1
 SUPPORTED_PROTOCOLS = frozenset({1})
@@ -52,6 +53,8 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 GpuIndex = Annotated[int, msgspec.Meta(ge=0, le=MAX_GPU_INDEX)]
 MiB = Annotated[int, msgspec.Meta(ge=0, le=MAX_MIB)]
 CpuCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_CPUS)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+NodeAddress = Annotated[str, msgspec.Meta(max_length=253, pattern=r"^[A-Za-z0-9.:_\-\[\]%]*$")]
 Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
 Celsius = Annotated[float, msgspec.Meta(ge=-273.15, le=1000)]
 Watts = Annotated[float, msgspec.Meta(ge=0, le=100_000)]
@@ -184,6 +187,9 @@ class Register(Msg, tag="register"):
     features: list[str] = []  # optional protocol features the client speaks (FEATURES)
     # How the node isolates process tasks: user+cgroup | user | none; "": an older client.
     isolation: Literal["", "user+cgroup", "user", "none"] = ""
+    # Where its peers reach it (MESH_NODE_ADDRESS): a gang's MASTER_ADDR when it is rank 0;
+    # "": the address it connected from. A host name or an IP literal.
+    address: NodeAddress = ""
 
 
 class Heartbeat(Msg, tag="heartbeat"):
@@ -202,6 +208,7 @@ class Heartbeat(Msg, tag="heartbeat"):
 class TaskAccepted(Msg, tag="task_accepted"):
     task_id: str
     attempt: NonNegInt
+    master_port: Port = 0  # a gang's rank 0: the free port its node found for MASTER_PORT
 
 
 class TaskStarted(Msg, tag="task_started"):
@@ -329,6 +336,20 @@ class ServiceRun(msgspec.Struct, kw_only=True, omit_defaults=True):
     health_path: str = "/v1/models"
 
 
+class GangRun(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What makes an `assign` one member of a gang: torchrun's rendezvous. Rank 0's assign
+    goes first with `master_port` 0: its node picks a free port, runs with it and reports
+    it in `task_accepted`; the other ranks' assigns carry it."""
+
+    gang_id: str
+    rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_GANG_NODES)]
+    nnodes: Annotated[int, msgspec.Meta(ge=2, le=MAX_GANG_NODES)]
+    gpus_per_node: Annotated[int, msgspec.Meta(ge=0, le=MAX_GPUS)] = 0
+    master_addr: NodeAddress = ""
+    master_port: Port = 0
+    node_addrs: Annotated[list[NodeAddress], msgspec.Meta(max_length=MAX_GANG_NODES)] = []
+
+
 class Assign(Msg, tag="assign"):
     task_id: str
     attempt: NonNegInt
@@ -351,6 +372,7 @@ class Assign(Msg, tag="assign"):
     artifacts: list[str] = []  # paths or globs collected from the working dir afterwards
     tenant: str = ""  # the task's tenant ("default" with auth off): node policy owner_tenant
     service: ServiceRun | None = None  # set for a model service's replica (issue 27)
+    gang: GangRun | None = None  # set for a gang's member (issue 28)
 
 
 class StreamOpen(Msg, tag="stream_open"):

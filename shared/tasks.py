@@ -25,6 +25,8 @@ Positive = Annotated[float, msgspec.Meta(gt=0)]
 Attempts = Annotated[int, msgspec.Meta(ge=1, le=100)]
 
 EXECUTORS = ("builtin", "process", "docker")
+MAX_GANG_NODES = 64  # members of one gang task (`nodes`): README, "Limits"
+GangSize = Annotated[int, msgspec.Meta(ge=1, le=MAX_GANG_NODES)]
 
 
 class Requirements(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -38,6 +40,14 @@ class Requirements(msgspec.Struct, kw_only=True, omit_defaults=True):
     balancing: Literal["", "speed", "efficiency", "balanced", "endurance"] = ""  # "" = mesh's
     executor: Literal["", "builtin", "process", "docker"] = ""  # "" chooses from the task
     shared: bool = False  # may share a GPU with other shared tasks when the memory fits
+
+
+class GangRef(msgspec.Struct, kw_only=True, frozen=True):
+    """What makes a task one member of a gang: set by the coordinator, never by a caller."""
+
+    id: str  # the gang task's id
+    rank: Annotated[int, msgspec.Meta(ge=0, lt=MAX_GANG_NODES)]
+    nodes: GangSize
 
 
 class TaskSubmit(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -61,6 +71,8 @@ class TaskSubmit(msgspec.Struct, kw_only=True, omit_defaults=True):
     files: dict[str, FileContent] = {}  # input files: shared/files.py
     artifacts: list[str] = []  # output paths or globs collected after the task
     preemptible: bool = True  # false: critical work never stops it (a tenant quota bounds it)
+    nodes: GangSize = 1  # > 1: a gang, one member per node, all or nothing (core/gangs.py)
+    gang: GangRef | None = None  # a gang member's place in its gang (the coordinator sets it)
 
     def __post_init__(self) -> None:
         if self.task_type == "custom" and not (self.script or self.command or self.image):
@@ -71,6 +83,9 @@ class TaskSubmit(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise ValueError("give either `script` or `command`, not both")
         if self.command is not None and not self.command:
             raise ValueError("`command` must not be empty")
+        if self.nodes > 1 and self.requirements.shared:
+            raise ValueError("a gang's members hold their GPUs whole: `nodes` > 1 cannot be "
+                             "`shared`")
 
 
 SUBMIT_FIELDS = frozenset(TaskSubmit.__struct_fields__) | {"type"}
@@ -117,6 +132,9 @@ def launch_problem(spec: TaskSubmit, where: str = "$") -> str | None:
     image that is not a reference, an executor given nothing it can run. Checked at the edge
     only, not when a stored spec is decoded: a task stored before it ran must still load."""
     executor = executor_for(spec)
+    if spec.gang is not None:
+        return (f"{where}.gang: set by the coordinator on a gang's members; ask for a gang "
+                f"with `nodes` (2 to {MAX_GANG_NODES})")
     if executor == "docker":
         if not spec.image:
             return f"{where}.image: a docker task needs an `image`"

@@ -25,12 +25,14 @@ from typing import Protocol
 
 from coordinator.model import Task
 from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
+from coordinator.scheduling.gang import place_gang
 from coordinator.scheduling.placement import NoFit, Placement, PlacementIndex, place
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import class_wake_key
 from coordinator.settings import Settings
 
 Assign = Callable[[Task, Placement, float], None]
+AssignGang = Callable[[Task, list[Placement]], None]  # a gang's N placements, rank 0 first
 Preempt = Callable[[Task, NoFit], tuple[Placement | NoFit, float]]
 
 
@@ -62,9 +64,21 @@ def decide(host: DispatchHost, t: Task, preempt: Preempt | None) -> tuple[Placem
     return decision, 0.0
 
 
+def decide_gang(host: DispatchHost, t: Task, supported: bool = True) -> list[Placement] | NoFit:
+    """Where each member of gang task `t` goes (coordinator/scheduling/gang.py), all or none.
+    A gang is never placed by preempting others, nor preempted piecemeal."""
+    if not supported:
+        return NoFit(filtered={"do not run gang tasks here": len(host.index)})
+    spec = t.spec
+    return place_gang(
+        spec.requirements, spec.nodes, t.executor, host.index, t.priority,
+        host.settings.balancing, ask=t.policy_ask,
+    )
+
+
 def dispatch_pass(
     host: DispatchHost, assign: Assign, preempt: Preempt | None = None,
-    deadline: float | None = None,
+    deadline: float | None = None, assign_gang: AssignGang | None = None,
 ) -> bool:
     """Place queued work until nothing more fits. Synchronous: no await inside.
 
@@ -79,6 +93,15 @@ def dispatch_pass(
         t = host.tasks[task_id]
         if why := host.fair.hold(t):  # its tenant is at a quota: wait until it lets go
             queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
+            continue
+        if t.gang_size > 1:  # a gang: all of its members in one decision, or none
+            gang = decide_gang(host, t, assign_gang is not None)
+            if isinstance(gang, NoFit):
+                queue.block(key, gang, (class_wake_key(t.spec.requirements, t.executor),))
+                continue
+            queue.pop(key)
+            assert assign_gang is not None
+            assign_gang(t, gang)
             continue
         decision, hold = decide(host, t, preempt)
         if isinstance(decision, NoFit):  # its reason is worked out when read

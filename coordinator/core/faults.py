@@ -246,6 +246,9 @@ class NodeFaults:
         self._transition = transition
         self._requeue_or_fail = requeue_or_fail
         self._node_gone = node_gone
+        # A gang member's loss ends its gang's attempt (coordinator/core/gangs.py; the Mesh
+        # sets it): (task, cause, infra) -> the member's last write.
+        self.gang_loss: Callable[[Task, str, bool], asyncio.Future[None]] | None = None
         self._node_changed = node_changed
         self._wake = wake
 
@@ -271,6 +274,8 @@ class NodeFaults:
         mesh = self._mesh
         mesh.metrics.infra_lost(node)
         mesh.logs.open(t.id).append(f"[gpumesh] attempt {t.attempt} ended by a {cause}\n")
+        if t.member_of is not None and self.gang_loss is not None:
+            return self.gang_loss(t, cause, True)  # its gang's attempt ends (core/gangs.py)
         t.infra_retries += 1
         note_history(t, node, cause, infra=True)
         limit = mesh.settings.max_infra_retries

@@ -51,8 +51,8 @@ def check_invariants(mesh: Checked) -> None:
         assert node.drain is mesh.drains.get(node.name), (node.name, node.drain)  # drain.py
     for t in mesh.tasks.values():
         assert t.state not in FINISHED and t.state is not LOST, (t.id, t.state)
-        if t.state in ACTIVE:
-            assert held[t.id] == 1, (t.id, held[t.id])
+        if t.state in ACTIVE:  # a gang task holds no node: its members do (core/gangs.py)
+            assert held[t.id] == (1 if t.gang_size == 1 else 0), (t.id, held[t.id])
     by_state = Counter(t.state for t in mesh.tasks.values())
     for state in (Q, A, R):
         assert by_state[state] == mesh.state_counts[state], (state, by_state[state])

@@ -34,6 +34,7 @@ from coordinator.core.deadlines import Deadlines
 from coordinator.core.dispatch import dispatch_pass
 from coordinator.core.drain import load_drains
 from coordinator.core.faults import LoopWatch
+from coordinator.core.gangs import Gangs
 from coordinator.core.invariants import check_invariants
 from coordinator.core.logs import TaskLogs
 from coordinator.core.metrics import MeshMetrics
@@ -109,6 +110,11 @@ class Mesh:
             wake_blocked=self._wake_blocked, wake=self._wake_dispatch,
         )
         self.preemption = Preemption(self, self._transition)
+        # Gangs: one task on N nodes, all or nothing (coordinator/core/gangs.py).
+        self.gangs = Gangs(self, transition=self._transition, send_assign=self._send_assign,
+                           wake=self._wake_dispatch)
+        self.node_side.gang_loss = self.node_side.faults.gang_loss = self.gangs.member_lost
+        self.node_side.gang_port = self.gangs.on_port
         # Model services: their specs, replicas (tasks marked as theirs) and scaling.
         self.services = ServiceManager(self, ServiceMetrics())
         self.metrics.registry.register(self.services.metrics)
@@ -156,6 +162,7 @@ class Mesh:
         self.fair.load(await self.store.tenants())
         now = time.time()
         self.deadlines.clear()
+        self.gangs.clear()
         for t in active:
             self.tasks[t.id] = t
             self.state_counts[t.state] += 1
@@ -168,6 +175,7 @@ class Mesh:
                 self._node_changed(node)
                 # its deadline, from the stored times; none before its node may be back
                 self.deadlines.moved(t, t.state, not_before=now + self.settings.restart_grace_s)
+        self.gangs.reload(self.tasks)  # a placed gang restarts as one unit, never half
         await load_drains(self)
         await self.services.load()  # before any node may report a replica
         for node in self.nodes.values():
@@ -290,7 +298,9 @@ class Mesh:
         step(self, t, to, **change)
         t.state = to
         self._count(t, prev, to)
-        self.deadlines.moved(t, to)  # cancels one timer, arms one (core/deadlines.py)
+        gang = t.gang_size > 1 or t.member_of is not None
+        if t.gang_size == 1:  # a gang's own clock is its members' (core/gangs.py)
+            self.deadlines.moved(t, to)  # cancels one timer, arms one (core/deadlines.py)
         if t.id in self.services.by_task:  # a model service's replica (core/services.py)
             self.services.task_moved(t, to)
         if log.isEnabledFor(logging.INFO):  # its context dict is not built for nothing
@@ -312,6 +322,8 @@ class Mesh:
             write.add_done_callback(
                 lambda f: None if f.exception() else self._finished_durably(t.id)
             )
+        if gang:
+            self.gangs.moved(t, prev, to)  # start together, fail together (core/gangs.py)
         return write
 
     def _finished_durably(self, task_id: str) -> None:
@@ -319,11 +331,13 @@ class Mesh:
         if done is not None:
             done.set()
 
-    def _queued_assigned(self, t: Task, to: TaskState, *, node: Node,
+    def _queued_assigned(self, t: Task, to: TaskState, *, node: Node | None,
                          gpus: tuple[int, ...], hold_s: float = 0.0) -> None:
         t.attempt += 1  # hold_s: its assign waits that long (preempted work leaving)
-        t.node, t.gpu_indices, t.assigned_at = node.name, gpus, time.time() + hold_s
-        t.started_at = None
+        t.assigned_at, t.started_at = time.time() + hold_s, None
+        if node is None:  # a gang task: its members hold the nodes (core/gangs.py)
+            return
+        t.node, t.gpu_indices = node.name, gpus
         node.hold(t)
         self.index.update(node)
         self.metrics.task_waited(t.task_type, t.assigned_at - t.submitted_at)
@@ -416,6 +430,16 @@ class Mesh:
         return t is not None and t.state is Q
 
     # --- submission and cancel (called by the HTTP API) --------------------------------
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def count_new(self, t: Task) -> None:
+        """Count a task made queued outside `submit` (a gang's member), not enqueued."""
+        self.state_counts[Q] += 1
+        self.queued_by_band[priority_band(t.priority)] += 1
+        self.fair.count(t, None, Q)
 
     def _new_task(self, spec: TaskSubmit, params: dict[str, Any]) -> Task:
         self._seq += 1
@@ -572,8 +596,11 @@ class Mesh:
             )
             placed.append((t, write))
 
+        def assign_gang(t: Task, found: list[Placement]) -> None:
+            placed.extend(self.gangs.start(t, found))  # core/gangs.py
+
         if dispatch_pass(self, assign, self.preemption.preempt_for,
-                         deadline=time.perf_counter() + PASS_BUDGET_S):
+                         deadline=time.perf_counter() + PASS_BUDGET_S, assign_gang=assign_gang):
             self._wake.set()
         return placed
 
@@ -598,6 +625,8 @@ class Mesh:
     def _send_assign(self, t: Task) -> None:
         if t.state is not A or t.node is None:
             return  # cancelled or lost while its write was in flight
+        if not self.gangs.may_send(t):
+            return  # a gang's rank > 0 waits for rank 0's MASTER_PORT (core/gangs.py)
         if t.assigned_at is not None and (wait := t.assigned_at - time.time()) > 0:
             attempt = t.attempt  # preempted work is leaving its GPUs: send it then
 
@@ -626,6 +655,7 @@ class Mesh:
             cpus=spec.cpus, mem_limit=spec.mem_limit, params=msgspec.json.decode(t.params_raw),
             files=spec.files, artifacts=spec.artifacts, tenant=tenant_of(t.tenant),
             service=self.services.run_for(t.id),
+            gang=self.gangs.run_of(t) if spec.gang is not None else None,
         )
 
     # --- invariants --------------------------------------------------------------------

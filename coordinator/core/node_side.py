@@ -72,6 +72,13 @@ class NodeHost(FaultHost, Protocol):
     def services(self) -> ServiceManager: ...
 
 
+class GangLoss(Protocol):
+    """coordinator/core/gangs.py `Gangs.member_lost`: a gang member's attempt ended by its
+    node; the whole gang's attempt ends with it."""
+
+    def __call__(self, t: Task, cause: str, infra: bool) -> asyncio.Future[None]: ...
+
+
 class NodeSide:
     """What nodes do to the Mesh (join, leave, report) and node loss. `transition` is the
     Mesh's transition table; `node_changed` re-indexes a node and wakes the blocked work
@@ -92,6 +99,10 @@ class NodeSide:
         # What a result may record as its artifacts: the web app sets this to the ledger of
         # uploads it stored (coordinator/web/artifacts.py `vet`); until then, none.
         self.artifacts: Callable[[str, int, TaskOutcome], TaskOutcome] = _no_artifacts
+        # A gang member's loss ends its gang's attempt (coordinator/core/gangs.py), and rank 0's
+        # MASTER_PORT lets the other ranks' assigns go: the Mesh sets both.
+        self.gang_loss: GangLoss | None = None
+        self.gang_port: Callable[[Task, int], None] | None = None
         self.faults = NodeFaults(
             mesh, transition=transition, requeue_or_fail=self.requeue_or_fail,
             node_gone=self.node_gone, node_changed=node_changed, wake=wake,
@@ -102,6 +113,9 @@ class NodeSide:
     def requeue_or_fail(self, t: Task, cause: str, *, infra: bool = False) -> None:
         """Node loss: back to the queue, spending an attempt; `infra` (a client restart lost
         it): without spending one (faults.py `infra_loss`)."""
+        if t.member_of is not None and self.gang_loss is not None:
+            self.gang_loss(t, cause, infra)  # the whole gang's attempt ends (core/gangs.py)
+            return
         if infra:
             self.faults.infra_loss(t.node or "", t, cause)
             return
@@ -274,6 +288,8 @@ class NodeSide:
                 return
             if isinstance(msg, TaskStarted) and t.state is A:
                 self._transition(t, R, cause=f"started on {name}")
+            elif isinstance(msg, TaskAccepted) and msg.master_port and self.gang_port:
+                self.gang_port(t, msg.master_port)  # a gang's rank 0 found MASTER_PORT
             elif isinstance(msg, TaskLog):
                 mesh.logs.open(t.id).append(msg.data)
         elif isinstance(msg, ReplicaState):  # a model service's replica: its health

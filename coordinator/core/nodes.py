@@ -30,6 +30,7 @@ def apply_register(node: Node, msg: Register) -> None:
     node.protocol, node.labels = msg.protocol, dict(msg.labels)
     node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb
     node.slots = msg.slots or msg.cpu_count or 1
+    node.address = msg.address  # where its peers reach it (a gang's MASTER_ADDR)
 
 
 def apply_heartbeat(node: Node, msg: Heartbeat) -> None:

@@ -83,7 +83,8 @@ class _Without:
 
 def stoppable(v: Task, crit: Task) -> bool:
     return (v.state in ACTIVE and bool(v.gpu_indices) and v.priority < crit.priority
-            and v.priority < CRITICAL and v.spec.preemptible)
+            and v.priority < CRITICAL and v.spec.preemptible
+            and v.member_of is None)  # a gang is never stopped piecemeal (core/gangs.py)
 
 
 def plan(crit: Task, nodes: Iterable[Node], tasks: Mapping[str, Task], mode: str) -> Plan | None:

@@ -439,6 +439,8 @@ async def _serve(ws: WebSocket, mesh: Mesh, name: str, raw: str | bytes) -> None
     writer = asyncio.create_task(link.writer(), name=f"ws-writer-{name}")
     why = "closed"
     try:
+        if not first.address and ws.client is not None:  # a gang's MASTER_ADDR: where it is
+            first = msgspec.structs.replace(first, address=ws.client.host[:253])
         registered = mesh.register(name, first, link)
         registered.credential = issued  # its hash committed before this reply goes out
         registered.features = sorted(FEATURES.intersection(first.features))

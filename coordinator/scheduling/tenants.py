@@ -107,7 +107,7 @@ class Tenants:
         config = self.config(tenant)
         if config is self.defaults and not _limits(config):
             return ""
-        gpus = t.spec.requirements.gpu_count
+        gpus = t.spec.requirements.gpu_count * t.gang_size  # a gang's GPUs count in full
         return quota_hold(config, self.ledger.use.get(tenant), gpus, t.spec.preemptible, tenant)
 
     def count(self, t: Task, prev: TaskState | None, to: TaskState) -> bool:

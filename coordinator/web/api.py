@@ -328,6 +328,8 @@ async def task_answer(mesh: Mesh, who: Principal, task_id: str, wait: float | No
         t = await mesh.lookup(task_id) or t
     view = task_view(t, queued_reason_for(mesh, who)(t))
     view["params"] = orjson.loads(t.params_raw)  # what the template was filled with
+    if t.gang_size > 1:  # a gang: its members, rank by rank (coordinator/core/gangs.py)
+        view["gang"] = mesh.gangs.view(t)
     return 200, view, None
 
 
@@ -353,6 +355,14 @@ async def logs(request: Request) -> Response:
     t = await mesh.lookup(task_id)
     if t is None or not principal_of(request).sees(t.tenant):
         return error(404, "unknown task", f"no task {task_id}")
+    if (rank := request.query_params.get("rank")) is not None:  # a gang's member's logs
+        member = mesh.gangs.member_id(t, int(rank)) if rank.isdigit() and len(rank) < 4 else None
+        if t.gang_size < 2 or member is None:
+            why = f"task {task_id} has no member of rank {rank[:20]!r}"
+            return error(404, "unknown rank", why + (" (not a gang)" if t.gang_size < 2 else ""))
+        task_id, t = member, await mesh.lookup(member)
+        if t is None:
+            return error(404, "unknown task", f"no task {task_id}")
     follow = request.query_params.get("follow", "").lower() in ("1", "true", "yes")
     unfinished = task_id in mesh.tasks
     if follow and unfinished and mesh.logs.followers >= mesh.settings.max_log_followers:

@@ -1,0 +1,119 @@
+"""Where a gang goes: N distinct nodes that each fit one member, or why not. Pure.
+
+`place_gang` answers all or nothing: a list of N placements (rank order: the best node is
+rank 0) or a `GangNoFit` that says how many nodes fit now ("2 of 3 nodes fit") and, through
+placement's NoFit, why the others do not. No I/O, no clock: the Mesh (coordinator/core/
+gangs.py) turns the answer into transitions.
+
+With a `PlacementIndex` it walks the same buckets as a single task's fast path, best first,
+and stops once N nodes fit, so a gang of 8 on 1,000 nodes touches about as many nodes as
+eight single decisions. When the walk cannot prove that nothing more fits (shared GPUs, a
+node whose free GPUs span models), it scans every node, as single placement does.
+
+`reserved` (node names kept for a gang at the head of its queue) and `backfill_ok` let the
+caller keep nodes for a waiting gang: a reserved node is skipped unless `backfill_ok`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Iterable
+
+from coordinator.scheduling.placement import (
+    NodeView,
+    NoFit,
+    Placement,
+    PlacementIndex,
+    _evaluate,
+    _singular,
+    effective_mode,
+    node_cost,
+)
+from shared.policy import PolicyAsk
+from shared.tasks import Requirements
+
+
+class GangNoFit(NoFit):
+    """Nothing fits a whole gang: `fit` of `need` nodes fit now (`why` says why the rest
+    do not, counted as placement counts them)."""
+
+    __slots__ = ("fit", "need")
+
+    def __init__(self, fit: int, need: int, evaluated: int = 0,
+                 filtered: dict[str, int] | None = None) -> None:
+        super().__init__(evaluated, filtered)
+        self.fit, self.need = fit, need
+
+    @property
+    def reason(self) -> str:
+        more = self.need - self.fit
+        base = (f"{self.fit} of {self.need} nodes fit; waiting for {more} more node"
+                f"{'s' if more > 1 else ''} to fit")
+        filtered = self.filtered
+        if filtered:
+            parts = "; ".join(f"{n} {why if n > 1 else _singular(why)}"
+                              for why, n in sorted(filtered.items(), key=lambda i: -i[1]))
+            base += f" (the others: {parts})"
+        return base
+
+
+def _candidates(req: Requirements, index: PlacementIndex) -> Iterable[str]:
+    """Node names best first, from the index's free buckets (as its fast path walks them)."""
+    if req.gpu_count == 0:
+        for cost, slots in sorted(index._cpu, key=lambda c: (c[0], -c[1])):
+            yield from index._cpu[(cost, slots)]
+        return
+    for key, k in index._by_free_count(index._keys_for(req)):
+        if k >= req.gpu_count:
+            yield from index._gpu[key][k]
+
+
+def place_gang(
+    req: Requirements,
+    n: int,
+    executor: str,
+    nodes: Iterable[NodeView] | PlacementIndex,
+    priority: int = 5,
+    mode: str = "balanced",
+    ask: PolicyAsk | None = None,
+    reserved: Collection[str] = (),
+) -> list[Placement] | GangNoFit:
+    """`n` placements on `n` distinct nodes, rank 0 first, or a GangNoFit. Nodes named in
+    `reserved` are left out (kept for another gang)."""
+    mode = effective_mode(req, priority, mode)
+    if isinstance(nodes, PlacementIndex):
+        picked: list[Placement] = []
+        seen: set[str] = set()
+        for name in _candidates(req, nodes):
+            if name in seen or name in reserved:
+                continue
+            seen.add(name)
+            fit = _evaluate(req, executor, nodes.nodes[name], priority, mode, None, ask)
+            if fit is not None:
+                picked.append(Placement(name, fit[1], fit[0]))
+                if len(picked) == n:
+                    return picked
+        # Not enough in the walk: the scan decides (and counts why the rest do not fit).
+        nodes = nodes.nodes.values()
+    return _scan_gang(req, n, executor, nodes, priority, mode, ask, reserved)
+
+
+def _scan_gang(
+    req: Requirements, n: int, executor: str, nodes: Iterable[NodeView], priority: int,
+    mode: str, ask: PolicyAsk | None, reserved: Collection[str],
+) -> list[Placement] | GangNoFit:
+    filtered: Counter[str] = Counter()
+    fits: list[tuple[float, float, str, tuple[int, ...]]] = []
+    evaluated = 0
+    for node in nodes:
+        evaluated += 1
+        if node.name in reserved:
+            filtered["are kept for a gang ahead of it"] += 1
+            continue
+        fit = _evaluate(req, executor, node, priority, mode, filtered, ask)
+        if fit is not None:
+            fits.append((node_cost(node), -fit[0], node.name, fit[1]))
+    if len(fits) >= n:
+        fits.sort()
+        return [Placement(name, gpus, -score) for _, score, name, gpus in fits[:n]]
+    return GangNoFit(min(len(fits), n), n, evaluated, dict(filtered))

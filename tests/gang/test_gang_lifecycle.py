@@ -1,0 +1,110 @@
+"""Gang tasks (issue 28) through a real coordinator and real clients, with quick tasks:
+all or nothing, one result, the gang's view, a failing rank, logs per rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.conftest import LiveCoordinator, Proc, wait_until
+
+Spawn = Callable[..., Proc]
+
+
+def _online(live: LiveCoordinator, n: int) -> Callable[[], bool]:
+    return lambda: sum(1 for x in live.mesh.nodes.values() if x.online) >= n
+
+
+async def test_too_few_nodes_start_no_member_and_say_so(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    for i in range(2):
+        spawn_client(f"g{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+    await wait_until(_online(coordinator, 2), 20, "2 nodes")
+    gang = await coordinator.submit(task_type="custom", command=["true"], nodes=3)
+    doc = await wait_until(
+        lambda: _queued_with_reason(coordinator, gang), 10, "the gang's queued reason"
+    )
+    assert doc["status"] == "queued"
+    assert doc["reason"].startswith("2 of 3 nodes fit; waiting for 1 more node"), doc["reason"]
+    assert doc["gang"] == {"nodes": 3, "attempt": 0, "members": []}
+    # no member exists, so none holds a node
+    assert list(coordinator.mesh.tasks) == [gang]
+    assert all(not n.tasks for n in coordinator.mesh.nodes.values())
+    spawn_client("g2", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+    done = await coordinator.wait_finished(gang, 60)
+    assert done["status"] == "completed", done
+    ranks = done["result"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1, 2]
+    assert {r["node"] for r in ranks} == {"g0", "g1", "g2"}
+    assert all(r["exit_code"] == 0 and r["state"] == "completed" for r in ranks)
+    assert done["gang"]["members"] == ranks and done["attempt"] == 1
+
+
+async def _queued_with_reason(live: LiveCoordinator, task_id: str) -> dict[str, object] | None:
+    doc = await live.task(task_id)
+    return doc if doc.get("reason") and "nodes fit" in str(doc["reason"]) else None
+
+
+async def test_rendezvous_env_and_logs_per_rank(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    for i in range(2):
+        spawn_client(f"r{i}", coordinator.ws_url, MESH_NODE_ADDRESS=f"127.0.0.{i + 1}")
+    await wait_until(_online(coordinator, 2), 20, "2 nodes")
+    script = ("echo rank=$NODE_RANK nnodes=$NNODES world=$WORLD_SIZE per=$GPUS_PER_NODE "
+              "addr=$MASTER_ADDR port=$MASTER_PORT addrs=$GPUMESH_NODE_ADDRS")
+    gang = await coordinator.submit(task_type="custom", command=["sh", "-c", script], nodes=2)
+    done = await coordinator.wait_finished(gang, 60)
+    assert done["status"] == "completed", done
+    ranks = {r["rank"]: r for r in done["result"]["ranks"]}
+    master = "127.0.0.1" if ranks[0]["node"] == "r0" else "127.0.0.2"
+    addrs = ",".join("127.0.0.1" if ranks[i]["node"] == "r0" else "127.0.0.2" for i in (0, 1))
+    out0 = done["result"]["output"]
+    port = int(out0.split("port=")[1].split()[0])
+    assert 0 < port < 65536
+    assert f"rank=0 nnodes=2 world=2 per=0 addr={master} port={port} addrs={addrs}" in out0
+    r1 = await coordinator.http.get(f"/tasks/{gang}/logs", params={"rank": "1"})
+    assert r1.status_code == 200, r1.text
+    assert f"rank=1 nnodes=2 world=2 per=0 addr={master} port={port} addrs={addrs}" in r1.text
+    bad = await coordinator.http.get(f"/tasks/{gang}/logs", params={"rank": "2"})
+    assert bad.status_code == 404 and "no member of rank" in bad.text
+
+
+async def test_a_failing_rank_stops_the_others_and_spends_attempts(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    for i in range(2):
+        spawn_client(f"f{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+    await wait_until(_online(coordinator, 2), 20, "2 nodes")
+    # rank 1 fails at once; rank 0 would sleep for a minute: it is stopped, twice
+    script = 'if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60'
+    gang = await coordinator.submit(task_type="custom", command=["sh", "-c", script], nodes=2,
+                                    max_attempts=2)
+    done = await coordinator.wait_finished(gang, 60)
+    assert done["status"] == "failed", done
+    assert done["attempt"] == 2 and "gave up after 2 attempts" in done["error"]
+    ranks = {r["rank"]: r for r in done["result"]["ranks"]}
+    assert ranks[1]["exit_code"] == 3 and ranks[1]["state"] == "failed"
+    assert ranks[0]["state"] == "cancelled"
+    # nothing of it holds a node any more
+    await wait_until(lambda: all(not n.tasks for n in coordinator.mesh.nodes.values()), 10,
+                     "nodes freed")
+
+
+def test_gang_refusals_at_the_edge() -> None:
+    import msgspec
+    import pytest
+
+    from shared.tasks import MAX_GANG_NODES, TaskSubmit, launch_problem, split_submission
+
+    with pytest.raises(msgspec.ValidationError, match="<= 64"):
+        split_submission({"task_type": "custom", "command": ["x"], "nodes": MAX_GANG_NODES + 1})
+    with pytest.raises(msgspec.ValidationError, match=">= 1"):
+        split_submission({"task_type": "custom", "command": ["x"], "nodes": 0})
+    with pytest.raises(msgspec.ValidationError, match="shared"):
+        split_submission({"task_type": "custom", "command": ["x"], "nodes": 2,
+                          "requirements": {"shared": True, "gpu_count": 1}})
+    spec, _ = split_submission({"task_type": "custom", "command": ["x"],
+                                "gang": {"id": "x", "rank": 0, "nodes": 2}})
+    assert isinstance(spec, TaskSubmit)
+    assert "set by the coordinator" in (launch_problem(spec) or "")
