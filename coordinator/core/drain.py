@@ -31,6 +31,7 @@ from coordinator.storage.store_core import DrainPut, Write
 from shared.protocol import Drain
 
 if TYPE_CHECKING:
+    from coordinator.core.services import ServiceManager
     from coordinator.storage.store_core import GroupCommitStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class DrainHost(Protocol):
     def _wake(self) -> asyncio.Event: ...  # set: ask for a dispatch pass
 
     def _serving(self) -> None: ...  # raises MeshUnavailable while the Mesh rebuilds
+    @property
+    def services(self) -> ServiceManager: ...  # model services (coordinator/core/services.py)
     def _node_changed(self, node: Node) -> None: ...  # re-index it, wake what it may fit
 
 
@@ -114,6 +117,7 @@ async def drain(mesh: DrainHost, name: str, reason: str, by: str, also: Write) -
     await asyncio.shield(asyncio.gather(mesh.store.write(put), mesh.store.write(also)))
     log.warning("node %s drained by %s: %s", name, by, mark.reason, extra={"node": name})
     _tell(mesh, name, Drain(reason=mark.reason))
+    mesh.services.node_drained(name)  # its service replicas: replaced before they stop
     return mark
 
 

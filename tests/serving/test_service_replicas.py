@@ -1,0 +1,269 @@
+"""Replicas of model services (issue 27 items 2 and 5): placed like tasks and held for life.
+
+A real coordinator on loopback. Where a replica must report readiness on cue, its node is
+driven by hand over a real WebSocket (tests/security/handnode.py); where it must crash or
+its node die, it is a real `python -m gpu_client` process running a stand-in command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coordinator.core.services import Service
+from coordinator.settings import Settings
+from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
+from tests.security.handnode import HandNode
+
+SERVE = {"executors": ["process"], "features": ["serve"], "isolation": "user+cgroup",
+         "cpu_count": 4, "slots": 4}
+SLEEPER = ["python3", "-c", "import sys, time; time.sleep(600)", "{port}"]
+CRASHER = ["python3", "-c", "import sys; sys.exit(3)", "{port}"]
+
+
+@pytest.fixture
+async def live(settings: Settings) -> AsyncIterator[LiveCoordinator]:
+    fast = replace(settings, service_restart_s=0.2, service_restart_max_s=0.8)
+    async with run_coordinator(fast) as live:
+        yield live
+
+
+async def hand_node(live: LiveCoordinator, name: str) -> HandNode:
+    node = HandNode(name, live.ws_url)
+    node.register_extra = dict(SERVE)
+    await node.connect()
+    return node
+
+
+async def run_replica(node: HandNode, skip: int = 0, state: str = "ready") -> dict[str, Any]:
+    """Take the node's next `assign`, start it by hand and report it (ready by default)."""
+    assign = (await wait_until(lambda: node.seen(type="assign")[skip:], 20,
+                               f"an assign to {node.name}"))[0]
+    ref = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+    node.running.append(ref)
+    await node.send({"type": "task_accepted", **ref})
+    await node.send({"type": "task_started", **ref})
+    await node.send({"type": "replica", **ref, "state": state, "port": 8000})
+    return assign
+
+
+async def create(live: LiveCoordinator, **more: Any) -> dict[str, Any]:
+    doc = {"name": "chat", "model": "tiny", "command": SLEEPER,
+           "replicas": {"min": 1, "max": 1}, **more}
+    r = await live.http.post("/services", json=doc)
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def service(live: LiveCoordinator, name: str = "chat") -> Service:
+    found = [s for s in live.mesh.services.all(None) if s.name == name]
+    assert found, f"no service {name}"
+    return found[0]
+
+
+async def history(live: LiveCoordinator, name: str = "chat") -> list[dict[str, Any]]:
+    r = await live.http.get(f"/services/{name}", params={"history": "1000"})
+    assert r.status_code == 200, r.text
+    events: list[dict[str, Any]] = r.json()["history"]
+    return events
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["kind"] for e in events]
+
+
+async def test_min_replicas_placed_ready_and_fenced(live: LiveCoordinator) -> None:
+    node = await hand_node(live, "n1")
+    await create(live, replicas={"min": 2, "max": 2}, health_path="/health")
+    first = await run_replica(node)
+    second = await run_replica(node, skip=1)
+    assert first["service"] == {"service": "chat", "model": "tiny", "health_path": "/health"}
+    assert first.get("timeout_s") is None and "{port}" in first["command"]
+    svc = service(live)
+    await wait_until(lambda: len(live.mesh.services.ready(svc)) == 2, 10, "two ready")
+    view = (await live.http.get("/services/chat")).json()
+    assert {r["task_id"] for r in view["replicas"]} == {first["task_id"], second["task_id"]}
+    assert {r["node"] for r in view["replicas"]} == {"n1"}
+    assert view["scale"]["ready"] == 2
+    # a report of an attempt that is not current changes nothing
+    await node.send({"type": "replica", "task_id": first["task_id"],
+                     "attempt": first["attempt"] + 1, "state": "unhealthy"})
+    await node.send({"type": "replica", "task_id": "no-such-task", "attempt": 1,
+                     "state": "ready"})
+    await wait_until(lambda: live.mesh.services.metrics.stale_reports >= 2, 10, "stale seen")
+    assert len(live.mesh.services.ready(svc)) == 2
+    # unhealthy is not ready; ready again is
+    ref = {"task_id": first["task_id"], "attempt": first["attempt"]}
+    await node.send({"type": "replica", **ref, "state": "unhealthy", "reason": "503"})
+    await wait_until(lambda: len(live.mesh.services.ready(svc)) == 1, 10, "one unhealthy")
+    await node.send({"type": "replica", **ref, "state": "ready"})
+    await wait_until(lambda: len(live.mesh.services.ready(svc)) == 2, 10, "ready again")
+    assert "replica unhealthy" in kinds(await history(live))
+    await node.close()
+
+
+async def test_a_submitted_task_cannot_pose_as_a_replica(live: LiveCoordinator) -> None:
+    node = await hand_node(live, "n1")
+    forged = {"service": "chat", "model": "tiny", "health_path": "/v1/models"}
+    task_id = await live.submit(task_type="custom", command=SLEEPER, service=forged)
+    assign = await node.frame(type="assign", task_id=task_id)
+    assert assign.get("service") is None  # a param, never the frame's field
+    assert live.mesh.services.run_for(task_id) is None
+    await node.close()
+
+
+async def test_a_crashing_replica_restarts_with_backoff(
+    live: LiveCoordinator, spawn_client: Callable[..., Proc]
+) -> None:
+    spawn_client("c1", live.ws_url)
+    await create(live, command=CRASHER)
+
+    async def restarts() -> list[float]:
+        return [e["detail"]["in_s"] for e in await history(live)
+                if e["kind"] == "replica restart"]
+
+    delays = await wait_until(lambda: _at_least(restarts(), 4), 60, "four restarts")
+    assert delays[:4] == [0.2, 0.4, 0.8, 0.8]  # doubling, capped at MESH_SERVICE_RESTART_MAX_S
+    events = await history(live)
+    ended = [e for e in events if e["kind"] == "replica ended"]
+    assert ended and all(e["detail"]["status"] == "failed" and e["detail"]["wanted"]
+                         for e in ended)
+    tasks = {e["detail"]["task_id"] for e in ended}
+    assert len(tasks) == len(ended)  # each restart is a new task
+    assert service(live).desired == 1
+    assert (await live.http.delete("/services/chat")).status_code == 200
+
+
+async def _at_least(values: Any, n: int) -> list[float] | None:
+    got: list[float] = await values
+    return got if len(got) >= n else None
+
+
+async def test_a_killed_nodes_replica_is_placed_elsewhere(
+    live: LiveCoordinator, spawn_client: Callable[..., Proc]
+) -> None:
+    a = spawn_client("a", live.ws_url)
+    await wait_until(lambda: "a" in live.mesh.nodes, 20, "node a")
+    await create(live)
+    svc = service(live)
+
+    def placed_on() -> str:
+        return next((r.node for r in svc.replicas.values() if r.node), "")
+
+    assert await wait_until(placed_on, 20, "the replica placed") == "a"
+    (task_id,) = svc.replicas
+    spawn_client("b", live.ws_url)
+    await wait_until(lambda: live.mesh.nodes.get("b") and live.mesh.nodes["b"].online, 20, "b")
+    a.kill9()
+    await wait_until(lambda: placed_on() == "b", 30, "the replica placed on b")
+    assert list(svc.replicas) == [task_id]  # the same task, its next attempt
+    assert live.mesh.tasks[task_id].attempt == 2
+    assert {"replica lost", "replica placed"} <= set(kinds(await history(live)))
+
+
+async def test_scale_from_zero_up_and_down_after_idle(live: LiveCoordinator) -> None:
+    node = await hand_node(live, "n1")
+    await create(live, replicas={"min": 0, "max": 2}, idle_s=1, target_ongoing=1)
+    services = live.mesh.services
+    svc = service(live)
+    assert svc.replicas == {} and svc.desired == 0
+    waiting = asyncio.create_task(services.wait_ready(svc, 20))
+    first = await run_replica(node)
+    ready = await waiting
+    assert [r.task_id for r in ready] == [first["task_id"]]
+    # two requests in flight on one replica with target_ongoing 1: one more replica
+    services.started(svc, ready[0])
+    services.started(svc, ready[0])
+    assert svc.desired == 2
+    second = await run_replica(node, skip=1)
+    await wait_until(lambda: len(services.ready(svc)) == 2, 10, "two ready")
+    for _ in range(2):
+        services.finished(svc, ready[0], status=200, ttft_s=0.01, duration_s=0.1,
+                          completion_tokens=5)
+    # idle_s without requests: back to min (0), both replicas' tasks cancelled
+    await wait_until(lambda: not svc.replicas, 20, "scaled down to zero")
+    for assign in (first, second):
+        await node.frame(type="cancel", task_id=assign["task_id"])
+    events = await history(live)
+    scaled = [(e["kind"], e["detail"]["to"]) for e in events if e["kind"].startswith("scaled")]
+    assert scaled == [("scaled up", 1), ("scaled up", 2), ("scaled down", 0)]
+    assert "from zero" in events[kinds(events).index("scaled up")]["detail"]["why"]
+    body = (await live.http.get("/metrics")).text
+    assert 'gpumesh_service_requests_total{service="chat",status="2xx",tenant=' in body
+    assert 'gpumesh_service_scale_events_total{kind="up",service="chat"' in body
+    assert 'gpumesh_service_replicas{service="chat",state="ready"' in body
+    assert service(live).desired == 0
+    await node.close()
+
+
+async def test_a_drained_nodes_replica_is_replaced_before_it_stops(
+    live: LiveCoordinator,
+) -> None:
+    a = await hand_node(live, "a")
+    await create(live)
+    old = await run_replica(a)
+    svc = service(live)
+    await wait_until(lambda: live.mesh.services.ready(svc), 10, "ready on a")
+    b = await hand_node(live, "b")
+    r = await live.http.post("/mesh/nodes/a/drain", json={"reason": "maintenance"})
+    assert r.status_code == 200, r.text
+    new = await run_replica(b, state="starting")
+    assert not a.seen(type="cancel")  # the old one serves until the new one is ready
+    assert [x.task_id for x in live.mesh.services.ready(svc)] == [old["task_id"]]
+    await b.send({"type": "replica", "task_id": new["task_id"], "attempt": new["attempt"],
+                  "state": "ready"})
+    await a.frame(type="cancel", task_id=old["task_id"])
+    await wait_until(lambda: list(svc.replicas) == [new["task_id"]], 10, "old one gone")
+    await a.close()
+    await b.close()
+
+
+async def test_a_restart_keeps_services_and_replicas(settings: Settings, tmp_path: Path) -> None:
+    async with run_coordinator(settings) as live:
+        node = await hand_node(live, "n1")
+        await create(live, replicas={"min": 1, "max": 3})
+        assign = await run_replica(node)
+        svc = service(live)
+        await wait_until(lambda: live.mesh.services.ready(svc), 10, "ready")
+        await node.close()
+    async with run_coordinator(settings) as live:
+        svc = service(live)
+        assert list(svc.replicas) == [assign["task_id"]]
+        assert live.mesh.services.ready(svc) == []  # until its node says so again
+        ref = {"task_id": assign["task_id"], "attempt": assign["attempt"], "state": "running"}
+        await node.connect(live.ws_url, running=[ref])  # the same node, its credential
+        await node.send({"type": "replica", "task_id": ref["task_id"],
+                         "attempt": ref["attempt"], "state": "ready"})
+        await wait_until(lambda: live.mesh.services.ready(svc), 10, "ready after restart")
+        assert list(svc.replicas) == [assign["task_id"]] and svc.desired == 1
+        assert not node.seen(type="assign")  # nothing new placed: the replica was kept
+        await node.close()
+
+
+async def test_quotas_count_replica_gpus(
+    live: LiveCoordinator, spawn_client: Callable[..., Proc]
+) -> None:
+    r = await live.http.post("/admin/tokens", json={"tenant": "alice", "role": "submit"})
+    token = r.json()["token"]
+    r = await live.http.put("/admin/tenants/alice", json={"max_gpus": 1})
+    assert r.status_code == 200, r.text
+    spawn_client("g", live.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="2xA100-80GB")
+    doc = {"name": "big", "model": "big", "command": SLEEPER,
+           "requirements": {"gpu_count": 1}, "replicas": {"min": 2, "max": 2}}
+    r = await live.http.post("/services", json=doc, headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 201, r.text
+    svc = service(live, "big")
+    tasks = live.mesh.tasks
+    await wait_until(lambda: any(r.node for r in svc.replicas.values()), 20, "one placed")
+    placed = [t for t in svc.replicas if tasks[t].node]
+    waiting = [t for t in svc.replicas if not tasks[t].node]
+    assert len(placed) == 1 and len(waiting) == 1
+    assert tasks[placed[0]].tenant == "alice" and len(tasks[placed[0]].gpu_indices) == 1
+    await wait_until(lambda: "GPU quota" in live.mesh.queued_reason(tasks[waiting[0]]), 10,
+                     "held by the quota")
