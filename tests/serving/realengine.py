@@ -49,7 +49,7 @@ def engine_argv(model: Path, port: int, *, embedding: bool = False,
     """The command the `llama_cpp` engine template runs, for a direct process."""
     return [python, "-u", "-m", "llama_cpp.server", "--model", str(model),
             "--model_alias", MODEL, "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", "8192", "--embedding", "true" if embedding else "false",
+            "--n_ctx", "2048", "--embedding", "true" if embedding else "false",
             "--interrupt_requests", "false", "--verbose", "false"]
 
 

@@ -25,6 +25,7 @@ N_HEAD = 4
 N_FF = 128
 N_CTX = 2048
 SEED = 27
+EOG_IDS = (2, 4)  # </s> and <|im_end|>: where llama.cpp stops; bias them away for long answers
 
 # A chat template (jinja, as GGUF files carry it) so chat completions format as ChatML.
 CHAT_TEMPLATE = (
@@ -59,8 +60,8 @@ def train_vocab(seed: int = SEED) -> bytes:
         byte_fallback=True,  # llama.cpp spells any character it lacks (newlines too) in bytes
         num_threads=1,
         minloglevel=2,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        unk_id=0, bos_id=1, eos_id=EOG_IDS[0], pad_id=-1,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],  # 3 and EOG_IDS[1]
     )
     return model.getvalue()
 
@@ -74,6 +75,7 @@ def write_tiny_llama(path: Path | str, seed: int = SEED) -> Path:
     path = Path(path)
     sp = spm.SentencePieceProcessor(model_proto=train_vocab(seed))
     assert sp.get_piece_size() == N_VOCAB, sp.get_piece_size()
+    assert [sp.id_to_piece(i) for i in EOG_IDS] == ["</s>", "<|im_end|>"]
     tokens, scores, types = [], [], []
     for i in range(N_VOCAB):
         tokens.append(sp.id_to_piece(i).encode())
