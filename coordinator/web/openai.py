@@ -30,7 +30,7 @@ import re
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -39,7 +39,9 @@ from starlette.routing import Route
 
 from coordinator.access.auth import Message, Receive, Scope, Send, principal_of
 from coordinator.core.mesh import Mesh
+from coordinator.core.services import Replica, Service, ServiceManager
 from coordinator.link.streams import Stream, StreamBroken, StreamTable
+from coordinator.model import Link
 from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.routing import PrefixRing, least_loaded, prompt_key
 from coordinator.scheduling.tenants import TokenBucket
@@ -56,35 +58,6 @@ PATHS = {
 }
 _USAGE = re.compile(rb'"completion_tokens"\s*:\s*(\d{1,12})')
 _SSE = b"text/event-stream"
-
-
-# --- what the router calls on the control plane (coordinator/core/services.py) ------------
-
-class Replica(Protocol):
-    task_id: str
-    attempt: int
-    node: str
-    state: str
-    outstanding: int
-
-
-class Service(Protocol):
-    name: str
-    model: str
-    tenant: str
-
-    @property
-    def spec(self) -> Any: ...
-
-
-class Services(Protocol):
-    def lookup(self, tenant: str, model: str) -> Any: ...
-    def models(self, tenant: str) -> Sequence[Any]: ...
-    def ready(self, svc: Any) -> Sequence[Any]: ...
-    async def wait_ready(self, svc: Any, timeout_s: float) -> Sequence[Any]: ...
-    def started(self, svc: Any, replica: Any) -> None: ...
-    def finished(self, svc: Any, replica: Any, *, status: int, ttft_s: float | None,
-                 duration_s: float, completion_tokens: int | None) -> None: ...
 
 
 # --- answers ----------------------------------------------------------------------------
@@ -123,11 +96,6 @@ class Refusal(Exception):
         await _answer(send, self.status, body, headers)
 
 
-class CutShort(Exception):
-    """The answer broke off after bytes reached the caller: the connection is dropped
-    without the body's last chunk, so the caller sees an incomplete answer, not a short one."""
-
-
 # --- the router -------------------------------------------------------------------------
 
 class Router:
@@ -141,13 +109,14 @@ class Router:
             max_per_node=settings.serve_max_streams_per_node,
             window=settings.serve_window_bytes)
         self.rng = rng or random.Random()
-        self._rings: weakref.WeakKeyDictionary[Any, PrefixRing] = weakref.WeakKeyDictionary()
+        self._rings: weakref.WeakKeyDictionary[Service, PrefixRing] = (
+            weakref.WeakKeyDictionary())
         self.buckets: dict[str, TokenBucket] = {}
 
     def over_rate(self, mesh: Mesh, tenant: str, now: float) -> float:
         """Seconds to wait when `tenant` is over its rate (its `rate` and `burst`, the ones
         submissions have, counted in a bucket of its own for requests); 0.0 when it is not."""
-        config = mesh.fair.config(tenant)
+        config = mesh.fair.config(tenant_of(tenant))
         if config.rate is None:
             return 0.0
         bucket = self.buckets.get(tenant)
@@ -156,13 +125,13 @@ class Router:
             bucket = self.buckets[tenant] = TokenBucket(config.rate, burst, burst, now)
         return bucket.take(1, now)
 
-    def choose(self, mesh: Mesh, svc: Any, ready: Sequence[Any], key: str,
-               tried: set[str]) -> tuple[Any, Any] | str:
+    def choose(self, mesh: Mesh, svc: Service, ready: Sequence[Replica], key: str,
+               tried: set[str]) -> tuple[Replica, Link] | str:
         """(replica, its node's link) to send this request to, or why none."""
         streams = self.streams
         if len(streams) >= streams.max_streams:
             return f"{len(streams)} requests in flight (MESH_SERVE_MAX_STREAMS)"
-        fit: list[Any] = []
+        fit: list[Replica] = []
         why = "no ready replica"
         for r in ready:
             if r.task_id in tried:
@@ -177,7 +146,7 @@ class Router:
             fit.append(r)
         if not fit:
             return why
-        if key and len(fit) > 1 and getattr(svc.spec, "routing", "least") == "prefix":
+        if key and len(fit) > 1 and svc.spec.routing == "prefix":
             ring = self._rings.get(svc)
             ids = tuple(sorted(r.task_id for r in fit))
             if ring is None or ring.ids != ids:
@@ -186,12 +155,8 @@ class Router:
         else:
             chosen = least_loaded(fit, self.rng)
         link = mesh.nodes[chosen.node].link
+        assert link is not None  # checked above, with no await between
         return chosen, link
-
-
-def _services(mesh: Mesh) -> Services | None:
-    services: Services | None = getattr(mesh, "services", None)
-    return services
 
 
 def _leading(scope: Scope) -> tuple[Mesh, Router] | None:
@@ -203,17 +168,14 @@ def _leading(scope: Scope) -> tuple[Mesh, Router] | None:
 
 # --- GET /v1/models ---------------------------------------------------------------------
 
-def _model_doc(svc: Any) -> dict[str, Any]:
-    created = getattr(svc, "created", 0) or 0
-    return {"id": svc.model, "object": "model", "created": int(created),
+def _model_doc(svc: Service) -> dict[str, Any]:
+    return {"id": svc.model, "object": "model", "created": int(svc.created_at),
             "owned_by": svc.tenant}
 
 
 async def models(request: Request) -> Response:
     found = _leading(request.scope)
-    services = _services(found[0]) if found else None
-    tenant = tenant_of(principal_of(request).tenant)
-    listed = [] if services is None else services.models(tenant)
+    listed = [] if found is None else found[0].services.models(principal_of(request).tenant)
     model = request.path_params.get("model")
     if model is not None:
         match = [s for s in listed if s.model == model]
@@ -244,7 +206,7 @@ class Relay:
             raise Refusal(503, "not_ready", "the coordinator is starting", retry_after=1)
         mesh, router = found
         request = Request(scope, receive)
-        tenant = tenant_of(principal_of(request).tenant)
+        tenant = principal_of(request).tenant  # the tenant services are stored under
         if wait := router.over_rate(mesh, tenant, time.monotonic()):
             raise Refusal(429, "rate_limit_exceeded",
                           f"tenant {tenant} is over its rate of requests (its `rate` and "
@@ -260,9 +222,9 @@ class Relay:
         if not isinstance(model, str) or not model:
             raise Refusal(400, "invalid_request_error", "`model` must be a non-empty string",
                           param="model")
-        services = _services(mesh)
-        svc = services.lookup(tenant, model) if services is not None else None
-        if services is None or svc is None:
+        services = mesh.services
+        svc = services.lookup(tenant, model)
+        if svc is None:
             raise Refusal(404, "model_not_found", f"The model `{model}` does not exist",
                           param="model")
         call = _Call(mesh, router, services, svc, scope["path"], body, raw)
@@ -295,13 +257,14 @@ async def _watch(receive: Receive, call: _Call) -> None:
 class _Call:
     """One request's trip: choose, open, relay, report."""
 
-    def __init__(self, mesh: Mesh, router: Router, services: Services, svc: Any, path: str,
+    def __init__(self, mesh: Mesh, router: Router, services: ServiceManager, svc: Service,
+                 path: str,
                  body: dict[str, Any], raw: bytes) -> None:
         self.mesh, self.router, self.services, self.svc = mesh, router, services, svc
         self.path, self.raw = PATHS[path], raw
         self.gone = asyncio.Event()
         self.stream: Stream | None = None
-        self.key = prompt_key(body) if getattr(svc.spec, "routing", "") == "prefix" else ""
+        self.key = prompt_key(body) if svc.spec.routing == "prefix" else ""
         self.t0 = time.perf_counter()
 
     def caller_gone(self) -> None:
@@ -317,7 +280,7 @@ class _Call:
         for _ in range(2):  # a second replica only when nothing reached the caller yet
             if self.gone.is_set():
                 return
-            ready = self.services.ready(self.svc)
+            ready: Sequence[Replica] = self.services.ready(self.svc)
             if not ready and not tried:
                 ready = await self._cold_start(settings.serve_cold_start_s)
             picked = self.router.choose(self.mesh, self.svc, ready, self.key, tried)
@@ -343,7 +306,7 @@ class _Call:
                      replica.task_id, last, "" if len(tried) > 1 else "; trying another")
         raise Refusal(502, "replica_failed", f"model {self.svc.model}: {last}")
 
-    async def _cold_start(self, timeout: float) -> Sequence[Any]:
+    async def _cold_start(self, timeout: float) -> Sequence[Replica]:
         """No replica is ready: the control plane starts one; waits up to `timeout` (or
         until the caller goes away)."""
         waiting = asyncio.ensure_future(self.services.wait_ready(self.svc, timeout))
@@ -358,7 +321,7 @@ class _Call:
             return []
         return waiting.result()
 
-    async def _one(self, send: Send, stream: Stream, replica: Any) -> str:
+    async def _one(self, send: Send, stream: Stream, replica: Replica) -> str:
         """Relay one attempt. "" when it is over (answered, or cut short after bytes went
         out); else why it failed before a byte reached the caller (another may be tried)."""
         status, ttft, tokens = 0, None, None
@@ -399,12 +362,12 @@ class _Call:
                 if self.gone.is_set():
                     return None
                 log.warning("model %s: an answer broke off: %s", self.svc.model, exc.reason)
-                if not sse:
-                    raise CutShort(exc.reason) from None
-                event = b"data: " + _error_body(exc.reason, "server_error",
-                                                "replica_failed") + b"\n\n"
-                await send({"type": "http.response.body", "body": event})
-                await send({"type": "http.response.body", "body": b""})
+                if sse:  # an error event the client reads as such, then the end
+                    event = b"data: " + _error_body(exc.reason, "server_error",
+                                                    "replica_failed") + b"\n\n"
+                    await send({"type": "http.response.body", "body": event})
+                # else: returning without the body's last chunk makes the server close the
+                # connection, so the caller sees an incomplete answer, never a short one
                 return None
             if chunk is None:
                 break
