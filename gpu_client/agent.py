@@ -37,6 +37,7 @@ from gpu_client.isolation import level as isolation_level
 from gpu_client.isolation import owner_tenant
 from gpu_client.logstream import LogStream
 from gpu_client.policy import assign_refusal, node_policy
+from gpu_client.serving import Serving
 from gpu_client.settings import ClientSettings
 from gpu_client.telemetry import Telemetry
 from shared import __version__
@@ -45,6 +46,7 @@ from shared.protocol import (
     FATAL_CLOSE_CODES,
     FEATURES,
     MAX_FRAME_BYTES,
+    SERVE,
     Ack,
     Assign,
     BadMessage,
@@ -58,6 +60,9 @@ from shared.protocol import (
     Registered,
     ServerBundle,
     ServerMsg,
+    StreamCancel,
+    StreamCredit,
+    StreamOpen,
     TaskAccepted,
     TaskOutcome,
     TaskRef,
@@ -159,6 +164,9 @@ class Agent:
         self.health = NodeHealth(self._executors, settings.work_dir, settings.min_free_mb)
         self.fence = Fence(settings.fence_after_s, self._self_fence)
         self._probe_now = asyncio.Event()  # an infra error: re-probe executors and health now
+        self.serving = Serving(  # model service replicas and the streams to them (issue 27)
+            self._send, state_dir=settings.state_dir, health_s=settings.serve_health_s,
+            max_streams=settings.serve_max_streams, buffer_bytes=settings.serve_buffer_mb << 20)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -208,6 +216,7 @@ class Agent:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.serving.close()
         if running:
             log.info("stopped watching %d running task(s): %s", len(running),
                      ", ".join(f"{r.task_id}.{r.attempt}" for r in running))
@@ -220,6 +229,7 @@ class Agent:
                 run = self._new_run(found.task_id, found.attempt, executor)
                 run.started.set()
                 run.task = self._spawn(self._complete(run, found.follow, run.stream.feed))
+        await self.serving.adopt({run.key for run in self._runs.values() if run.result is None})
 
     # --- connection -------------------------------------------------------------------
 
@@ -339,6 +349,7 @@ class Agent:
                 self.fence.touch()
                 self._handle(decode_server(frame))
         finally:
+            self.serving.connection_lost()  # its streams end; the coordinator fails its side
             writer.cancel()
             beat.cancel()
             await asyncio.gather(writer, beat, return_exceptions=True)
@@ -479,6 +490,12 @@ class Agent:
                 self._draining = True
             case Error():
                 self._on_error(msg)
+            case StreamOpen():
+                self.serving.on_open(msg)
+            case StreamCredit():
+                self.serving.on_credit(msg)
+            case StreamCancel():
+                self.serving.on_cancel(msg)
             case BadMessage():
                 log.warning("undecodable frame from the coordinator: %s", msg.reason)
                 self._assigns = -1  # it may have held assigns: heartbeats stop counting them
@@ -491,6 +508,7 @@ class Agent:
         for run in list(self._runs.values()):
             if run.result is not None:
                 self._send(run.result)  # `keep`ers, and any the coordinator did not list
+        self.serving.registered(SERVE in reg.features)  # replicas it runs: their state again
 
     def _on_assign(self, a: Assign) -> None:
         key = (a.task_id, a.attempt)
@@ -515,9 +533,17 @@ class Agent:
             log.warning("refused task %s.%d: %s", *key, refused, extra=extra)
             self._finish(run, RunOutcome(exit_code=None, error=refused))
         else:
+            if a.service is not None:  # a service replica: a port of its own, then watched
+                if isinstance(prepared := self.serving.prepare(a), str):
+                    self._finish(run, RunOutcome(exit_code=None, error=prepared))
+                    return
+                a = prepared
             log.info("running task %s.%d with %s", *key, a.executor, extra=extra)
+            work: Callable[[OnOutput], Awaitable[RunOutcome]]
             work = partial(executor.run, ran if a.gang is not None else a,
                            lambda: self._on_started(run))
+            if a.service is not None:
+                work = self.serving.launching(key, work)
             run.task = self._spawn(self._complete(run, work, run.stream.feed))
 
     def _on_cancel(
@@ -529,6 +555,7 @@ class Agent:
             log.debug("%s for unknown attempt %s.%d ignored", cause, task_id, attempt, extra=extra)
             return
         log.info("stopping task %s.%d (%s)", task_id, attempt, cause, extra=extra)
+        self.serving.ended(run.key)
         self._spawn(self._stop_run(run, grace_s))
 
     def _on_ack(self, ack: Ack) -> None:
@@ -554,6 +581,7 @@ class Agent:
         run.started.set()
         if self._runs.get(run.key) is run:
             self._send(TaskStarted(task_id=run.task_id, attempt=run.attempt))
+            self.serving.started(run.key)  # a replica: reported starting, its health watched
 
     async def _complete(
         self, run: Run, work: Callable[[OnOutput], Awaitable[RunOutcome]], on_output: OnOutput
@@ -571,6 +599,7 @@ class Agent:
 
     def _finish(self, run: Run, outcome: RunOutcome) -> None:
         run.stream.close()
+        self.serving.ended(run.key)
         if self._runs.get(run.key) is not run:  # cancelled or fenced while it ran
             return
         run.result = TaskResult(

@@ -16,6 +16,7 @@ from docker.types import DeviceRequest
 
 from gpu_client.detectors.layout import VENDOR_BLOCK, runtime_id
 from gpu_client.executors.base import gpu_env
+from gpu_client.serving import PORT_VAR
 from shared.files import WORKSPACE
 from shared.policy import GPU_ENV
 from shared.protocol import Assign, GpuInfo
@@ -92,6 +93,8 @@ def container_spec(
     if assign.files or assign.artifacts:  # files go in, artifacts come out, here (workdir.py)
         spec["working_dir"] = WORKSPACE
         labels[LABEL_ARTIFACTS] = json.dumps(assign.artifacts)
+    if assign.service is not None and (port := assign.env.get(PORT_VAR, "")).isdigit():
+        spec["ports"] = {f"{port}/tcp": ("127.0.0.1", int(port))}  # the node's loopback only
     if assign.shm_size:
         spec["shm_size"] = assign.shm_size
     if assign.cpus:
