@@ -330,7 +330,7 @@ class ServiceManager:
 
     def _check_free(self, tenant: str, spec: ServiceSpec, this: Service | None) -> None:
         other = self.services.get((tenant, spec.name))
-        if this is None and other is not None:
+        if this is None and other is not None and not other.deleted:
             raise ServiceExists(f"this tenant already has a service named {spec.name!r}")
         by_model = self.by_model.get((tenant, spec.model))
         if by_model is not None and by_model is not this:

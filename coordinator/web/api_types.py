@@ -355,3 +355,76 @@ class TenantList(msgspec.Struct, kw_only=True):
     tenants: list[TenantView]
     count: int
     defaults: dict[str, Any]
+
+
+# --- model services (coordinator/web/services_api.py, issue 27) --------------------------
+
+
+class ReplicaView(msgspec.Struct, kw_only=True):
+    """One replica: a task; `node` and `attempt` where it runs (null while queued)."""
+
+    task_id: str
+    node: str | None
+    attempt: int
+    state: Literal["starting", "ready", "unhealthy", "stopping"]
+    outstanding: int
+    retiring: bool  # to be replaced (its node drains, its service changed): stops once a
+    reason: str = ""  # new one is ready; `reason`: the node's word on an unhealthy replica
+
+
+class ServiceScale(msgspec.Struct, kw_only=True):
+    min: int
+    max: int
+    desired: int  # what the control plane scales to now
+    ready: int
+
+
+class ServiceRequests(msgspec.Struct, kw_only=True):
+    """Requests routed to the service since the coordinator started."""
+
+    total: float
+    errors: float
+    mean_s: float | None
+    ttft_mean_s: float | None
+    completion_tokens: float
+
+
+class ServiceEvent(msgspec.Struct, kw_only=True):
+    """One entry of a service's history: created, updated, replica started, placed, ready,
+    unhealthy, lost, stopping, retiring, ended, restart, scaled up, scaled down."""
+
+    seq: int
+    at: float
+    kind: str
+    detail: dict[str, Any]
+
+
+class ServiceView(msgspec.Struct, kw_only=True):
+    name: str
+    model: str
+    tenant: str
+    engine: str | None
+    executor: str
+    replicas: list[ReplicaView]
+    scale: ServiceScale
+    outstanding: int
+    routing: Literal["least", "prefix"]
+    health_path: str
+    idle_s: float
+    target_ongoing: int
+    requests: ServiceRequests
+    created_at: float
+    updated_at: float
+    spec: dict[str, Any]  # as submitted (POST /services body)
+    history: list[ServiceEvent] = []  # GET /services/{name}: the newest `?history=` events
+
+
+class ServiceList(msgspec.Struct, kw_only=True):
+    services: list[ServiceView]
+    count: int
+
+
+class ServiceDeleted(msgspec.Struct, kw_only=True):
+    deleted: str
+    tenant: str
+    replicas_stopping: int

@@ -149,7 +149,7 @@ def _operation(method: str, path: str, op: Op, schemas: _Schemas) -> dict[str, A
         schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
         responses["200"] = {"description": "OK", "content": _json(schema)}
     for status, tp in op.also.items():
-        desc = "OK" if status == 200 else ERRORS.get(status, str(status))
+        desc = {200: "OK", 201: "Created"}.get(status) or ERRORS.get(status, str(status))
         responses[str(status)] = {"description": desc,
                                   "content": _json({"x-type": schemas.ref(tp)})}
     errors = set(op.errors)
@@ -200,7 +200,8 @@ def build_document(routes: Sequence[BaseRoute]) -> dict[str, Any]:
             ),
         },
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
-        "tags": [{"name": n} for n in ("tasks", "mesh", "admin", "service", "console", "nodes")],
+        "tags": [{"name": n} for n in ("tasks", "mesh", "admin", "service", "console", "nodes",
+                                            "services")],
         "paths": _resolve(paths, schemas),
         "components": {
             "schemas": components,

@@ -15,6 +15,7 @@ from typing import Any
 
 from coordinator.scheduling.fairshare import TenantConfig
 from coordinator.web import api_types as t
+from shared.services import ServiceSpec
 from shared.tasks import TaskSubmit
 
 WEBSOCKET = "WEBSOCKET"  # the method under which a WebSocketRoute is listed here
@@ -49,6 +50,8 @@ def _int(lo: int, hi: int) -> dict[str, Any]:
 
 TENANT = Param("tenant", {"type": "string"},
                "admins only: list this tenant's tasks (others always see their own)")
+SERVICE_TENANT = Param("tenant", {"type": "string"},
+                       "admins only: the tenant whose service this is (others: their own)")
 TEXT = {"text/plain": "plain text, UTF-8"}
 HTML = {"text/html": "an HTML page (its scripts and styles come from /ui/assets)"}
 
@@ -168,6 +171,36 @@ ROUTES: dict[tuple[str, str], Op] = {
         body=TenantConfig,
         description="Durable with its audit record before it applies; queued work is "
         "reconsidered at once.",
+    ),
+    ("POST", "/services"): Op(
+        "services", "Create a model service: replicas placed like tasks, served on /v1",
+        t.ServiceView, errors=(409, 413, 422), body=ServiceSpec, query=(SERVICE_TENANT,),
+        also={201: t.ServiceView},
+        description="A submit token's tenant owns it; its replicas' GPUs count against that "
+        "tenant's quota. 409 when the tenant already has a service of that name or model, "
+        "or MESH_MAX_SERVICES exist. Answered once durable (with its audit record).",
+    ),
+    ("GET", "/services"): Op(
+        "services", "The caller's tenant's services (an admin's: every tenant's)",
+        t.ServiceList, query=(SERVICE_TENANT,),
+    ),
+    ("GET", "/services/{name}"): Op(
+        "services", "One service, its replicas and its history", t.ServiceView,
+        errors=(400, 404, 409),
+        query=(Param("history", _int(0, 1000), "how many of the newest events (default 50)"),
+               SERVICE_TENANT),
+        description="Another tenant's service is a 404. 409: an admin's name matches several "
+        "tenants' services (add `?tenant=`).",
+    ),
+    ("PUT", "/services/{name}"): Op(
+        "services", "Replace a service's spec", t.ServiceView, errors=(404, 409, 413, 422),
+        body=ServiceSpec, query=(SERVICE_TENANT,),
+        description="Replicas that run an older command are replaced: new ones first, each "
+        "old one stopped once a new one is ready. A service cannot be renamed.",
+    ),
+    ("DELETE", "/services/{name}"): Op(
+        "services", "Delete a service and stop its replicas", t.ServiceDeleted,
+        errors=(404, 409), query=(SERVICE_TENANT,),
     ),
     ("GET", "/openapi.json"): Op(
         "console", "This document (OpenAPI 3.1)",

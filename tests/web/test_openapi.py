@@ -197,6 +197,20 @@ async def test_document_validates_and_every_route_answers_in_its_documented_shap
     await call("GET", "/mesh/status")
     await call("POST", "/mesh/nodes/{name}/undrain", "/mesh/nodes/n1/undrain", json={})
 
+    svc = {"name": "chat", "model": "tiny", "replicas": {"min": 1, "max": 1},
+           "command": ["python3", "-c", "import time; time.sleep(60)", "{port}"]}
+    await call("POST", "/services", json=svc)
+    await call("POST", "/services", json=svc)  # 409
+    await call("POST", "/services", json={**svc, "name": "x y"})  # 422
+    await call("PUT", "/services/{name}", "/services/chat", json={**svc, "model": "tiny2"})
+    await call("GET", "/services")
+    await wait_until(lambda: any(s.replicas for s in coordinator.mesh.services.all(None)), 10,
+                     "a replica")
+    await call("GET", "/services/{name}", "/services/chat?history=5")
+    await call("GET", "/services/{name}", "/services/chat?history=x")  # 400
+    await call("GET", "/services/{name}", "/services/nope")  # 404
+    await call("DELETE", "/services/{name}", "/services/chat")
+
     await call("DELETE", "/mesh/nodes/{name}", "/mesh/nodes/spare")
     await call("DELETE", "/mesh/nodes/{name}", "/mesh/nodes/ghost")
 
