@@ -11,6 +11,8 @@ from shared.config import ConfigError, env_bool, env_float, env_int, env_list, e
 
 # The balancing modes MESH_BALANCING may name; placement scores each (scheduling/placement.py).
 MODES = ("speed", "efficiency", "balanced", "endurance")
+# The queue policies MESH_POLICY may name (coordinator/scheduling/policy.py says what each does).
+POLICIES = ("priority", "fifo", "backfill")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class Settings:
     max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
+    policy: str = "priority"  # MESH_POLICY: priority | fifo | backfill (scheduling/policy.py)
     templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
     # Limits (README "Limits"): each refusal names the limit it hit.
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming
@@ -138,6 +141,7 @@ class Settings:
             store=env_str(env, "MESH_STORE", d.store),
             balancing=env_str(env, "MESH_BALANCING", d.balancing),
             aging_s=env_float(env, "MESH_AGING_S", d.aging_s),
+            policy=env_str(env, "MESH_POLICY", d.policy).lower(),
             templates=Path(env["MESH_TEMPLATES"]) if env.get("MESH_TEMPLATES") else None,
             max_body_bytes=env_int(env, "MESH_MAX_BODY_BYTES", d.max_body_bytes),
             max_queued=env_int(env, "MESH_MAX_QUEUED", d.max_queued),
@@ -182,6 +186,8 @@ class Settings:
             raise ConfigError("MESH_START_DEADLINE_S", f"{base.start_deadline_s:g}", "seconds > 0")
         if base.balancing not in MODES:
             raise ConfigError("MESH_BALANCING", base.balancing, " | ".join(MODES))
+        if base.policy not in POLICIES:
+            raise ConfigError("MESH_POLICY", base.policy, " | ".join(POLICIES))
         store = str(overrides.get("store") or base.store)
         if store != "sqlite" and not store.startswith(("postgresql://", "postgres://")):
             raise ConfigError("MESH_STORE", store, "sqlite | postgresql://user@host/db")

@@ -30,6 +30,10 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     ),
     "coordinator.access": ("coordinator.storage", *BASE),
     "coordinator.core": ("coordinator.scheduling", "coordinator.storage", *BASE),
+    # The simulator replays traces through core's dispatch pass and scheduling, no I/O.
+    "coordinator.sim": (
+        "coordinator.core", "coordinator.scheduling", "coordinator.storage", *BASE,
+    ),
     "coordinator.scheduling": BASE,
     "coordinator.storage": BASE,
     "coordinator.model": ("shared",),
@@ -210,7 +214,7 @@ def test_every_path_the_architecture_page_names_exists() -> None:
     assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
 
 
-WINGS = ["core", "scheduling", "storage", "access", "link", "leader", "web"]
+WINGS = ["core", "scheduling", "storage", "access", "link", "leader", "web", "sim"]
 
 
 @pytest.mark.parametrize("wing", WINGS)

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
-from coordinator.model import Task
+from coordinator.model import Node, Task
 from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
 from coordinator.scheduling.gang import place_gang
 from coordinator.scheduling.placement import NoFit, Placement, PlacementIndex, place
+from coordinator.scheduling.policy import STOP, Gate
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import class_wake_key
 from coordinator.settings import Settings
@@ -49,6 +50,8 @@ class DispatchHost(Protocol):
     def index(self) -> PlacementIndex: ...
     @property
     def tasks(self) -> Mapping[str, Task]: ...
+    @property
+    def nodes(self) -> Mapping[str, Node]: ...
 
 
 def decide(host: DispatchHost, t: Task, preempt: Preempt | None) -> tuple[Placement | NoFit, float]:
@@ -86,13 +89,23 @@ def dispatch_pass(
     returns True, so the caller can let its event loop breathe and run another pass; False
     when nothing more fits now."""
     queue = host.queue
+    # fifo and backfill: what a head that does not fit lets by (coordinator/scheduling/policy.py)
+    gate = Gate.of(host.settings.policy, queue, host.nodes, host.tasks, host.fair.clock(),
+                   lambda t: decide(host, t, None)[0])
     while (found := queue.next()) is not None:
         if deadline is not None and time.perf_counter() > deadline:
             return True
-        key, (_, _, task_id) = found
-        t = host.tasks[task_id]
+        key, entry = found
+        t = host.tasks[entry[2]]
         if why := host.fair.hold(t):  # its tenant is at a quota: wait until it lets go
             queue.block(key, QuotaHold(why), (quota_wake_key(key[0]),))
+            continue
+        if gate is not None and (verdict := gate.check(key, entry, t)) is not None:
+            if verdict == STOP:
+                break
+            if isinstance(verdict, Placement):  # backfilled: it cannot delay the head
+                queue.pop(key)
+                assign(t, verdict, 0.0)
             continue
         if t.gang_size > 1:  # a gang: all of its members in one decision, or none
             gang = decide_gang(host, t, assign_gang is not None)

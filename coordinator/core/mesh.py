@@ -46,6 +46,7 @@ from coordinator.model import FINISHED, DrainMark, Link, Node, Task, TaskState, 
 from coordinator.scheduling.fairqueue import FairQueue
 from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.placement import Placement, PlacementIndex
+from coordinator.scheduling.policy import STRICT, rank
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import node_wake_keys
 from coordinator.settings import Settings
@@ -133,7 +134,7 @@ class Mesh:
         self.nodes: dict[str, Node] = {}
         self.index = PlacementIndex()  # placement's view of the nodes: update after changes
         self.fair = Tenants(settings)  # weights, quotas, usage (coordinator/scheduling/tenants.py)
-        self.queue = FairQueue(self._is_queued, self.fair.choose)
+        self.queue = FairQueue(self._is_queued, self.fair.choose, by_head=settings.policy in STRICT)
         self.gpu_seconds: dict[str, float] = {}  # by tenant, for the fairness index
         self.state_counts: Counter[TaskState] = Counter()  # unfinished tasks by state
         self.queued_by_band: Counter[str] = Counter()
@@ -419,11 +420,9 @@ class Mesh:
         self._wake.set()
 
     def _rank(self, t: Task) -> float:
-        """Queue order, lower first. With aging, priority is worth `aging_s` seconds of
-        waiting per level, so old low-priority work is never starved by a stream of new
-        high-priority work; without it, strict priority."""
-        aging = self.settings.aging_s
-        return t.submitted_at - t.priority * aging if aging > 0 else -t.priority
+        """Queue order, lower first, by `MESH_POLICY` (coordinator/scheduling/policy.py)."""
+        settings = self.settings
+        return rank(settings.policy, settings.aging_s, t.submitted_at, t.priority)
 
     def _is_queued(self, task_id: str) -> bool:
         t = self.tasks.get(task_id)

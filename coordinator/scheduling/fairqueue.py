@@ -5,6 +5,8 @@ tenants, `choose` (coordinator/scheduling/fairshare.py: usage per weight) picks 
 that
 have a ready class. A decision costs O(tenants with queued work x log classes), however
 long the backlog; with one tenant it is the TaskQueue's own `next`, as before tenants.
+With `by_head` (the fifo and backfill policies) the tenant whose head comes first goes,
+so the order across tenants is the order of submission.
 
 A class key here is `(tenant, class key)`: `block` and `pop` take what `next` returned.
 A class of a tenant at one of its quotas is blocked under `quota_wake_key(tenant)`, woken
@@ -33,10 +35,12 @@ class QuotaHold:
 
 class FairQueue:
     def __init__(
-        self, live: Callable[[str], bool], choose: Callable[[Iterable[str]], str]
+        self, live: Callable[[str], bool], choose: Callable[[Iterable[str]], str],
+        by_head: bool = False,
     ) -> None:
         self._live = live
         self._choose = choose
+        self._by_head = by_head  # the strict policies: the earliest head of all, not fair share
         self._queues: dict[str, TaskQueue] = {}
 
     def _queue(self, tenant: str) -> TaskQueue:
@@ -64,7 +68,12 @@ class FairQueue:
                 del queues[tenant]  # nothing queued for it any more
         if not heads:
             return None
-        tenant = self._choose(heads) if len(heads) > 1 else next(iter(heads))
+        if len(heads) == 1:
+            tenant = next(iter(heads))
+        elif self._by_head:
+            tenant = min(heads, key=lambda k: heads[k][1])
+        else:
+            tenant = self._choose(heads)
         key, entry = heads[tenant]
         return (tenant, key), entry
 
@@ -87,6 +96,11 @@ class FairQueue:
 
     def wake_all(self) -> int:
         return sum(q.wake_all() for q in self._queues.values())
+
+    def first_parked(self, why: type) -> Entry | None:
+        """The earliest head of any tenant among classes blocked with a `why` reason."""
+        found = [e for q in self._queues.values() if (e := q.first_parked(why)) is not None]
+        return min(found, default=None)
 
     @property
     def blocked(self) -> int:

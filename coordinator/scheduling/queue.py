@@ -174,6 +174,17 @@ class TaskQueue:
     def is_blocked(self, key: ClassKey) -> bool:
         return key in self._blocked
 
+    def first_parked(self, why: type) -> Entry | None:
+        """The earliest head among the classes blocked with a reason of type `why` (the
+        strict policies' barrier, coordinator/scheduling/policy.py); O(blocked classes)."""
+        first: Entry | None = None
+        for key in list(self._blocked):
+            if isinstance(self.reasons.get(key), why):
+                entry = self.head(key)
+                if entry is not None and (first is None or entry < first):
+                    first = entry
+        return first
+
     @property
     def blocked(self) -> int:
         return len(self._blocked)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +77,8 @@ def defaults_of(settings: Settings) -> TenantConfig:
 
 
 class Tenants:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # wall time; the simulator's virtual clock (coordinator/sim/)
         self.defaults = defaults_of(settings)
         self.configs: dict[str, TenantConfig] = {}
         self.ledger = Ledger(settings.fairshare_halflife_s)
@@ -99,7 +100,7 @@ class Tenants:
     # --- dispatch --------------------------------------------------------------------
 
     def choose(self, candidates: Iterable[str]) -> str:
-        return choose(candidates, self.ledger, self.weights, time.time())
+        return choose(candidates, self.ledger, self.weights, self.clock())
 
     def hold(self, t: Task) -> str:
         """Why `t` may not be placed now under its tenant's quotas ("" when it may)."""
@@ -119,9 +120,9 @@ class Tenants:
         if to is TaskState.QUEUED:
             self.ledger.queue(tenant, 1)
         if to in ACTIVE and prev not in ACTIVE:
-            self.ledger.start(t.id, tenant, len(t.gpu_indices), time.time(), t.spec.preemptible)
+            self.ledger.start(t.id, tenant, len(t.gpu_indices), self.clock(), t.spec.preemptible)
         elif prev in ACTIVE and to not in ACTIVE:
-            return self.ledger.stop(t.id, time.time()) is not None
+            return self.ledger.stop(t.id, self.clock()) is not None
         return False
 
     # --- submission ------------------------------------------------------------------
