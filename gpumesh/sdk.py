@@ -48,6 +48,8 @@ from gpumesh.sdk_types import (
     MeshStatus,
     MeshUnreachable,
     NodeInfo,
+    ReplicaInfo,
+    ServiceInfo,
     Submitted,
     TaskInfo,
     TaskPage,
@@ -56,7 +58,8 @@ from gpumesh.sdk_types import (
 __all__ = [
     "FINISHED", "UNFINISHED", "AsyncClient", "Call", "Calls", "Client", "DrainMark",
     "DrainState", "GpuView", "Health", "MeshError", "MeshStatus", "MeshUnreachable", "NodeInfo",
-    "Submitted", "TaskInfo", "TaskPage", "default_token", "default_url", "token_file",
+    "ReplicaInfo", "ServiceInfo", "Submitted", "TaskInfo", "TaskPage", "default_token",
+    "default_url", "token_file",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8001"
@@ -222,6 +225,22 @@ class Client(_Base):
     def forget(self, name: str) -> dict[str, Any]:
         return self.call(Calls.forget(name))
 
+    def serve(self, spec: Any = None, **fields: Any) -> ServiceInfo:
+        """Create a model service (`POST /services`): name, model, engine or command..."""
+        return self.call(Calls.serve(spec, **fields))
+
+    def services(self) -> list[ServiceInfo]:
+        return self.call(Calls.services())
+
+    def service(self, name: str, history: int = 50) -> ServiceInfo:
+        return self.call(Calls.service(name, history))
+
+    def update_service(self, name: str, spec: Any = None, **fields: Any) -> ServiceInfo:
+        return self.call(Calls.update_service(name, spec, **fields))
+
+    def delete_service(self, name: str) -> dict[str, Any]:
+        return self.call(Calls.delete_service(name))
+
     def request(self, method: str, path: str, body: Any = None) -> Any:
         return self.call(Calls.raw(method, path, body))
 
@@ -333,6 +352,21 @@ class AsyncClient(_Base):
 
     async def forget(self, name: str) -> dict[str, Any]:
         return await self.call(Calls.forget(name))
+
+    async def serve(self, spec: Any = None, **fields: Any) -> ServiceInfo:
+        return await self.call(Calls.serve(spec, **fields))
+
+    async def services(self) -> list[ServiceInfo]:
+        return await self.call(Calls.services())
+
+    async def service(self, name: str, history: int = 50) -> ServiceInfo:
+        return await self.call(Calls.service(name, history))
+
+    async def update_service(self, name: str, spec: Any = None, **fields: Any) -> ServiceInfo:
+        return await self.call(Calls.update_service(name, spec, **fields))
+
+    async def delete_service(self, name: str) -> dict[str, Any]:
+        return await self.call(Calls.delete_service(name))
 
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         return await self.call(Calls.raw(method, path, body))

@@ -22,6 +22,7 @@ from gpumesh.sdk_types import (
     MeshError,
     MeshStatus,
     NodeInfo,
+    ServiceInfo,
     Submitted,
     TaskInfo,
     TaskPage,
@@ -110,6 +111,29 @@ class Calls:
     @staticmethod
     def forget(name: str) -> Call[dict[str, Any]]:
         return Call("DELETE", f"/mesh/nodes/{_q(name)}", dict)
+
+    @staticmethod
+    def serve(spec: Any = None, **fields: Any) -> Call[ServiceInfo]:
+        return Call("POST", "/services", _as(ServiceInfo), body=_spec(spec, fields))
+
+    @staticmethod
+    def services() -> Call[list[ServiceInfo]]:
+        return Call("GET", "/services", lambda d: msgspec.convert(
+            d.get("services", []), list[ServiceInfo], strict=False))
+
+    @staticmethod
+    def service(name: str, history: int = 50) -> Call[ServiceInfo]:
+        return Call("GET", f"/services/{_q(name)}", _as(ServiceInfo),
+                    {"history": str(min(max(history, 0), 1000))})
+
+    @staticmethod
+    def update_service(name: str, spec: Any = None, **fields: Any) -> Call[ServiceInfo]:
+        body = {"name": name, **_spec(spec, fields)}
+        return Call("PUT", f"/services/{_q(name)}", _as(ServiceInfo), body=body)
+
+    @staticmethod
+    def delete_service(name: str) -> Call[dict[str, Any]]:
+        return Call("DELETE", f"/services/{_q(name)}", dict)
 
     @staticmethod
     def raw(method: str, path: str, body: Any = None) -> Call[Any]:

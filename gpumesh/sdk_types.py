@@ -156,3 +156,42 @@ class MeshUnreachable(MeshError, ConnectionError):
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(0, f"cannot reach {url}", reason)
         self.url = url
+
+
+# --- model services (issue 27): `POST /services` and friends -------------------------------
+
+
+class ReplicaInfo(msgspec.Struct, kw_only=True):
+    task_id: str
+    node: str | None = None
+    attempt: int = 0
+    state: str = ""  # starting | ready | unhealthy | stopping
+    outstanding: int = 0
+    retiring: bool = False
+    reason: str = ""
+
+
+class ServiceInfo(msgspec.Struct, kw_only=True):
+    """A model service as `GET /services/{name}` shows it (`history` only there)."""
+
+    name: str
+    model: str = ""
+    tenant: str = ""
+    engine: str | None = None
+    executor: str = ""
+    replicas: list[ReplicaInfo] = []
+    scale: dict[str, int] = {}  # min, max, desired, ready
+    outstanding: int = 0
+    routing: str = ""
+    health_path: str = ""
+    idle_s: float = 0.0
+    target_ongoing: int = 0
+    requests: dict[str, float | None] = {}  # total, errors, mean_s, ttft_mean_s, ...
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    spec: dict[str, Any] = {}
+    history: list[dict[str, Any]] = []
+
+    @property
+    def ready(self) -> int:
+        return sum(1 for r in self.replicas if r.state == "ready")

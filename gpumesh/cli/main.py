@@ -6,6 +6,8 @@
     gpumesh nodes | node drain|undrain|forget NAME | status | top (gpumesh/cli/nodes.py)
     gpumesh detect                (gpumesh/cli/detect.py)
     gpumesh token create|list|revoke                           (gpumesh/cli/tokens.py)
+    gpumesh simulate TRACE --cluster 8x8:V100 [--compare] [--report OUT.html]  (simulate.py)
+    gpumesh serve NAME ... | services | service NAME | service rm NAME (gpumesh/cli/services.py)
 
 Every command but `up` and `detect` talks to the coordinator through the SDK (gpumesh/sdk.py):
 --url or MESH_URL says where; the token is MESH_API_TOKEN, else the admin
@@ -33,6 +35,12 @@ from gpumesh.cli import (
 )
 from gpumesh.cli import (
     nodes as cli_nodes,
+)
+from gpumesh.cli import (
+    services as cli_services,
+)
+from gpumesh.cli import (
+    simulate as cli_simulate,
 )
 from gpumesh.cli import (
     tasks as cli_tasks,
@@ -72,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_tokens.register(sub)
     cli_discover.register(sub)
     cli_tenants.register(sub)
+    cli_simulate.register(sub)
+    cli_services.register(sub)
     return p
 
 

@@ -6,6 +6,7 @@ with `replicas.min: 0` places nothing. The replica side is tests/serving/test_se
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -201,3 +202,63 @@ def test_engine_templates_fill_the_model_and_leave_the_port() -> None:
     assert task.image is not None and task.image.startswith("vllm/vllm-openai")
     assert task.requirements.executor == "docker" and task.requirements.gpu_count == 1
     assert "{port}" in (task.command or [])
+
+
+async def test_cli_serve_services_service_rm(coordinator: LiveCoordinator, tmp_path: Any) -> None:
+    from tests.cli.test_cli import _one_line_error, _row, gpumesh
+
+    res = await gpumesh("serve", "chat", "--model", "tiny", "--min", "0", "--max", "3",
+                        "--idle", "30", "--env", "A=1", "--command", *STANDIN,
+                        live=coordinator)
+    assert res.returncode == 0, res.stderr
+    assert "service chat serves model tiny" in res.stdout
+    spec_file = tmp_path / "svc.json"
+    spec_file.write_text('{"name": "emb", "model": "embed", "engine": "llama_cpp",'
+                         ' "params": {"gguf": "/m/x.gguf"}, "replicas": {"min": 0, "max": 1}}')
+    res = await gpumesh("serve", "--file", str(spec_file), "--param", "embedding=true",
+                        "--json", live=coordinator)
+    assert res.returncode == 0, res.stderr
+    made = json.loads(res.stdout)
+    assert made["engine"] == "llama_cpp" and made["spec"]["params"]["embedding"] == "true"
+
+    res = await gpumesh("services", live=coordinator)
+    assert res.returncode == 0, res.stderr
+    assert _row(res.stdout, "chat")[1:3] == ["tiny", "admin"]
+    assert _row(res.stdout, "emb")[1] == "embed"
+    res = await gpumesh("service", "chat", live=coordinator)
+    assert res.returncode == 0 and "created" in res.stdout, res.stdout
+    # a second create of the same name: refused in one line, exit 1; --replace updates it
+    res = await gpumesh("serve", "chat", "--model", "tiny", "--command", *STANDIN,
+                        live=coordinator)
+    assert res.returncode == 1 and "service exists" in _one_line_error(res)
+    res = await gpumesh("serve", "chat", "--model", "tiny", "--max", "2", "--replace",
+                        "--json", "--command", *STANDIN, live=coordinator)
+    assert res.returncode == 0 and json.loads(res.stdout)["scale"]["max"] == 2, res.stderr
+    res = await gpumesh("serve", "bad", "--param", "x", live=coordinator)
+    assert res.returncode == 2 and "KEY=VALUE" in _one_line_error(res)
+
+    res = await gpumesh("service", "rm", "chat", live=coordinator)
+    assert res.returncode == 0 and "deleted" in res.stdout, res.stderr
+    res = await gpumesh("service", "chat", live=coordinator)
+    assert res.returncode == 1 and "unknown service" in _one_line_error(res)
+    res = await gpumesh("services", "--json", live=coordinator)
+    assert [s["name"] for s in json.loads(res.stdout)] == ["emb"]
+
+
+async def test_sdk_service_calls(coordinator: LiveCoordinator) -> None:
+    from gpumesh import AsyncClient, MeshError
+    from tests.conftest import admin_token
+
+    async with AsyncClient(coordinator.url, admin_token(coordinator.settings)) as mesh:
+        made = await mesh.serve(spec(), target_ongoing=2)
+        assert made.name == "chat" and made.target_ongoing == 2 and made.ready == 0
+        assert [s.model for s in await mesh.services()] == ["tiny"]
+        updated = await mesh.update_service("chat", spec(model="tiny-b"))
+        assert updated.model == "tiny-b"
+        one = await mesh.service("chat", history=10)
+        assert [e["kind"] for e in one.history] == ["created", "updated"]
+        with pytest.raises(MeshError) as refused:
+            await mesh.serve(spec())
+        assert refused.value.status == 409
+        assert (await mesh.delete_service("chat"))["deleted"] == "chat"
+        assert await mesh.services() == []
