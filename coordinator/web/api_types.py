@@ -428,3 +428,30 @@ class ServiceDeleted(msgspec.Struct, kw_only=True):
     deleted: str
     tenant: str
     replicas_stopping: int
+
+
+# --- the OpenAI-compatible /v1 (coordinator/web/openai.py): OpenAI's own shapes ----------
+
+class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str  # invalid_request_error | rate_limit_error | server_error
+    param: str | None
+    code: str  # model_not_found, invalid_json, request_too_large, no_ready_replica, ...
+
+
+class OpenAIError(msgspec.Struct, kw_only=True):
+    """A refusal on /v1, in OpenAI's shape (the `openai` client reads it)."""
+
+    error: OpenAIErrorDetail
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str  # the service's `model`
+    object: Literal["model"]
+    created: int  # when the service was created (epoch seconds)
+    owned_by: str  # its tenant
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    object: Literal["list"]
+    data: list[ModelCard]

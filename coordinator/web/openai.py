@@ -29,7 +29,7 @@ import random
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from typing import Any
 
 import orjson
@@ -191,14 +191,22 @@ async def models(request: Request) -> Response:
 # --- POST /v1/chat/completions, /v1/completions, /v1/embeddings -------------------------
 
 class Relay:
-    """The ASGI endpoint of the three POST routes (raw ASGI: it watches for the caller's
-    disconnect from the moment the body is read, and passes chunks through as they come)."""
+    """The endpoint of the three POST routes, a raw ASGI one (as Starlette's HTTPEndpoint:
+    made per request with scope, receive and send, then awaited): it watches for the
+    caller's disconnect from the moment the body is read and passes chunks through as they
+    come, with no Request/Response objects on the way."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._answer().__await__()
+
+    async def _answer(self) -> None:
         try:
-            await self._relay(scope, receive, send)
+            await self._relay(self.scope, self.receive, self.send)
         except Refusal as refusal:
-            await refusal.send(send)
+            await refusal.send(self.send)
 
     async def _relay(self, scope: Scope, receive: Receive, send: Send) -> None:
         found = _leading(scope)
@@ -378,10 +386,8 @@ class _Call:
         return int(found[-1]) if found else None
 
 
-_relay = Relay()
-
 routes = [
     Route("/v1/models", models, methods=["GET"]),
     Route("/v1/models/{model:path}", models, methods=["GET"]),
-    *(Route(path, _relay, methods=["POST"]) for path in PATHS),
+    *(Route(path, Relay, methods=["POST"]) for path in PATHS),
 ]

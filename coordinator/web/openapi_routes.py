@@ -55,6 +55,11 @@ SERVICE_TENANT = Param("tenant", {"type": "string"},
 TEXT = {"text/plain": "plain text, UTF-8"}
 HTML = {"text/html": "an HTML page (its scripts and styles come from /ui/assets)"}
 
+# /v1's POSTs: whatever the engine answers, passed through; refusals in OpenAI's shape.
+V1_ANSWER = {"application/json": "the engine's answer, in OpenAI's shape",
+             "text/event-stream": "with `stream: true`: the engine's server-sent events"}
+V1_ERRORS: dict[int, type] = {s: t.OpenAIError for s in (400, 404, 413, 429, 502, 503, 504)}
+
 ROUTES: dict[tuple[str, str], Op] = {
     ("GET", "/"): Op("service", "Name, version and links", t.Index),
     ("GET", "/health"): Op(
@@ -202,6 +207,27 @@ ROUTES: dict[tuple[str, str], Op] = {
         "services", "Delete a service and stop its replicas", t.ServiceDeleted,
         errors=(404, 409), query=(SERVICE_TENANT,),
     ),
+    # The OpenAI-compatible API (coordinator/web/openai.py): answers and refusals in OpenAI's
+    # shapes; 401/403 are the middleware's.
+    ("GET", "/v1/models"): Op(
+        "openai", "The models the caller's tenant serves (OpenAI's list shape)", t.ModelList,
+    ),
+    ("GET", "/v1/models/{model}"): Op(
+        "openai", "One model the caller's tenant serves", t.ModelCard,
+        also={404: t.OpenAIError},
+    ),
+    **{("POST", path): Op(
+        "openai", f"OpenAI's {path.removeprefix('/v1/')}, answered by a ready replica",
+        V1_ANSWER, body=dict[str, Any], also=V1_ERRORS,
+        description="The body goes to a ready replica of the caller's tenant's service of "
+        "its `model`, over that node's own link; the engine's answer (SSE with `stream: "
+        "true`) is passed through as it comes. 404 `model_not_found` for an unknown model "
+        "or another tenant's; 413 past MESH_SERVE_MAX_BODY_BYTES; 429 over the tenant's "
+        "rate; 503 with Retry-After when no replica is ready within MESH_SERVE_COLD_START_S "
+        "or MESH_SERVE_MAX_STREAMS are open; 502 when the replica failed before answering "
+        "(tried once more elsewhere first); 504 when it sent nothing within "
+        "MESH_SERVE_HEAD_TIMEOUT_S. Errors are OpenAI's shape.",
+    ) for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")},
     ("GET", "/openapi.json"): Op(
         "console", "This document (OpenAPI 3.1)",
         {"application/json": "the OpenAPI 3.1 document"},

@@ -211,6 +211,14 @@ async def test_document_validates_and_every_route_answers_in_its_documented_shap
     await call("GET", "/services/{name}", "/services/nope")  # 404
     await call("DELETE", "/services/{name}", "/services/chat")
 
+    # /v1 (its real answers are tests/serving/test_router.py's): the shapes of its refusals
+    await call("GET", "/v1/models")
+    await call("GET", "/v1/models/{model}", "/v1/models/nope")  # 404
+    await call("POST", "/v1/chat/completions", json={"model": "nope", "messages": []})  # 404
+    await call("POST", "/v1/completions", content=b"{", headers={"content-type":
+                                                                 "application/json"})  # 400
+    await call("POST", "/v1/embeddings", json={"input": "x"})  # 400: no model
+
     await call("DELETE", "/mesh/nodes/{name}", "/mesh/nodes/spare")
     await call("DELETE", "/mesh/nodes/{name}", "/mesh/nodes/ghost")
 
