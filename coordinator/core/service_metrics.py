@@ -67,6 +67,18 @@ class ServiceMetrics(Collector):
     def watch(self, services: Callable[[], Iterable[ServiceView]]) -> None:
         self._services = services
 
+    def added(self, tenant: str, service: str) -> None:
+        """A service's series start at 0 (rate() and increase() miss a series' first
+        sample, so a counter born at 1 would hide the first request or error)."""
+        key = (tenant, service)
+        self.requests.inc((*key, "2xx"), 0)
+        self.errors.inc(key, 0)
+        self.tokens.inc(key, 0)
+        for kind in ("up", "down", "restart"):
+            self.scale_events.inc((*key, kind), 0)
+        for hist in (self.ttft, self.duration, self.tokens_per_s):
+            hist.series.setdefault(key, [0.0] * (len(hist.bounds) + 2))
+
     def request(self, tenant: str, service: str, status: int, ttft_s: float | None,
                 duration_s: float, completion_tokens: int | None) -> None:
         key = (tenant, service)

@@ -280,6 +280,7 @@ class ServiceManager:
         except BaseException:
             self._drop(svc)
             raise
+        self.metrics.added(tenant, svc.name)
         self._reconcile(svc)
         return svc
 
@@ -514,6 +515,7 @@ class ServiceManager:
                           created, updated, desired=spec.replicas.min)
             self.services[svc.key] = svc
             self.by_model[(tenant, spec.model)] = svc
+            self.metrics.added(tenant, name)
         marks = await store.service_replicas()
         for task_id, tenant, name in marks:
             owner = self.services.get((tenant, name))

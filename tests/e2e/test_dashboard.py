@@ -47,18 +47,25 @@ GAUGES = {
     "gpumesh_queue_depth",
     "gpumesh_tasks",
     "gpumesh_ws_connections",
+    "gpumesh_service_replicas",
+    "gpumesh_service_replicas_desired",
 }
 COUNTERS = {
     "gpumesh_tasks_submitted_total",
     "gpumesh_tasks_finished_total",
     "gpumesh_reassignments_total",
     "gpumesh_stale_messages_total",
+    "gpumesh_service_requests_total",
+    "gpumesh_service_errors_total",
+    "gpumesh_service_completion_tokens_total",
+    "gpumesh_service_scale_events_total",
 }
 HISTOGRAMS = {
     "gpumesh_task_wait_seconds",
     "gpumesh_task_run_seconds",
     "gpumesh_dispatch_latency_seconds",
     "gpumesh_store_write_seconds",
+    "gpumesh_service_ttft_seconds",
 }
 CONTRACT = (
     GAUGES | COUNTERS | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
@@ -348,6 +355,11 @@ def test_every_panel_query_returns_data(
                 30,
                 "prometheus scraping the coordinator",
             )
+
+            # A model service: its series (replicas by state, requests, TTFT) start at once.
+            svc = {"name": "chat", "model": "tiny", "replicas": {"min": 1, "max": 1},
+                   "command": ["python3", "-c", "import time; time.sleep(120)", "{port}"]}
+            assert api.post("/services", json=svc).status_code == 201
 
             # Two waves: the first creates the counters' series, the second moves them, so
             # increase() and rate() (which miss a series' first value) see work and failures.

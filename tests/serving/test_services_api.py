@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from coordinator.web.engines import load_engines
+from tests.cdp import CHROMIUM, Browser
 from tests.conftest import LiveCoordinator
 
 STANDIN = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
@@ -262,3 +263,47 @@ async def test_sdk_service_calls(coordinator: LiveCoordinator) -> None:
         assert refused.value.status == 409
         assert (await mesh.delete_service("chat"))["deleted"] == "chat"
         assert await mesh.services() == []
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+async def test_console_lists_services_with_replicas_nodes_and_latency(
+    coordinator: LiveCoordinator, tmp_path: Any
+) -> None:
+    from tests.conftest import admin_token, wait_until
+    from tests.security.handnode import HandNode
+
+    node = HandNode("n1", coordinator.ws_url)
+    node.register_extra = {"executors": ["process"], "features": ["serve"],
+                           "isolation": "user+cgroup"}
+    await node.connect()
+    assert (await coordinator.http.post("/services", json=spec(
+        replicas={"min": 1, "max": 3}))).status_code == 201
+    assign = await node.frame(type="assign")
+    ref = {"task_id": assign["task_id"], "attempt": assign["attempt"]}
+    node.running.append(ref)
+    await node.send({"type": "task_started", **ref})
+    await node.send({"type": "replica", **ref, "state": "ready"})
+    services = coordinator.mesh.services
+    svc = services.all(None)[0]
+    (replica,) = await wait_until(lambda: services.ready(svc), 10, "ready")
+    for ttft in (0.02, 0.04):
+        services.started(svc, replica)
+        services.finished(svc, replica, status=200, ttft_s=ttft, duration_s=0.1,
+                          completion_tokens=10)
+    async with Browser(tmp_path / "chromium") as page:
+        await page.goto(f"{coordinator.url}/ui")
+        await page.type("#token", admin_token(coordinator.settings))
+        await page.click("#token-save")
+        row = "tr.service-row[data-service='chat']"
+        await page.wait_for(f"document.querySelector(\"{row}\") !== null", what="the row")
+        assert await page.text(f"{row} td.model") == "tiny"
+        assert await page.text(f"{row} td.replicas") == "1 / 1 (1..3)"
+        assert await page.text(f"{row} td.nodes") == "n1"
+        assert await page.text(f"{row} td.latency") == "100 ms"
+        assert await page.text(f"{row} td.ttft") == "30 ms"
+        services.started(svc, replica)  # the next refresh has a rate
+        services.finished(svc, replica, status=200, ttft_s=0.03, duration_s=0.1,
+                          completion_tokens=None)
+        await page.wait_for(f"document.querySelector(\"{row} td.rps\").textContent !== '–'",
+                            what="a request rate")
+    await node.close()

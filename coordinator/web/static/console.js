@@ -185,6 +185,36 @@ function renderTenants(doc, fairness) {
   }
 }
 
+// --- model services: GET /services (the token's tenant; an admin's: all) --------------------
+
+function ms(seconds) { return seconds === null || seconds === undefined ? "–" : `${(1000 * seconds).toFixed(0)} ms`; }
+
+function renderServices(doc) {
+  const body = clear($("services-table").tBodies[0]);
+  const now = Date.now();
+  const prev = state.services || {};
+  state.services = {};
+  $("services-empty").hidden = doc.services.length > 0;
+  for (const s of doc.services) {
+    const key = `${s.tenant}/${s.name}`;
+    const total = Number(s.requests.total || 0);
+    const was = prev[key];
+    const rate = was && now > was.at ? Math.max(0, total - was.total) / ((now - was.at) / 1000) : null;
+    state.services[key] = {total, at: now};
+    const ready = s.replicas.filter((r) => r.state === "ready").length;
+    const nodes = [...new Set(s.replicas.map((r) => r.node).filter(Boolean))].sort();
+    body.append(el("tr", {class: "service-row", dataset: {service: s.name, tenant: s.tenant}},
+      el("td", {class: "name"}, el("strong", {text: s.name})),
+      el("td", {class: "model", text: s.model}),
+      el("td", {class: "tenant", text: s.tenant || "–"}),
+      el("td", {class: "replicas", text: `${ready} / ${s.scale.desired} (${s.scale.min}..${s.scale.max})`}),
+      el("td", {class: "nodes", text: nodes.join(", ") || "–"}),
+      el("td", {class: "rps", text: rate === null ? "–" : rate.toFixed(1)}),
+      el("td", {class: "latency", text: ms(s.requests.mean_s)}),
+      el("td", {class: "ttft", text: ms(s.requests.ttft_mean_s)})));
+  }
+}
+
 // --- tasks ----------------------------------------------------------------------------------
 
 function filters() {
@@ -328,13 +358,15 @@ async function refresh() {
   const tenant = filters().tenant;
   const tq = tenant ? `tenant=${q(tenant)}` : "";
   try {
-    const [status, nodes, active, completed, tenants] = await Promise.all([
+    const [status, nodes, active, completed, tenants, services] = await Promise.all([
       api("/mesh/status"), api("/mesh/nodes"), api("/tasks/active" + (tq ? "?" + tq : "")),
       api("/tasks/completed?limit=100" + (tq ? "&" + tq : "")),
-      api("/admin/tenants").catch((e) => e)]);  // a 403 here leaves the rest of the page be
+      api("/admin/tenants").catch((e) => e),  // a 403 here leaves the rest of the page be
+      api("/services").catch(() => ({services: []}))]);
     state.active = active.tasks; state.completed = completed.tasks;
     renderSummary(status); renderNodes(nodes.nodes); renderQueue(status, active.tasks); renderTasks();
     renderTenants(tenants, status.fairness);
+    renderServices(services);
     if (state.selected) await refreshDetail();
     $("conn").textContent = `connected · ${new Date().toLocaleTimeString()}`;
     $("conn").className = "ok";
