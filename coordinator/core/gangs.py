@@ -321,13 +321,19 @@ class Gangs:
         if self.attempts.get(attempt.gang.id) is attempt:
             del self.attempts[attempt.gang.id]
 
-    def _result(self, attempt: Attempt) -> dict[str, Any]:
+    def result_now(self, t: Task) -> dict[str, Any] | None:
+        """Gang `t`'s result as a cancel ends it now: members still placed count as cancelled."""
+        attempt = self.attempts.get(t.id)
+        return self._result(attempt, placed_as=CANC) if attempt is not None else None
+
+    def _result(self, attempt: Attempt, placed_as: TaskState | None = None) -> dict[str, Any]:
         """Each rank's node, state and exit code; rank 0's exit code and output."""
         ranks = []
         for m in attempt.members:
             res = m.result or {}
+            state = placed_as if placed_as is not None and m.state in ACTIVE else m.state
             ranks.append({"rank": member_rank(m), "task_id": m.id, "node": m.node,
-                          "state": m.state.value, "exit_code": res.get("exit_code")})
+                          "state": state.value, "exit_code": res.get("exit_code")})
         first = attempt.members[0].result or {}
         output = first.get("output", "")
         return {

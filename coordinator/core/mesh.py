@@ -494,7 +494,8 @@ class Mesh:
             raise AlreadyFinished(known)
         node = self.nodes.get(t.node) if t.node else None
         attempt = t.attempt
-        writes = [self._transition(t, CANC, cause=reason, error=reason)]
+        gang = {"result": self.gangs.result_now(t)} if t.gang_size > 1 else {}  # gangs.py
+        writes = [self._transition(t, CANC, cause=reason, error=reason, **gang)]
         if also is not None:  # the same turn as the transition: the same transaction
             writes.append(self.store.write(also))
         await asyncio.shield(asyncio.gather(*writes))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tests.conftest import LiveCoordinator, Proc, wait_until
+from tests.gang import task_uids
 
 Spawn = Callable[..., Proc]
 
@@ -18,7 +19,8 @@ async def test_too_few_nodes_start_no_member_and_say_so(
     coordinator: LiveCoordinator, spawn_client: Spawn
 ) -> None:
     for i in range(2):
-        spawn_client(f"g{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+        spawn_client(f"g{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1",
+                     MESH_TASK_UIDS=task_uids(i))
     await wait_until(_online(coordinator, 2), 20, "2 nodes")
     gang = await coordinator.submit(task_type="custom", command=["true"], nodes=3)
     doc = await wait_until(
@@ -30,7 +32,8 @@ async def test_too_few_nodes_start_no_member_and_say_so(
     # no member exists, so none holds a node
     assert list(coordinator.mesh.tasks) == [gang]
     assert all(not n.tasks for n in coordinator.mesh.nodes.values())
-    spawn_client("g2", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+    spawn_client("g2", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1",
+                 MESH_TASK_UIDS=task_uids(2))
     done = await coordinator.wait_finished(gang, 60)
     assert done["status"] == "completed", done
     ranks = done["result"]["ranks"]
@@ -49,7 +52,8 @@ async def test_rendezvous_env_and_logs_per_rank(
     coordinator: LiveCoordinator, spawn_client: Spawn
 ) -> None:
     for i in range(2):
-        spawn_client(f"r{i}", coordinator.ws_url, MESH_NODE_ADDRESS=f"127.0.0.{i + 1}")
+        spawn_client(f"r{i}", coordinator.ws_url, MESH_NODE_ADDRESS=f"127.0.0.{i + 1}",
+                     MESH_TASK_UIDS=task_uids(i))
     await wait_until(_online(coordinator, 2), 20, "2 nodes")
     script = ("echo rank=$NODE_RANK nnodes=$NNODES world=$WORLD_SIZE per=$GPUS_PER_NODE "
               "addr=$MASTER_ADDR port=$MASTER_PORT addrs=$GPUMESH_NODE_ADDRS")
@@ -74,7 +78,8 @@ async def test_a_failing_rank_stops_the_others_and_spends_attempts(
     coordinator: LiveCoordinator, spawn_client: Spawn
 ) -> None:
     for i in range(2):
-        spawn_client(f"f{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1")
+        spawn_client(f"f{i}", coordinator.ws_url, MESH_NODE_ADDRESS="127.0.0.1",
+                     MESH_TASK_UIDS=task_uids(i))
     await wait_until(_online(coordinator, 2), 20, "2 nodes")
     # rank 1 fails at once; rank 0 would sleep for a minute: it is stopped, twice
     script = 'if [ "$NODE_RANK" = 1 ]; then exit 3; fi; sleep 60'
