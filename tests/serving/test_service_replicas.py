@@ -267,3 +267,21 @@ async def test_quotas_count_replica_gpus(
     assert tasks[placed[0]].tenant == "alice" and len(tasks[placed[0]].gpu_indices) == 1
     await wait_until(lambda: "GPU quota" in live.mesh.queued_reason(tasks[waiting[0]]), 10,
                      "held by the quota")
+
+
+async def test_a_real_client_runs_a_replica_and_reports_it_ready(
+    live: LiveCoordinator, spawn_client: Callable[..., Proc]
+) -> None:
+    """With the node side of serving (gpu_client/serving.py): the client fills `{port}`,
+    health-checks the stand-in server and reports it ready; deleting the service stops it."""
+    client = spawn_client("c1", live.ws_url)
+    standin = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+    await create(live, command=standin, health_path="/")
+    svc = service(live)
+    ready = await wait_until(lambda: live.mesh.services.ready(svc), 30,
+                             f"a ready replica; the client's log:\n{client.output()[-2000:]}")
+    assert ready[0].node == "c1" and 0 < ready[0].port < 65536
+    (task_id,) = svc.replicas
+    assert (await live.http.delete("/services/chat")).status_code == 200
+    done = await live.wait_finished(task_id)
+    assert done["status"] == "cancelled"
