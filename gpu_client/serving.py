@@ -354,10 +354,10 @@ class Serving:
         elif m.window < MIN_WINDOW:
             why = f"refused: a window under {MIN_WINDOW} bytes cannot carry a character"
         elif len(self.streams) >= self.max_streams:
-            why = f"node at its cap of {self.max_streams} open streams (MESH_SERVE_MAX_STREAMS)"
+            why = f"node at its cap of {self.max_streams} open streams (MESH_NODE_MAX_STREAMS)"
         elif self.reserved + reserve > self.buffer_bytes:
             why = (f"node stream buffer full: {self.reserved} of {self.buffer_bytes} bytes "
-                   "held by open streams (MESH_SERVE_BUFFER_MB)")
+                   "held by open streams (MESH_NODE_STREAM_BUFFER_MB)")
         if why or r is None:
             self._send_raw(StreamEnd(stream=m.stream, error=why))
             return

@@ -60,9 +60,9 @@ class ClientSettings:
     mesh_name: str = ""  # MESH_NAME: join the discovered mesh of this name ("": the only one)
     # model serving (gpu_client/serving.py): a ready replica's health is checked this often;
     # open streams and the bytes they may hold unacknowledged, node-wide
-    serve_health_s: float = 5.0  # MESH_SERVE_HEALTH_S
-    serve_max_streams: int = 256  # MESH_SERVE_MAX_STREAMS
-    serve_buffer_mb: int = 256  # MESH_SERVE_BUFFER_MB
+    serve_health_s: float = 5.0  # MESH_REPLICA_HEALTH_S
+    serve_max_streams: int = 256  # MESH_NODE_MAX_STREAMS
+    serve_buffer_mb: int = 256  # MESH_NODE_STREAM_BUFFER_MB
 
     @property
     def ws_url(self) -> str:
@@ -138,12 +138,12 @@ class ClientSettings:
 
 
 def _serve(env: Mapping[str, str]) -> dict[str, float | int]:
-    health_s = env_float(env, "MESH_SERVE_HEALTH_S", 5.0)
-    streams = env_int(env, "MESH_SERVE_MAX_STREAMS", 256)
-    buffer_mb = env_int(env, "MESH_SERVE_BUFFER_MB", 256)
+    health_s = env_float(env, "MESH_REPLICA_HEALTH_S", 5.0)
+    streams = env_int(env, "MESH_NODE_MAX_STREAMS", 256)
+    buffer_mb = env_int(env, "MESH_NODE_STREAM_BUFFER_MB", 256)
     if not 0 < health_s <= 3600 or not 1 <= streams <= 65536 or not 1 <= buffer_mb <= 65536:
-        raise ConfigError("MESH_SERVE_HEALTH_S/MESH_SERVE_MAX_STREAMS/MESH_SERVE_BUFFER_MB",
-                          f"{health_s}/{streams}/{buffer_mb}",
+        raise ConfigError("MESH_REPLICA_HEALTH_S/MESH_NODE_MAX_STREAMS/"
+                          "MESH_NODE_STREAM_BUFFER_MB", f"{health_s}/{streams}/{buffer_mb}",
                           "seconds in (0, 3600] / 1-65536 streams / 1-65536 MiB")
     return {"serve_health_s": health_s, "serve_max_streams": streams,
             "serve_buffer_mb": buffer_mb}

@@ -34,6 +34,8 @@ from websockets.exceptions import ConnectionClosed
 
 from gpu_client.executors.docker_spec import container_spec
 from gpu_client.serving import fill_port, path_problem, piece
+from gpu_client.settings import ClientSettings
+from shared.config import ConfigError
 from shared.protocol import (
     MAX_STREAM_CHUNK,
     SERVE,
@@ -281,7 +283,7 @@ def engines() -> Any:
         e.kill()
 
 
-FAST_HEALTH = {"MESH_SERVE_HEALTH_S": "0.2"}
+FAST_HEALTH = {"MESH_REPLICA_HEALTH_S": "0.2"}
 
 
 async def _running_replica(
@@ -352,6 +354,18 @@ def test_docker_replica_publishes_its_port_on_loopback_only() -> None:
     assert "ports" not in plain
 
 
+def test_serving_settings_from_env() -> None:
+    s = ClientSettings.from_env({"NODE_NAME": "n"})
+    assert (s.serve_health_s, s.serve_max_streams, s.serve_buffer_mb) == (5.0, 256, 256)
+    s = ClientSettings.from_env({"NODE_NAME": "n", "MESH_REPLICA_HEALTH_S": "0.5",
+                                 "MESH_NODE_MAX_STREAMS": "8", "MESH_NODE_STREAM_BUFFER_MB": "4"})
+    assert (s.serve_health_s, s.serve_max_streams, s.serve_buffer_mb) == (0.5, 8, 4)
+    for name, value in (("MESH_REPLICA_HEALTH_S", "0"), ("MESH_NODE_MAX_STREAMS", "0"),
+                        ("MESH_NODE_STREAM_BUFFER_MB", "-1")):
+        with pytest.raises(ConfigError, match="MESH_NODE_MAX_STREAMS"):
+            ClientSettings.from_env({"NODE_NAME": "n", name: value})
+
+
 # --- a real client, a stand-in engine ----------------------------------------------------
 
 
@@ -417,9 +431,10 @@ async def test_cancel_aborts_the_engine_request_and_bad_streams_are_refused(
     hand: HandCoordinator, spawn_client: Callable[..., Proc], engines: Callable[[], Engine],
 ) -> None:
     engine = engines()
-    await _running_replica(hand, spawn_client, engine, MESH_SERVE_MAX_STREAMS="2")
+    await _running_replica(hand, spawn_client, engine, MESH_NODE_MAX_STREAMS="2",
+                           MESH_NODE_STREAM_BUFFER_MB="1")
     await hand.send(StreamOpen(stream=7, task_id="svc-1", attempt=1, path="/v1/completions",
-                               body=json.dumps({"mode": "endless"})))
+                               body=json.dumps({"mode": "endless"}), window=65536))
     await wait_until(lambda: "tick 3" in hand.data(7), 30, "ticks")
     await hand.send(StreamCancel(stream=7, reason="caller went away"))
     end = await hand.stream(7)
@@ -442,15 +457,19 @@ async def test_cancel_aborts_the_engine_request_and_bad_streams_are_refused(
     assert (await hand.stream(21)).error == "unknown replica"
     assert [n["path"] for n in engine.notes() if n["event"] == "request"] == ["/v1/completions"]
 
-    # the cap on open streams (MESH_SERVE_MAX_STREAMS=2): a third open one is refused
+    # the cap on open streams (MESH_NODE_MAX_STREAMS=2): a third open one is refused
     for sid in (30, 31, 32):
-        await hand.send(StreamOpen(stream=sid, task_id="svc-1", attempt=1,
+        await hand.send(StreamOpen(stream=sid, task_id="svc-1", attempt=1, window=65536,
                                    path="/v1/completions", body=json.dumps({"mode": "endless"})))
     assert "cap of 2 open streams" in (await hand.stream(32)).error
     await wait_until(lambda: "tick 1" in hand.data(30) and "tick 1" in hand.data(31), 30, "both")
     for sid in (30, 31):
         await hand.send(StreamCancel(stream=sid))
         await hand.stream(sid)
+    # the cap on bytes held (MESH_NODE_STREAM_BUFFER_MB=1): a 1 MiB window and a body do not fit
+    await hand.send(StreamOpen(stream=33, task_id="svc-1", attempt=1, window=1 << 20,
+                               path="/v1/completions", body=json.dumps({"size": 10})))
+    assert "buffer full" in (await hand.stream(33)).error
     # GET through a stream
     await hand.send(StreamOpen(stream=40, task_id="svc-1", attempt=1, path="/v1/models",
                                method="GET"))
@@ -487,9 +506,13 @@ async def test_a_restarted_client_readopts_its_replica(
     await asyncio.to_thread(client.stop)  # the process task keeps running
     assert not _gone(engine)
     hand.keep = [TaskRef(task_id="svc-1", attempt=1)]
-    spawn_client("n1", f"ws://127.0.0.1:{hand_port(hand)}", **FAST_HEALTH)
+    second = spawn_client("n1", f"ws://127.0.0.1:{hand_port(hand)}", **FAST_HEALTH)
     await wait_until(lambda: len(hand.registers) == 2, 30, "the new client registered")
-    again = await hand.replica_state("ready", session=2)
+    try:
+        again = await hand.replica_state("ready", session=2)
+    except AssertionError:
+        raise AssertionError(f"not ready again; {hand.inbox[-5:]}; client log:\n"
+                             f"{second.output()[-4000:]}") from None
     assert again.port == ready.port
     await hand.send(StreamOpen(stream=5, task_id="svc-1", attempt=1, path="/v1/completions",
                                body=json.dumps({"size": 500})))
