@@ -37,7 +37,13 @@ from coordinator.storage.store import (
     insert_of,
     update_of,
 )
-from coordinator.storage.store_core import DrainPut, GroupCommitStore, TenantPut
+from coordinator.storage.store_core import (
+    MAX_SERVICE_EVENTS,
+    DrainPut,
+    GroupCommitStore,
+    ServiceWrite,
+    TenantPut,
+)
 from coordinator.storage.store_pg import PgAuthStore, PgCredentials, PgStore
 from tests.conftest import FAST, TEST_ADMIN_TOKEN, run_coordinator, wait_until
 from tests.core.test_durability import FAULTS, FaultyWrites, Step, scenario, steps
@@ -196,6 +202,42 @@ async def test_tenant_configs_and_drain_marks_are_kept(make_store: MakeStore) ->
         await store.write(DrainPut(("n2",)))  # lifted
         assert await store.tenants() == [("lab", b'{"weight": 3}')]
         assert await store.node_drains() == [("n1", "disk swap", 5.0, "admin")]
+    finally:
+        await store.close()
+
+
+async def test_services_their_history_and_replica_marks_are_kept(make_store: MakeStore) -> None:
+    """Model services (coordinator/core/services.py): a row per (tenant, name), replaced by a
+    put; events per service, newest MAX_SERVICE_EVENTS kept; replica marks; all reopened."""
+    store = make_store()
+    await store.open()
+    try:
+        for tenant in ("a", "b"):
+            await store.write(ServiceWrite("put", (tenant, "chat", b'{"v": 1}', b"{}", 1.0, 1.0)))
+        await store.write(ServiceWrite("put", ("a", "chat", b'{"v": 2}', b"{}", 1.0, 2.0)))
+        for i in range(MAX_SERVICE_EVENTS + 5):  # one group commit, in order
+            store.write(ServiceWrite("event", ("a", "chat", float(i), "k", b'{"i": %d}' % i)))
+            store.write(ServiceWrite("prune", ("a", "chat", "a", "chat")))
+        await store.barrier()
+        await store.write(ServiceWrite("event", ("b", "chat", 1.0, "created", b"{}")))
+        await store.write(ServiceWrite("replica", ("t1", "a", "chat")))
+        await store.write(ServiceWrite("replica", ("t2", "a", "chat")))
+        await store.write(ServiceWrite("unreplica", ("t1",)))
+        await store.write(ServiceWrite("delete", ("b", "chat")))
+        await store.write(ServiceWrite("forget", ("b", "chat")))
+    finally:
+        await store.close()
+    store = make_store()
+    await store.open()
+    try:
+        assert await store.services() == [("a", "chat", b'{"v": 2}', b"{}", 1.0, 2.0)]
+        assert await store.service_replicas() == [("t2", "a", "chat")]
+        events = await store.service_events("a", "chat", 2000)
+        assert len(events) == MAX_SERVICE_EVENTS  # the oldest were pruned
+        assert [e["detail"]["i"] for e in events[-2:]] == [MAX_SERVICE_EVENTS + 3,
+                                                          MAX_SERVICE_EVENTS + 4]
+        assert [e["kind"] for e in await store.service_events("a", "chat", 1)] == ["k"]
+        assert await store.service_events("b", "chat", 10) == []
     finally:
         await store.close()
 
