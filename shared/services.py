@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from shared.limits import refusal
 from shared.protocol import valid_node_name
 from shared.tasks import Priority, Requirements, image_problem
 
@@ -58,14 +59,17 @@ class ServiceSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unkno
     priority: Priority = 5
 
 
-_dec = msgspec.json.Decoder(ServiceSpec)
-
-
 def decode_service(body: bytes) -> ServiceSpec | str:
     """The spec in a request body, or why not (naming the field), as a 422 says it."""
     try:
-        spec = _dec.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError too: "... - at `$.replicas.min`"
+        doc = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:  # JSON that does not parse, or nested past decoding
+        return str(exc)
+    if why := refusal(doc, "$"):  # what the store and a node could not hold (depth, ints)
+        return why
+    try:
+        spec = msgspec.convert(doc, ServiceSpec)
+    except msgspec.ValidationError as exc:  # "... - at `$.replicas.min`"
         return str(exc)
     return service_problem(spec) or spec
 

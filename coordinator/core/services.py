@@ -150,7 +150,7 @@ class ServiceManager:
 
     async def wait_ready(self, svc: Service, timeout_s: float) -> list[Replica]:
         """Scale from zero: at least one replica wanted; wait until one is ready."""
-        if ready := self.ready(svc):
+        if (ready := self.ready(svc)) or svc.deleted:
             return ready
         svc.last_request = time.monotonic()
         if svc.desired < 1 and not svc.deleted:
@@ -366,7 +366,7 @@ class ServiceManager:
                 for _ in range(missing):
                     self._spawn(self._add_replica(svc))
         elif missing < 0:
-            extra = sorted(live, key=lambda r: (r.state == READY, -r.outstanding))
+            extra = sorted(live, key=lambda r: (r.state == READY, r.outstanding))
             for r in extra[:-missing]:
                 self._stop(svc, r, f"scaled down to {svc.desired}")
         if svc.desired == 0:

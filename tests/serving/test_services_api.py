@@ -150,6 +150,8 @@ async def test_one_name_and_one_model_per_tenant(
     (spec(surprise=1), 422, "surprise"),
     (spec(priority=11), 422, "$.priority"),
     (spec(requirements={"gpu_count": 65}), 422, "$.requirements.gpu_count"),
+    (spec(params={"deep": json.loads("[" * 40 + "]" * 40)}), 422, "nesting deeper than 32"),
+    (spec(params={"big": 2**70}), 422, "$.params.big"),
 ])
 async def test_refusals_name_the_field(
     coordinator: LiveCoordinator, body: dict[str, Any], status: int, reason: str
