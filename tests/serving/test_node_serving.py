@@ -55,6 +55,7 @@ from shared.protocol import (
     StreamHead,
     StreamOpen,
     TaskRef,
+    TaskResult,
     decode_client,
     encode,
 )
@@ -76,7 +77,7 @@ def note(**kw):
 TEXT = "é€😀a"  # 2, 3, 4 and 1 bytes of UTF-8
 
 class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.1"  # keep-alive; answers to POST are chunked, as uvicorn's are
 
     def log_message(self, *args):
         pass
@@ -100,29 +101,34 @@ class H(BaseHTTPRequestHandler):
         note(event="request", path=self.path, req=req, ctype=self.headers.get("Content-Type"))
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         mode = req.get("mode")
+
+        def send(data):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
         try:
             if mode == "gated":  # one chunk, then the rest once the test says go
-                self.wfile.write(b"data: first\n\n")
-                self.wfile.flush()
+                send(b"data: first\n\n")
                 while not os.path.exists(os.path.join(home, "go")):
                     time.sleep(0.01)
                 for i in range(3):
-                    self.wfile.write(f"data: {i}\n\n".encode())
-                    self.wfile.flush()
+                    send(f"data: {i}\n\n".encode())
             elif mode == "endless":  # until the caller goes away
                 for i in range(100000):
-                    self.wfile.write(f"data: tick {i}\n\n".encode())
-                    self.wfile.flush()
+                    send(f"data: tick {i}\n\n".encode())
                     time.sleep(0.01)
             else:  # bulk: `size` bytes of multibyte text in writes that split characters
                 data = (TEXT * (req["size"] // 10 + 1)).encode()[: req["size"]]
                 for at in range(0, len(data), 997):
-                    self.wfile.write(data[at : at + 997])
-                    self.wfile.flush()
+                    send(data[at : at + 997])
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             note(event="disconnect")
+            self.close_connection = True
             return
         note(event="done")
 
@@ -475,6 +481,25 @@ async def test_cancel_aborts_the_engine_request_and_bad_streams_are_refused(
                                method="GET"))
     assert (await hand.stream(40)).error == ""
     assert json.loads(hand.data(40))["data"][0]["id"] == engine.model
+
+
+async def test_an_engine_that_dies_ends_its_streams_and_its_task(
+    hand: HandCoordinator, spawn_client: Callable[..., Proc], engines: Callable[[], Engine],
+) -> None:
+    engine = engines()
+    await _running_replica(hand, spawn_client, engine)
+    await hand.send(StreamOpen(stream=1, task_id="svc-1", attempt=1, path="/v1/completions",
+                               body=json.dumps({"mode": "endless"})))
+    await wait_until(lambda: "tick 2" in hand.data(1), 30, "ticks")
+    engine.kill()
+    end = await hand.stream(1)
+    assert end.error  # the engine's answer broke off, or its replica stopped: never ""
+    result = (await wait_until(lambda: hand.of(TaskResult, task_id="svc-1"), 30, "a result"))[0]
+    assert result.status == "failed"
+    # the replica is gone with its task: a new stream to it is refused
+    await hand.send(StreamOpen(stream=2, task_id="svc-1", attempt=1, path="/v1/models",
+                               method="GET"))
+    assert (await hand.stream(2)).error == "unknown replica"
 
 
 async def test_reconnect_resends_state_and_ends_open_streams(
