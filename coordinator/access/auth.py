@@ -200,8 +200,20 @@ def headers_of(scope: Scope) -> dict[bytes, bytes]:
     return {k.lower(): v for k, v in scope.get("headers", ())}
 
 
-async def _reply(send: Send, status: int, what: str, reason: str) -> None:
-    body = orjson.dumps({"error": what, "reason": reason})
+# The OpenAI-compatible API answers its refusals in OpenAI's shape (coordinator/web/openai.py)
+OPENAI_PREFIX = "/v1/"
+_OPENAI_CODES = {401: ("invalid_api_key", "invalid_request_error"),
+                 403: ("insufficient_permissions", "invalid_request_error"),
+                 415: ("unsupported_media_type", "invalid_request_error")}
+
+
+async def _reply(send: Send, status: int, what: str, reason: str, openai: bool = False) -> None:
+    if openai:
+        code, kind = _OPENAI_CODES[status]
+        body = orjson.dumps({"error": {"message": f"{what}: {reason}", "type": kind,
+                                       "param": None, "code": code}})
+    else:
+        body = orjson.dumps({"error": what, "reason": reason})
     await send({
         "type": "http.response.start", "status": status,
         "headers": [(b"content-type", b"application/json"),
@@ -249,26 +261,28 @@ class AuthMiddleware:
             return
         h = headers_of(scope)
         method = scope["method"]
+        openai = scope["path"].startswith(OPENAI_PREFIX)
         if method in ("POST", "PUT", "PATCH") and (
             _has_body(h) or b"content-type" in h
         ) and not is_json(h.get(b"content-type")) and not (
             method == "PUT" and scope["path"].startswith(NODE_UPLOADS)  # artifact bytes
         ):
             await _reply(send, 415, "unsupported media type",
-                         "POST bodies must be JSON: send `Content-Type: application/json`")
+                         "POST bodies must be JSON: send `Content-Type: application/json`",
+                         openai)
             return
         principal = self._principal(h)
         if self.enabled:
             need = required_role(method, scope["path"])
             if need is not None:
                 if principal is None:
-                    await _reply(send, 401, "unauthorized", self.hint())
+                    await _reply(send, 401, "unauthorized", self.hint(), openai)
                     return
                 if not principal.can(need):
                     await _reply(
                         send, 403, "forbidden",
                         f"this token's role is {principal.role}; {method} {scope['path']} "
-                        f"needs {need}",
+                        f"needs {need}", openai,
                     )
                     return
         scope.setdefault("state", {})["principal"] = principal

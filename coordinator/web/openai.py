@@ -296,7 +296,7 @@ class _Call:
                 if last:
                     raise Refusal(502, "replica_failed", last)
                 raise Refusal(503, "no_ready_replica", f"model {self.svc.model}: {picked}",
-                              retry_after=1 if ready else settings.serve_cold_start_s)
+                              retry_after=1 if ready else min(10.0, settings.serve_cold_start_s))
             replica, link = picked
             tried.add(replica.task_id)
             stream = self.router.streams.open(replica.node, link, replica.task_id,

@@ -58,7 +58,8 @@ HTML = {"text/html": "an HTML page (its scripts and styles come from /ui/assets)
 # /v1's POSTs: whatever the engine answers, passed through; refusals in OpenAI's shape.
 V1_ANSWER = {"application/json": "the engine's answer, in OpenAI's shape",
              "text/event-stream": "with `stream: true`: the engine's server-sent events"}
-V1_ERRORS: dict[int, type] = {s: t.OpenAIError for s in (400, 404, 413, 429, 502, 503, 504)}
+V1_ERRORS: dict[int, type] = {
+    s: t.OpenAIError for s in (400, 401, 403, 404, 413, 415, 429, 502, 503, 504)}
 
 ROUTES: dict[tuple[str, str], Op] = {
     ("GET", "/"): Op("service", "Name, version and links", t.Index),
@@ -211,10 +212,11 @@ ROUTES: dict[tuple[str, str], Op] = {
     # shapes; 401/403 are the middleware's.
     ("GET", "/v1/models"): Op(
         "openai", "The models the caller's tenant serves (OpenAI's list shape)", t.ModelList,
+        also={s: t.OpenAIError for s in (401, 403)},
     ),
     ("GET", "/v1/models/{model}"): Op(
         "openai", "One model the caller's tenant serves", t.ModelCard,
-        also={404: t.OpenAIError},
+        also={s: t.OpenAIError for s in (401, 403, 404)},
     ),
     **{("POST", path): Op(
         "openai", f"OpenAI's {path.removeprefix('/v1/')}, answered by a ready replica",

@@ -32,7 +32,7 @@ SERVE = {"executors": ["process"], "features": ["serve"], "isolation": "user+cgr
 async def live(settings: Settings) -> AsyncIterator[LiveCoordinator]:
     fast = replace(settings, serve_window_bytes=WINDOW, serve_cold_start_s=0.5,
                    serve_max_body_bytes=4096)
-    async with run_coordinator(fast, check=False) as live:
+    async with run_coordinator(fast) as live:
         yield live
 
 
@@ -294,8 +294,9 @@ async def test_refusals_in_openai_shape(
     # no token, and a read token for a POST
     async with httpx.AsyncClient(base_url=live.url) as anonymous:
         r = await anonymous.post("/v1/chat/completions", json=CHAT)
-    assert r.status_code == 401
-    assert (await reader.post("/v1/chat/completions", json=CHAT)).status_code == 403
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = await reader.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 403 and r.json()["error"]["type"] == "invalid_request_error"
     assert (await reader.get("/v1/models")).status_code == 200
     # bad bodies
     r = await alice.post("/v1/chat/completions", content=b"{not json",

@@ -213,6 +213,7 @@ async def test_document_validates_and_every_route_answers_in_its_documented_shap
 
     # /v1 (its real answers are tests/serving/test_router.py's): the shapes of its refusals
     await call("GET", "/v1/models")
+    await call("GET", "/v1/models", client=anon)  # 401, in OpenAI's shape
     await call("GET", "/v1/models/{model}", "/v1/models/nope")  # 404
     await call("POST", "/v1/chat/completions", json={"model": "nope", "messages": []})  # 404
     await call("POST", "/v1/completions", content=b"{", headers={"content-type":
