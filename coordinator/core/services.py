@@ -155,6 +155,9 @@ class ServiceManager:
         svc.last_request = time.monotonic()
         if svc.desired < 1 and not svc.deleted:
             self._scale(svc, 1, "scaled up from zero: a request found no replica")
+        # A waiting request is in flight: the idle timer must not stop the replica it waits
+        # for while that one still loads (an engine may take longer than idle_s to start).
+        svc.outstanding += 1
         try:
             async with asyncio.timeout(timeout_s):
                 while not (ready := self.ready(svc)):
@@ -162,6 +165,9 @@ class ServiceManager:
                     await svc.ready_event.wait()
         except TimeoutError:
             return []
+        finally:
+            svc.outstanding = max(0, svc.outstanding - 1)
+            svc.last_request = time.monotonic()
         return ready
 
     def started(self, svc: Service, replica: Replica) -> None:
