@@ -90,8 +90,8 @@ def dispatch_pass(
     when nothing more fits now."""
     queue = host.queue
     # fifo and backfill: what a head that does not fit lets by (coordinator/scheduling/policy.py)
-    gate = Gate.of(host.settings.policy, queue, host.nodes, host.tasks, host.fair.clock(),
-                   lambda t: decide(host, t, None)[0])
+    gate = Gate.of(host.settings.policy, queue, host.index, host.nodes, host.tasks,
+                   host.fair.clock(), lambda t: decide(host, t, None)[0])
     while (found := queue.next()) is not None:
         if deadline is not None and time.perf_counter() > deadline:
             return True

@@ -8,12 +8,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from coordinator.model import ACTIVE, FINISHED, DrainMark, Node, Task, TaskState
+from coordinator.scheduling.policy import queue_class
 
 Q, A, R, LOST = TaskState.QUEUED, TaskState.ASSIGNED, TaskState.RUNNING, TaskState.LOST
 
 if TYPE_CHECKING:
     from coordinator.scheduling.fairqueue import FairQueue
     from coordinator.scheduling.tenants import Tenants
+    from coordinator.settings import Settings
 
 
 class Checked(Protocol):
@@ -33,6 +35,8 @@ class Checked(Protocol):
     def queue(self) -> FairQueue: ...
     @property
     def fair(self) -> Tenants: ...
+    @property
+    def settings(self) -> Settings: ...
 
 
 def check_invariants(mesh: Checked) -> None:
@@ -70,7 +74,8 @@ def _check_queue(mesh: Checked) -> None:
     for key, (_, _, task_id) in mesh.queue.entries():
         t = mesh.tasks.get(task_id)
         if t is not None and t.state is Q:
-            assert key == t.class_key, ("queued task in another class", task_id)
+            assert key == queue_class(t, mesh.settings.policy), (
+                "queued task in another class", task_id)
             entries[task_id] += 1
     for t in mesh.tasks.values():
         if t.state is Q:

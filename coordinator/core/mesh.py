@@ -46,7 +46,7 @@ from coordinator.model import FINISHED, DrainMark, Link, Node, Task, TaskState, 
 from coordinator.scheduling.fairqueue import FairQueue
 from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.placement import Placement, PlacementIndex
-from coordinator.scheduling.policy import STRICT, rank
+from coordinator.scheduling.policy import STRICT, queue_class, rank
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import node_wake_keys
 from coordinator.settings import Settings
@@ -411,7 +411,8 @@ class Mesh:
         if not counted:
             self.queued_by_band[priority_band(t.priority)] += 1
             self.fair.count(t, None, Q)
-        self.queue.push(t.class_key, self._rank(t), t.seq, t.id, tenant_of(t.tenant))
+        self.queue.push(queue_class(t, self.settings.policy), self._rank(t), t.seq, t.id,
+                        tenant_of(t.tenant))
         self._wake.set()
 
     def wake_queued(self) -> None:
@@ -536,7 +537,7 @@ class Mesh:
     def queued_reason(self, t: Task) -> str:
         if t.state is not Q:
             return ""
-        nofit = self.queue.reason(tenant_of(t.tenant), t.class_key)
+        nofit = self.queue.reason(tenant_of(t.tenant), queue_class(t, self.settings.policy))
         reason = nofit.reason if nofit is not None else "waiting for a free slot"
         return reason + self.fair.share_note(t.tenant, time.time())
 

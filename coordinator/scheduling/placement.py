@@ -389,12 +389,14 @@ class PlacementIndex:
         self._models: dict[GpuKey, GpuInfo] = {}
         self._matching: dict[tuple[str, str, str, float], list[GpuKey]] = {}
         self._mixed: set[str] = set()  # online nodes with free GPUs of more than one model
+        self.changes: dict[str, int] = {}  # node -> updates so far: what a cache keys on
 
     def __len__(self) -> int:
         return len(self.nodes)
 
     def update(self, node: NodeView) -> None:
         self.nodes[node.name] = node
+        self.changes[node.name] = self.changes.get(node.name, 0) + 1
         self._unlink(node.name)
         if not node.online or node.unavailable:
             return
@@ -421,6 +423,7 @@ class PlacementIndex:
         self._member[node.name] = (gpu_links, cpu_link)
 
     def remove(self, name: str) -> None:
+        self.changes.pop(name, None)
         self._unlink(name)
         self.nodes.pop(name, None)
 

@@ -20,10 +20,14 @@ e^N(0, SIGMA), from `seed`), `cap:SECONDS` (everyone asks for the site's limit, 
 A job runs its true duration whatever its estimate (the simulator never ends one at its
 `timeout_s`).
 
-Not simulated: node failures, preemption (no trace here carries critical work), and gangs:
-a job with `nodes` > 1, or wider than every node that could run it, is skipped and counted
-in `SimResult.skipped` (the live coordinator refuses at submit what no node can run). A job
-asking no GPU is skipped too.
+A job with `nodes` > 1 is a gang task (coordinator/core/gangs.py): its GPUs split evenly
+over that many nodes, placed all or nothing by the live code (coordinator/scheduling/gang.py),
+a member task holding each node's share. A job wider than every node that could run it
+becomes such a gang over as few nodes as hold it (64 GPUs on 8-GPU nodes: 8 x 8). What
+cannot run at all is skipped and counted in `SimResult.skipped` (the live coordinator
+refuses it at submit): no GPU asked, no node of its type, GPUs that do not split evenly,
+more nodes than the cluster has for it. Not simulated: node failures, and preemption (no
+trace here carries critical work).
 """
 
 from __future__ import annotations
@@ -44,13 +48,13 @@ from coordinator.scheduling.fairqueue import FairQueue
 from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.placement import Placement, PlacementIndex
 from coordinator.scheduling.placement import _norm as norm_gpu_name  # placement's own rule
-from coordinator.scheduling.policy import STRICT, rank
+from coordinator.scheduling.policy import STRICT, queue_class, rank
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import node_wake_keys
 from coordinator.settings import POLICIES as POLICIES
 from coordinator.settings import Settings
 from shared.protocol import GpuInfo
-from shared.tasks import Requirements, TaskSubmit
+from shared.tasks import MAX_GANG_NODES, Requirements, TaskSubmit
 
 TIMELINE_POINTS = 5_000  # the most samples a SimResult's timeline keeps
 GPU_MB = 81_920  # the memory of every simulated GPU (jobs ask for none)
@@ -84,7 +88,7 @@ class JobRecord:
     start_s: float
     end_s: float
     node: str  # node names joined by "," for a gang
-    gpus: tuple[int, ...] = ()  # the GPU indices it held on `node`
+    held: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (node, GPU indices) per node
 
 
 @dataclass
@@ -97,6 +101,7 @@ class SimResult:
     peak_rss_mb: float  # the peak resident memory of this process so far
     skipped: dict[str, int] = field(default_factory=dict)  # why -> jobs not simulated
     estimate: str = "exact"
+    cpu_s: float = 0.0  # the CPU time the simulation took (wall_s counts waits for a CPU too)
 
 
 def estimator(estimate: str, seed: int) -> Callable[[float], float]:
@@ -127,7 +132,8 @@ class _Cluster:
         self.settings = settings
         self.now = 0.0
         self.fair = Tenants(settings, clock=lambda: self.now)
-        self.tasks: dict[str, Task] = {}
+        self.tasks: dict[str, Task] = {}  # unfinished, gang members included
+        self.members: dict[str, list[Task]] = {}  # a running gang's member tasks
         self.nodes: dict[str, Node] = {}
         self.index = PlacementIndex()
         self.queue = FairQueue(self._is_queued, self.fair.choose,
@@ -150,29 +156,54 @@ class _Cluster:
         self.tasks[t.id] = t
         self.fair.count(t, None, TaskState.QUEUED)
         settings = self.settings
-        self.queue.push(t.class_key, rank(settings.policy, settings.aging_s, t.submitted_at,
-                                          t.priority), t.seq, t.id, tenant_of(t.tenant))
+        self.queue.push(queue_class(t, settings.policy),
+                        rank(settings.policy, settings.aging_s, t.submitted_at, t.priority),
+                        t.seq, t.id, tenant_of(t.tenant))
 
-    def start(self, t: Task, where: Placement) -> Node:
-        """As the Mesh's queued -> assigned edge (`_queued_assigned`, `_count`)."""
-        node = self.nodes[where.node]
+    def start(self, t: Task, where: list[Placement]) -> None:
+        """As the Mesh's queued -> assigned edge (`_queued_assigned`, `_count`); a gang
+        (several placements) as core/gangs.py `start`: a member task per node holds its
+        GPUs, the gang's own task none."""
+        holders = [t]
+        if t.gang_size > 1:
+            holders = [self._member(t, rank) for rank in range(len(where))]
+            self.members[t.id] = holders
+            self._hold(t, None)
+        for m, p in zip(holders, where, strict=True):
+            self._hold(m, p)
+
+    def _member(self, t: Task, rank: int) -> Task:
+        m = Task(id=f"{t.id}.{rank}", seq=t.seq, task_type=t.task_type, priority=t.priority,
+                 executor=t.executor, req_raw=t.req_raw, spec_raw=t.spec_raw,
+                 params_raw=t.params_raw, max_attempts=1, tenant=t.tenant,
+                 submitted_at=self.now, _spec=t.spec)
+        self.tasks[m.id] = m
+        self.fair.count(m, None, TaskState.QUEUED)
+        return m
+
+    def _hold(self, t: Task, where: Placement | None) -> None:
         t.attempt += 1
-        t.node, t.gpu_indices = node.name, where.gpu_indices
         t.assigned_at = t.started_at = self.now
-        node.hold(t)
-        self.index.update(node)
+        if where is not None:
+            node = self.nodes[where.node]
+            t.node, t.gpu_indices = node.name, where.gpu_indices
+            node.hold(t)
+            self.index.update(node)
         t.state = TaskState.RUNNING
         self.fair.count(t, TaskState.QUEUED, TaskState.RUNNING)
-        return node
 
     def finish(self, t: Task) -> None:
-        """As the Mesh's running -> completed edge (`_finish`, `_node_changed`, `_count`)."""
-        node = self.nodes[t.node or ""]
+        """As the Mesh's running -> completed edge (`_finish`, `_node_changed`, `_count`),
+        for each member of a gang first."""
+        for m in self.members.pop(t.id, ()):
+            self.finish(m)
         t.finished_at = self.now
-        node.release(t)
-        self.index.update(node)
-        if self.queue.blocked:
-            self.queue.wake(node_wake_keys(node))
+        if t.node is not None:
+            node = self.nodes[t.node]
+            node.release(t)
+            self.index.update(node)
+            if self.queue.blocked:
+                self.queue.wake(node_wake_keys(node))
         del self.tasks[t.id]
         t.state = TaskState.COMPLETED
         if self.fair.count(t, TaskState.RUNNING, TaskState.COMPLETED):
@@ -191,19 +222,30 @@ def _node_names(cluster: Sequence[NodeGroup]) -> list[tuple[str, int, str]]:
     return nodes
 
 
-def _why_skipped(job: SimJob, cluster: Sequence[NodeGroup]) -> str:
-    """Why `job` cannot be simulated ("" when it can)."""
-    if job.nodes > 1:
-        return "gang (nodes > 1): not simulated until gang tasks land"
+def _shape(job: SimJob, cluster: Sequence[NodeGroup]) -> tuple[int, int] | str:
+    """(nodes, GPUs per node) the job runs on, or why it cannot be simulated. A job wider
+    than every node that could run it is split evenly over as few nodes as hold it: a gang,
+    as `nodes` > 1 is (coordinator/core/gangs.py)."""
     if job.gpus < 1:
         return "asks no GPU"
+    if job.nodes < 1:
+        return "asks no node"
     fits = [g for g in cluster if g.count > 0 and (
         not job.gpu_type or norm_gpu_name(job.gpu_type) in norm_gpu_name(g.gpu_type or "GPU"))]
     if not fits:
         return "no node of its GPU type"
-    if job.gpus > max(g.gpus_per_node for g in fits):
-        return "wider than every node that could run it (a gang, not simulated)"
-    return ""
+    widest = max(g.gpus_per_node for g in fits)
+    nodes = job.nodes
+    if nodes == 1 and job.gpus > widest:
+        nodes = math.ceil(job.gpus / widest)
+    if job.gpus % nodes:
+        return "its GPUs do not split evenly over its nodes"
+    per_node = job.gpus // nodes
+    if nodes > MAX_GANG_NODES:
+        return f"a gang of more than {MAX_GANG_NODES} nodes"
+    if nodes > sum(g.count for g in fits if g.gpus_per_node >= per_node):
+        return "more nodes than the cluster has for it"
+    return nodes, per_node
 
 
 def simulate(
@@ -211,7 +253,7 @@ def simulate(
     estimate: str = "exact", seed: int = 0,
 ) -> SimResult:
     """Replay `jobs` on `cluster` under `policy` (one of POLICIES); see the module docstring."""
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     if policy not in POLICIES:
         raise ValueError(f"policy {policy!r}: expected one of {', '.join(POLICIES)}")
     guess = estimator(estimate, seed)
@@ -228,62 +270,66 @@ def simulate(
 
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].submit_s, i))
     skipped: dict[str, int] = {}
-    todo: list[SimJob] = []
+    todo: list[tuple[SimJob, int, int]] = []  # (job, nodes, GPUs per node)
     for i in order:
-        why = _why_skipped(jobs[i], cluster)
-        if why:
-            skipped[why] = skipped.get(why, 0) + 1
+        shape = _shape(jobs[i], cluster)
+        if isinstance(shape, str):
+            skipped[shape] = skipped.get(shape, 0) + 1
         else:
-            todo.append(jobs[i])
+            todo.append((jobs[i], *shape))
 
-    req_raw: dict[tuple[int, str], bytes] = {}
+    encoded: dict[tuple[int, str], bytes] = {}
     records: list[JobRecord | None] = [None] * len(todo)
     ends: list[tuple[float, int, str]] = []  # (end, seq, task id): the finishes to come
     timeline: list[tuple[float, int, int]] = []
-    busy = running = 0
+    busy = queued = 0
 
-    def submit(seq: int, job: SimJob) -> None:
-        requirements = Requirements(gpu_count=job.gpus, gpu_type=job.gpu_type)
+    def submit(seq: int, job: SimJob, nodes: int, per_node: int) -> None:
+        requirements = Requirements(gpu_count=per_node, gpu_type=job.gpu_type)
         spec = TaskSubmit(task_type="custom", command=["simulated"], priority=job.priority,
-                          requirements=requirements, tenant=job.tenant,
+                          requirements=requirements, tenant=job.tenant, nodes=nodes,
                           timeout_s=guess(job.duration_s))
-        raw = req_raw.get((job.gpus, job.gpu_type))
-        if raw is None:
-            raw = req_raw[(job.gpus, job.gpu_type)] = _enc.encode(requirements)
+        req_raw = encoded.get((per_node, job.gpu_type))
+        if req_raw is None:
+            req_raw = encoded[(per_node, job.gpu_type)] = _enc.encode(requirements)
         host.enqueue(Task(
             id=str(seq), seq=seq, task_type="custom", priority=job.priority, executor=EXECUTOR,
-            req_raw=raw, spec_raw=_enc.encode(spec), params_raw=b"{}", max_attempts=1,
+            req_raw=req_raw, spec_raw=_enc.encode(spec), params_raw=b"{}", max_attempts=1,
             tenant=job.tenant, submitted_at=job.submit_s, _spec=spec,
         ))
 
-    def assign(t: Task, where: Placement, hold_s: float) -> None:
-        nonlocal busy, running
-        node = host.start(t, where)
-        job = todo[t.seq]
+    def assign_gang(t: Task, found: list[Placement]) -> None:
+        nonlocal busy, queued
+        host.start(t, found)
+        job = todo[t.seq][0]
         end = host.now + job.duration_s
-        records[t.seq] = JobRecord(job, host.now, end, node.name, where.gpu_indices)
+        records[t.seq] = JobRecord(job, host.now, end, ",".join(p.node for p in found),
+                                   tuple((p.node, p.gpu_indices) for p in found))
         heapq.heappush(ends, (end, t.seq, t.id))
-        busy += len(where.gpu_indices)
-        running += 1
+        busy += sum(len(p.gpu_indices) for p in found)
+        queued -= 1
+
+    def assign(t: Task, where: Placement, hold_s: float) -> None:
+        assign_gang(t, [where])
 
     nxt = 0
     while nxt < len(todo) or ends:
-        now = min(todo[nxt].submit_s if nxt < len(todo) else math.inf,
+        now = min(todo[nxt][0].submit_s if nxt < len(todo) else math.inf,
                   ends[0][0] if ends else math.inf)
         host.now = now
         while ends and ends[0][0] <= now:
-            _, _, task_id = heapq.heappop(ends)
-            t = host.tasks[task_id]
-            busy -= len(t.gpu_indices)
-            running -= 1
-            host.finish(t)
-        while nxt < len(todo) and todo[nxt].submit_s <= now:
-            submit(nxt, todo[nxt])
+            seq = heapq.heappop(ends)[1]
+            record = records[seq]
+            assert record is not None
+            busy -= sum(len(gpus) for _, gpus in record.held)
+            host.finish(host.tasks[str(seq)])
+        while nxt < len(todo) and todo[nxt][0].submit_s <= now:
+            submit(nxt, *todo[nxt])
+            queued += 1
             nxt += 1
-        dispatch_pass(host, assign)
-        sample = (now, len(host.tasks) - running, busy)
-        if not timeline or timeline[-1][1:] != sample[1:]:
-            timeline.append(sample)
+        dispatch_pass(host, assign, assign_gang=assign_gang)
+        if not timeline or timeline[-1][1:] != (queued, busy):
+            timeline.append((now, queued, busy))
 
     done = [r for r in records if r is not None]
     if len(done) != len(todo):
@@ -293,7 +339,7 @@ def simulate(
         policy=policy, records=done, timeline=_downsample(timeline), total_gpus=total_gpus,
         wall_s=time.perf_counter() - began,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        skipped=skipped, estimate=estimate,
+        skipped=skipped, estimate=estimate, cpu_s=time.process_time() - cpu,
     )
 
 
