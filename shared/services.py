@@ -27,6 +27,9 @@ MAX_HEALTH_PATH = 512  # characters in a health path
 MAX_IDLE_S = 7 * 86400.0  # `idle_s`: a week at most
 MAX_TARGET_ONGOING = 10_000  # `target_ongoing`: requests in flight per replica
 PORT = "{port}"  # what the node replaces with the replica's loopback port
+# The label the coordinator gives a node that speaks the "serve" protocol feature, and that
+# every replica requires: a client too old to run replicas is never sent one.
+SERVE_LABEL = "gpumesh.serve"
 
 # origin-form (RFC 9112 3.2.1): an absolute path and an optional query, printable ASCII only
 _ORIGIN_FORM = re.compile(r"/[!#-~]*")

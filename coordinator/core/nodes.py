@@ -9,7 +9,8 @@ import time
 from collections.abc import Mapping
 
 from coordinator.model import Node, Task
-from shared.protocol import GpuInfo, Heartbeat, Register
+from shared.protocol import SERVE, GpuInfo, Heartbeat, Register
+from shared.services import SERVE_LABEL
 
 
 def seed_gpus(msg: Register) -> list[GpuInfo]:
@@ -28,6 +29,8 @@ def apply_register(node: Node, msg: Register) -> None:
     node.isolation = msg.isolation
     node.hostname, node.role, node.version = msg.hostname, msg.role, msg.version
     node.protocol, node.labels = msg.protocol, dict(msg.labels)
+    if SERVE in msg.features:  # it runs model-service replicas: theirs require this label
+        node.labels[SERVE_LABEL] = "1"
     node.cpu_count, node.memory_mb = msg.cpu_count, msg.memory_mb
     node.slots = msg.slots or msg.cpu_count or 1
     node.address = msg.address  # where its peers reach it (a gang's MASTER_ADDR)

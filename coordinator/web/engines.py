@@ -22,7 +22,7 @@ import msgspec
 
 from coordinator.web.edge import frame_refusal, launch_refusal
 from coordinator.web.templates import DEFAULT_PATH, TemplateError, _fields, _fill
-from shared.services import PORT, ServiceSpec
+from shared.services import PORT, SERVE_LABEL, ServiceSpec
 from shared.tasks import Requirements, TaskSubmit
 
 
@@ -87,8 +87,11 @@ def replica_task(spec: ServiceSpec, engines: Engines, tenant: str) -> TaskSubmit
         doc = {"command": spec.command, "script": spec.script, "image": spec.image,
                "env": spec.env, "requirements": msgspec.to_builtins(spec.requirements)}
     executor = spec.executor or spec.requirements.executor or doc.pop("executor", "")
-    doc["requirements"] = {**doc["requirements"], "executor": executor} if executor else doc[
-        "requirements"]
+    req = doc["requirements"]
+    if executor:
+        req = {**req, "executor": executor}
+    # only a node that runs replicas (coordinator/core/nodes.py gives it this label)
+    doc["requirements"] = {**req, "labels": {**req.get("labels", {}), SERVE_LABEL: "1"}}
     doc.update(task_type="custom", priority=spec.priority, tenant=tenant,
                name=f"service {spec.name}", max_attempts=100)
     try:

@@ -285,3 +285,25 @@ async def test_a_real_client_runs_a_replica_and_reports_it_ready(
     assert (await live.http.delete("/services/chat")).status_code == 200
     done = await live.wait_finished(task_id)
     assert done["status"] == "cancelled"
+
+
+async def test_replicas_go_only_to_nodes_that_serve(live: LiveCoordinator) -> None:
+    """A node that does not offer the "serve" feature (an older client) is never sent a
+    replica it could run but never report; the replica waits, saying why."""
+    old = HandNode("old", live.ws_url)
+    old.register_extra = {k: v for k, v in SERVE.items() if k != "features"}
+    await old.connect()
+    await create(live)
+    svc = service(live)
+    (task_id,) = await wait_until(lambda: list(svc.replicas), 10, "the replica")
+    await wait_until(lambda: "lacks the required labels" in live.mesh.queued_reason(
+        live.mesh.tasks[task_id]), 10, "a reason: the label a replica needs")
+    assert live.mesh.tasks[task_id].spec.requirements.labels == {"gpumesh.serve": "1"}
+    assert not old.seen(type="assign")
+    new = await hand_node(live, "new")
+    assign = await run_replica(new)
+    assert assign["task_id"] == task_id
+    nodes = (await live.http.get("/mesh/nodes")).json()["nodes"]
+    assert nodes["new"]["labels"] == {"gpumesh.serve": "1"} and nodes["old"]["labels"] == {}
+    await old.close()
+    await new.close()
