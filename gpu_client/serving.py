@@ -39,9 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 import msgspec
 
+from gpu_client.enginehttp import EngineClient, EngineError
 from gpu_client.executors.base import OnOutput, RunOutcome
 from shared.protocol import (
     MAX_STREAM_CHUNK,
@@ -70,6 +70,7 @@ MAX_PATH = 2048  # bytes of a stream's path
 MAX_CONTENT_TYPE = 256  # characters of a content type passed either way
 MIN_WINDOW = 4  # a window must hold one character of UTF-8
 MAX_REASON = 300  # characters of a reason sent to the coordinator
+MAX_HEALTH_BODY = 1 << 20  # bytes of a health answer read (then the check failed)
 _BAD_PATH = re.compile(r"\.\.|//|\\|[\x00-\x20\x7f]|%(2e|2f|5c|00)|#", re.IGNORECASE)
 
 
@@ -182,7 +183,9 @@ class Serving:
         self.reserved = 0  # bytes of the buffer budget held by open streams
         self.enabled = False  # the coordinator took the "serve" feature on this connection
         self._tasks: set[asyncio.Task[None]] = set()
-        self._http: httpx.AsyncClient | None = None
+        # kept-alive loopback connections to the engines (gpu_client/enginehttp.py)
+        self.engines = EngineClient(connect_timeout_s=CONNECT_TIMEOUT_S,
+                                    read_timeout_s=STREAM_IDLE_S)
 
     # --- replicas -----------------------------------------------------------------------
 
@@ -230,6 +233,7 @@ class Serving:
             r.watcher.cancel()
         for sid in list(r.streams):
             self._end(sid, "the replica stopped")
+        self.engines.forget(r.port)
         self._spawn(asyncio.to_thread(self._forget, r.key))
 
     async def adopt(self, running: set[Key]) -> None:
@@ -289,14 +293,14 @@ class Serving:
 
     async def _check(self, r: Replica) -> str:
         """"" if the health path answers 2xx now, else why not."""
-        timeout = httpx.Timeout(max(1.0, min(self.health_s, 5.0)))
         try:
-            resp = await self.http().get(f"http://127.0.0.1:{r.port}{r.health_path}",
-                                         timeout=timeout)
-        except httpx.HTTPError as exc:
-            return f"health check failed: {type(exc).__name__}: {exc}"[:MAX_REASON]
-        if not 200 <= resp.status_code < 300:
-            return f"health check answered {resp.status_code}"
+            async with asyncio.timeout(max(1.0, min(self.health_s, 5.0))):
+                async with self.engines.request(r.port, "GET", r.health_path) as answer:
+                    await answer.read(MAX_HEALTH_BODY)
+        except (EngineError, TimeoutError) as exc:
+            return f"health check failed: {str(exc) or 'no answer in time'}"[:MAX_REASON]
+        if not 200 <= answer.status < 300:
+            return f"health check answered {answer.status}"
         return ""
 
     # --- the records that outlive a client ----------------------------------------------
@@ -400,24 +404,21 @@ class Serving:
             self._send_raw(StreamEnd(stream=sid, error=error[:MAX_REASON]))
 
     async def _relay(self, s: Stream, m: StreamOpen) -> None:
-        url = f"http://127.0.0.1:{s.replica.port}{m.path}"
-        headers = {"Accept-Encoding": "identity"}
-        if m.method == "POST":
-            headers["Content-Type"] = m.content_type
+        post = m.method == "POST"
         error = ""
         try:
-            async with self.http().stream(m.method, url, headers=headers,
-                                          content=m.body.encode() if m.method == "POST" else None
-                                          ) as resp:
-                ctype = resp.headers.get("content-type", "")[:MAX_CONTENT_TYPE]
-                self._send_raw(StreamHead(stream=s.id, status=resp.status_code,
-                                          content_type=ctype))
+            async with self.engines.request(
+                s.replica.port, m.method, m.path, content_type=m.content_type if post else "",
+                body=m.body.encode() if post else b"",
+            ) as answer:
+                self._send_raw(StreamHead(stream=s.id, status=answer.status,
+                                          content_type=answer.content_type[:MAX_CONTENT_TYPE]))
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                async for raw in resp.aiter_bytes():
+                async for raw in answer.body():
                     await self._emit(s, decoder.decode(raw).encode())
                 await self._emit(s, decoder.decode(b"", final=True).encode())
-        except httpx.HTTPError as exc:
-            error = f"engine request failed: {type(exc).__name__}: {exc}"
+        except EngineError as exc:
+            error = f"engine request failed: {exc}"
         except Exception as exc:  # noqa: BLE001 - the stream ends with the reason, never hangs
             log.exception("stream %d to replica %s.%d failed", s.id, *s.replica.key)
             error = f"node error: {exc!r}"
@@ -439,17 +440,6 @@ class Serving:
 
     # --- plumbing -----------------------------------------------------------------------
 
-    def http(self) -> httpx.AsyncClient:
-        """One pool of loopback connections to the engines (no proxies from the env)."""
-        if self._http is None:
-            self._http = httpx.AsyncClient(
-                trust_env=False,
-                timeout=httpx.Timeout(STREAM_IDLE_S, connect=CONNECT_TIMEOUT_S),
-                limits=httpx.Limits(max_connections=self.max_streams + 64,
-                                    max_keepalive_connections=64),
-            )
-        return self._http
-
     async def close(self) -> None:
         """Client shutdown: end every stream and watcher (replicas keep running)."""
         self.connection_lost()
@@ -457,9 +447,7 @@ class Serving:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        self.engines.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
