@@ -53,7 +53,6 @@ def main(env: Mapping[str, str] | None = None) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica health check
     try:
         settings = ClientSettings.from_env(env)
         source = make_source(env)
