@@ -20,14 +20,15 @@ classes are not retried pass after pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Protocol
 
 from coordinator.model import Node, Task
 from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
-from coordinator.scheduling.gang import place_gang
+from coordinator.scheduling.gang import GangHold, GangReservation, place_gang
 from coordinator.scheduling.placement import NoFit, Placement, PlacementIndex, place
-from coordinator.scheduling.policy import STOP, Gate
+from coordinator.scheduling.policy import STOP, STRICT, Gate
+from coordinator.scheduling.policy import _node_outlook as node_outlook
 from coordinator.scheduling.tenants import Tenants
 from coordinator.scheduling.wake import class_wake_key
 from coordinator.settings import Settings
@@ -79,16 +80,41 @@ def decide_gang(host: DispatchHost, t: Task, supported: bool = True) -> list[Pla
     )
 
 
+GANG_WAKE: Hashable = ("gang-hold",)  # classes held for a gang's reservation wait here
+
+
+def _around(host: DispatchHost, t: Task, kept: GangReservation, now: float) -> Placement | GangHold:
+    """`t` placed on a node the reserving gang does not keep, or why it waits."""
+    gang = host.tasks.get(kept.holder)
+    res = kept.res
+    free = [n for n in host.nodes.values()
+            if (n.name not in res.spare if res is not None
+                else gang is None or node_outlook(gang, n, host.tasks, now) is None)]
+    found = place(t.spec.requirements, t.executor, free, t.priority, host.settings.balancing,
+                  ask=t.policy_ask)
+    if isinstance(found, Placement):
+        return found
+    return GangHold(kept.holder, None if res is None else res.at)
+
+
 def dispatch_pass(
     host: DispatchHost, assign: Assign, preempt: Preempt | None = None,
     deadline: float | None = None, assign_gang: AssignGang | None = None,
+    gang_hold: GangReservation | None = None,
 ) -> bool:
     """Place queued work until nothing more fits. Synchronous: no await inside.
 
     `deadline` (a `time.perf_counter()` value, None for none): the pass stops after it and
     returns True, so the caller can let its event loop breathe and run another pass; False
-    when nothing more fits now."""
+    when nothing more fits now. `gang_hold`: nodes kept for the first gang that does not
+    fit (coordinator/scheduling/gang.py), under the `priority` policy."""
     queue = host.queue
+    kept = gang_hold if gang_hold is not None and host.settings.policy not in STRICT else None
+    now = host.fair.clock()
+    if kept is not None and kept.holder:
+        kept.refresh(host.tasks)
+        if not kept.holder:  # its gang left the queue: what waited for it may go
+            queue.wake((GANG_WAKE,))
     # fifo and backfill: what a head that does not fit lets by (coordinator/scheduling/policy.py)
     gate = Gate.of(host.settings.policy, queue, host.index, host.nodes, host.tasks,
                    host.fair.clock(), lambda t: decide(host, t, None)[0])
@@ -111,12 +137,25 @@ def dispatch_pass(
             gang = decide_gang(host, t, assign_gang is not None)
             if isinstance(gang, NoFit):
                 queue.block(key, gang, (class_wake_key(t.spec.requirements, t.executor),))
+                if kept is not None:  # the first gang that does not fit keeps nodes
+                    kept.hold(t, host.nodes.values(), host.tasks, now)
                 continue
             queue.pop(key)
             assert assign_gang is not None
             assign_gang(t, gang)
+            if kept is not None and kept.holder == t.id:
+                kept.clear()
+                queue.wake((GANG_WAKE,))
             continue
         decision, hold = decide(host, t, preempt)
+        if (kept is not None and kept.holder and isinstance(decision, Placement)
+                and not kept.allows(t, decision, host.nodes, host.tasks, now)):
+            around = _around(host, t, kept, now)
+            if isinstance(around, GangHold):
+                queue.block(key, around, (GANG_WAKE, class_wake_key(
+                    t.spec.requirements, t.executor)))
+                continue
+            decision, hold = around, 0.0
         if isinstance(decision, NoFit):  # its reason is worked out when read
             queue.block(key, decision, (class_wake_key(t.spec.requirements, t.executor),))
             continue

@@ -39,6 +39,7 @@ import msgspec
 
 from coordinator.core.faults import Transition, note_history
 from coordinator.model import ACTIVE, FINISHED, Node, Task, TaskState, new_task_id
+from coordinator.scheduling.gang import GangReservation
 from coordinator.scheduling.placement import Placement
 from coordinator.storage.store import insert_of
 from shared.protocol import Cancel, GangRun
@@ -105,8 +106,11 @@ class Gangs:
         self._send_assign = send_assign
         self._wake = wake
         self.attempts: dict[str, Attempt] = {}  # gang task id -> its current attempt
+        # Nodes kept for the first gang that does not fit (coordinator/scheduling/gang.py).
+        self.reservation = GangReservation()
 
     def clear(self) -> None:
+        self.reservation.clear()
         for a in self.attempts.values():
             if a.ready is not None:
                 a.ready.cancel()

@@ -601,7 +601,8 @@ class Mesh:
             placed.extend(self.gangs.start(t, found))  # core/gangs.py
 
         if dispatch_pass(self, assign, self.preemption.preempt_for,
-                         deadline=time.perf_counter() + PASS_BUDGET_S, assign_gang=assign_gang):
+                         deadline=time.perf_counter() + PASS_BUDGET_S, assign_gang=assign_gang,
+                         gang_hold=self.gangs.reservation):
             self._wake.set()
         return placed
 

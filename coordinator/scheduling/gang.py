@@ -17,8 +17,9 @@ caller keep nodes for a waiting gang: a reserved node is skipped unless `backfil
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
+from coordinator.model import Node, Task, TaskState
 from coordinator.scheduling.placement import (
     NodeView,
     NoFit,
@@ -29,6 +30,8 @@ from coordinator.scheduling.placement import (
     effective_mode,
     node_cost,
 )
+from coordinator.scheduling.policy import Reservation, may_pass, reserve
+from coordinator.scheduling.policy import _node_outlook as node_outlook
 from shared.policy import PolicyAsk
 from shared.tasks import Requirements
 
@@ -117,3 +120,68 @@ def _scan_gang(
         fits.sort()
         return [Placement(name, gpus, -score) for _, score, name, gpus in fits[:n]]
     return GangNoFit(min(len(fits), n), n, evaluated, dict(filtered))
+
+
+# --- the reservation of a gang at the head of the queue (MESH_POLICY=priority) -------------
+
+
+class GangHold:
+    """Why a task that fits now waits: nodes are kept for a gang ahead of it in the queue."""
+
+    def __init__(self, gang: str, at: float | None) -> None:
+        self.gang, self.at = gang, at
+
+    @property
+    def reason(self) -> str:
+        when = ("" if self.at is None else
+                " until its expected start (tasks whose timeout_s ends before it may use them)")
+        return (f"waiting: the nodes it fits on are kept for gang task {self.gang}, ahead of "
+                f"it in the queue{when}")
+
+
+class GangReservation:
+    """Nodes kept for the first gang in the queue that does not fit (under the `priority`
+    policy; `backfill` reserves for any head, gangs included: coordinator/scheduling/policy.py).
+
+    The gang's N nodes are the ones with room for a member first, by the expected ends of
+    the work on them (start + `timeout_s`). Until the gang is placed, a task may start on
+    one of them only if it ends (now + its own `timeout_s`) by the gang's expected start, or
+    uses only what the gang leaves spare there (backfill). When no estimate exists (work
+    without `timeout_s`), every node the gang could run on is kept as it frees up. One gang
+    holds the reservation at a time, so two gangs never split the nodes between them."""
+
+    def __init__(self) -> None:
+        self.holder = ""  # the gang task's id; "" when none
+        self.res: Reservation | None = None
+
+    def clear(self) -> None:
+        self.holder, self.res = "", None
+
+    def refresh(self, tasks: Mapping[str, Task]) -> None:
+        """Let go once the holder is no longer queued (placed, cancelled, gone)."""
+        if self.holder:
+            t = tasks.get(self.holder)
+            if t is None or t.state is not TaskState.QUEUED:
+                self.clear()
+
+    def hold(self, gang: Task, nodes: Iterable[Node], tasks: Mapping[str, Task],
+             now: float) -> None:
+        """`gang` was tried and does not fit: it holds the reservation unless another does."""
+        if self.holder and self.holder != gang.id:
+            return
+        self.holder, self.res = gang.id, reserve(gang, nodes, tasks, now)
+
+    def allows(self, t: Task, where: Placement, nodes: Mapping[str, Node],
+               tasks: Mapping[str, Task], now: float) -> bool:
+        """Whether `t` may start at `where` now without delaying the holder."""
+        if not self.holder or t.id == self.holder:
+            return True
+        if self.res is not None:
+            return may_pass(self.res, t, where, now)
+        gang = tasks.get(self.holder)
+        node = nodes.get(where.node)
+        return gang is None or node is None or node_outlook(gang, node, tasks, now) is None
+
+    def kept(self) -> Collection[str]:
+        """The nodes kept now (those of a finite reservation)."""
+        return self.res.spare.keys() if self.res is not None else ()

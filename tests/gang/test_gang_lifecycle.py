@@ -3,6 +3,7 @@ all or nothing, one result, the gang's view, a failing rank, logs per rank."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from tests.conftest import LiveCoordinator, Proc, wait_until
@@ -113,3 +114,41 @@ def test_gang_refusals_at_the_edge() -> None:
                                 "gang": {"id": "x", "rank": 0, "nodes": 2}})
     assert isinstance(spec, TaskSubmit)
     assert "set by the coordinator" in (launch_problem(spec) or "")
+
+
+async def test_a_stream_of_small_tasks_does_not_starve_a_whole_cluster_gang(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    """Three one-slot nodes kept busy by a steady stream of short tasks (timeout_s 60): the
+    gang of three waits at the head of the queue, keeps nodes as they free up (a new small
+    task would end after the gang's expected start, so it may not take them), and starts."""
+    for i in range(3):
+        spawn_client(f"s{i}", coordinator.ws_url, MESH_SLOTS="1", MESH_TASK_UIDS=task_uids(i))
+    await wait_until(_online(coordinator, 3), 20, "3 nodes")
+    small = {"task_type": "custom", "command": ["sleep", "0.5"], "timeout_s": 60}
+    stream = [await coordinator.submit(**small) for _ in range(4)]
+    await wait_until(lambda: all(n.tasks for n in coordinator.mesh.nodes.values()), 20,
+                     "every node busy")
+    gang = await coordinator.submit(task_type="custom", command=["true"], nodes=3)
+    before = len(stream)
+    held_reason = ""
+    while coordinator.mesh.tasks.get(gang) is not None and \
+            coordinator.mesh.tasks[gang].state.value == "queued":
+        # keep the stream going: always a few small tasks queued behind the gang
+        queued = [t for t in stream if (x := coordinator.mesh.tasks.get(t)) is not None
+                  and x.state.value == "queued"]
+        if len(queued) < 3:
+            stream.append(await coordinator.submit(**small))
+        elif "kept for gang" not in held_reason:
+            held_reason = coordinator.mesh.queued_reason(coordinator.mesh.tasks[queued[-1]])
+        assert len(stream) < 400, "the gang starved behind the stream"
+        await asyncio.sleep(0.05)  # the stream's pace, not a wait for a condition
+    done = await coordinator.wait_finished(gang, 60)
+    assert done["status"] == "completed", done
+    # Not one small task submitted after the gang started before it (without the
+    # reservation each would take a node the moment one freed, and the gang would wait on).
+    later = [await coordinator.wait_finished(t, 60) for t in stream[before:]]
+    assert len(later) >= 2 and all(d["status"] == "completed" for d in later)
+    assert all(d["assigned_at"] >= done["assigned_at"] for d in later), (
+        done["assigned_at"], [d["assigned_at"] for d in later])
+    print(f"\n[gang] stream of {len(stream)} small tasks; a held one's reason: {held_reason!r}")
