@@ -26,6 +26,10 @@ N_FF = 128
 N_CTX = 2048
 SEED = 27
 EOG_IDS = (2, 4)  # </s> and <|im_end|>: where llama.cpp stops; bias them away for long answers
+# <0x00>..<0xFF>: random bytes rarely make UTF-8, and llama-cpp-python holds a stream's text
+# back (re-reading all of it each token, never checking for a gone client) until they do:
+# bias them away too where a stream must flow token by token for long
+BYTE_IDS = range(5, 261)
 
 # A chat template (jinja, as GGUF files carry it) so chat completions format as ChatML.
 CHAT_TEMPLATE = (
@@ -76,6 +80,7 @@ def write_tiny_llama(path: Path | str, seed: int = SEED) -> Path:
     sp = spm.SentencePieceProcessor(model_proto=train_vocab(seed))
     assert sp.get_piece_size() == N_VOCAB, sp.get_piece_size()
     assert [sp.id_to_piece(i) for i in EOG_IDS] == ["</s>", "<|im_end|>"]
+    assert [i for i in range(N_VOCAB) if sp.is_byte(i)] == list(BYTE_IDS)
     tokens, scores, types = [], [], []
     for i in range(N_VOCAB):
         tokens.append(sp.id_to_piece(i).encode())
