@@ -307,3 +307,27 @@ async def test_replicas_go_only_to_nodes_that_serve(live: LiveCoordinator) -> No
     assert nodes["new"]["labels"] == {"gpumesh.serve": "1"} and nodes["old"]["labels"] == {}
     await old.close()
     await new.close()
+
+
+async def test_an_update_replaces_replicas_new_ones_first(live: LiveCoordinator) -> None:
+    node = await hand_node(live, "n1")
+    await create(live)
+    old = await run_replica(node)
+    svc = service(live)
+    await wait_until(lambda: live.mesh.services.ready(svc), 10, "ready")
+    # the same command: nothing is replaced
+    r = await live.http.put("/services/chat", json={
+        "name": "chat", "model": "tiny", "command": SLEEPER, "target_ongoing": 4})
+    assert r.status_code == 200, r.text
+    assert list(svc.replicas) == [old["task_id"]] and not svc.replicas[old["task_id"]].retiring
+    # another command: a new replica first; the old one serves until it is ready
+    r = await live.http.put("/services/chat", json={
+        "name": "chat", "model": "tiny", "command": [*SLEEPER, "--v2"]})
+    assert r.status_code == 200, r.text
+    new = await run_replica(node, skip=1, state="starting")
+    assert new["command"][-1] == "--v2" and not node.seen(type="cancel")
+    await node.send({"type": "replica", "task_id": new["task_id"], "attempt": new["attempt"],
+                     "state": "ready"})
+    await node.frame(type="cancel", task_id=old["task_id"])
+    await wait_until(lambda: list(svc.replicas) == [new["task_id"]], 10, "only the new one")
+    await node.close()
