@@ -37,11 +37,14 @@ R = TypeVar("R", bound=Routable)
 
 
 def least_loaded(replicas: Sequence[R], rng: random.Random) -> R:
-    """The less busy of two drawn at random (of the only one or two, the less busy)."""
-    if len(replicas) <= 2:
-        return min(replicas, key=_load)
-    a, b = rng.sample(range(len(replicas)), 2)
-    return replicas[a] if replicas[a].outstanding <= replicas[b].outstanding else replicas[b]
+    """The less busy of two drawn at random (of only one or two: those), a tie to either."""
+    if len(replicas) == 1:
+        return replicas[0]
+    a, b = (0, 1) if len(replicas) == 2 else rng.sample(range(len(replicas)), 2)
+    ra, rb = replicas[a], replicas[b]
+    if ra.outstanding == rb.outstanding:
+        return ra if rng.random() < 0.5 else rb
+    return ra if ra.outstanding < rb.outstanding else rb
 
 
 def _load(r: Routable) -> int:

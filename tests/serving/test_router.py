@@ -151,9 +151,10 @@ async def test_a_request_reaches_the_replica_and_its_answer_comes_back(
         svc = live.mesh.services.lookup("alice", "tiny")
         assert svc is not None and svc.outstanding == 0
         assert len(streams(live)) == 0
-        # the metrics saw the request and the engine's usage
-        text = (await live.http.get("/metrics")).text
-        assert "tiny" in text or "alice" in text
+        # the control plane heard of it: status, time to first byte, the engine's usage
+        seen = live.mesh.services.metrics.summary("alice", "tiny")
+        assert seen["total"] == 1 and seen["errors"] == 0
+        assert seen["completion_tokens"] == 7 and seen["ttft_mean_s"] is not None
     finally:
         await node.close()
 
@@ -210,6 +211,51 @@ async def test_load_spreads_over_ready_replicas(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_prefix_routing_keeps_a_shared_prompt_on_one_replica(
+    live: LiveCoordinator, tokens: Callable[..., Any],
+) -> None:
+    alice = await tokens("alice")
+    a, b = await serve_node(live, "na"), await serve_node(live, "nb")
+    try:
+        await service(live, alice, replicas=2, routing="prefix")
+        await asyncio.gather(make_ready(a), make_ready(b))
+        await ready_count(live, "alice", "tiny", 2)
+        system = {"role": "system", "content": "You answer in haiku. " * 20}
+        owners = []
+        for i in range(8):  # one at a time: the owner of the prefix always has room
+            body = {**CHAT, "messages": [system, {"role": "user", "content": f"q{i}"}]}
+            call = asyncio.ensure_future(alice.post("/v1/chat/completions", json=body))
+            node = await wait_until(_opened_on((a, b)), 20, "the next stream_open")
+            frame = node.seen(type="stream_open")[-1]
+            owners.append(node.name)
+            await answer(node, frame["stream"], ANSWER)
+            assert (await call).status_code == 200
+        assert len(set(owners)) == 1, owners
+        spread = []
+        for i in range(20):  # prompts that differ from the start spread over both
+            body = {**CHAT, "messages": [{"role": "user", "content": f"{i} is different"}]}
+            call = asyncio.ensure_future(alice.post("/v1/chat/completions", json=body))
+            node = await wait_until(_opened_on((a, b)), 20, "the next stream_open")
+            spread.append(node.name)
+            await answer(node, node.seen(type="stream_open")[-1]["stream"], ANSWER)
+            assert (await call).status_code == 200
+        assert set(spread) == {"na", "nb"}, spread
+    finally:
+        await a.close()
+        await b.close()
+
+
+def _opened_on(nodes: tuple[HandNode, ...]) -> Callable[[], HandNode | None]:
+    """A check: the node that got a new stream_open since it was made (None until one did)."""
+    before = {n.name: len(n.seen(type="stream_open")) for n in nodes}
+
+    def check() -> HandNode | None:
+        return next((n for n in nodes if len(n.seen(type="stream_open")) > before[n.name]),
+                    None)
+
+    return check
 
 
 async def test_a_node_lost_before_the_first_byte_is_retried_on_another_replica(
