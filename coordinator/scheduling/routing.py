@@ -70,7 +70,8 @@ class PrefixRing:
         self._owners = [o for _, o in points]
 
     def pick(self, key: str, replicas: Sequence[R], load_factor: float = LOAD_FACTOR) -> R:
-        """The replica owning `key`'s point, or the next one clockwise with room."""
+        """The replica owning `key`'s point, or the next one clockwise with room; `replicas`
+        (those that may take it now) may be fewer than the ring's."""
         by_id = {r.task_id: r for r in replicas}
         total = sum(r.outstanding for r in replicas)
         # Room: at most load_factor x the mean load with this request counted (at least 1).
@@ -80,12 +81,12 @@ class PrefixRing:
         n = len(self._owners)
         for i in range(n):
             owner = self._owners[(start + i) % n]
-            if owner in seen:
-                continue
-            seen.add(owner)
             r = by_id.get(owner)
-            if r is not None and r.outstanding + 1 <= cap:
+            if r is None or owner in seen:
+                continue
+            if r.outstanding + 1 <= cap:
                 return r
+            seen.add(owner)
             if len(seen) == len(by_id):
                 break
         return min(replicas, key=_load)

@@ -126,8 +126,11 @@ class Router:
         return bucket.take(1, now)
 
     def choose(self, mesh: Mesh, svc: Service, ready: Sequence[Replica], key: str,
-               tried: set[str]) -> tuple[Replica, Link] | str:
-        """(replica, its node's link) to send this request to, or why none."""
+               tried: set[str], size: int = 0) -> tuple[Replica, Link] | str:
+        """(replica, its node's link) to send this request (its `stream_open` about `size`
+        bytes) to, or why none. A node whose link already holds half its queue bound
+        (MESH_WS_QUEUE_BYTES) is passed over: a burst of large requests must not make the
+        link close the node as a slow consumer."""
         streams = self.streams
         if len(streams) >= streams.max_streams:
             return f"{len(streams)} requests in flight (MESH_SERVE_MAX_STREAMS)"
@@ -143,12 +146,16 @@ class Router:
             if room := streams.room(r.node):
                 why = room
                 continue
+            queued, bound = _backlog(node.link)
+            if bound and queued + size > bound // 2:
+                why = f"the link to node {r.node} has {queued} bytes waiting to be read"
+                continue
             fit.append(r)
         if not fit:
             return why
         if key and len(fit) > 1 and svc.spec.routing == "prefix":
-            ring = self._rings.get(svc)
-            ids = tuple(sorted(r.task_id for r in fit))
+            ring = self._rings.get(svc)  # over every ready replica: a full one is skipped
+            ids = tuple(sorted(r.task_id for r in ready))
             if ring is None or ring.ids != ids:
                 ring = self._rings[svc] = PrefixRing(ids)
             chosen = ring.pick(key, fit)
@@ -157,6 +164,12 @@ class Router:
         link = mesh.nodes[chosen.node].link
         assert link is not None  # checked above, with no await between
         return chosen, link
+
+
+def _backlog(link: Link) -> tuple[int, int]:
+    """(bytes queued to the node, the link's bound on them); (0, 0) for a link that does not
+    say (coordinator/link/ws.py WsLink does)."""
+    return getattr(link, "queued_bytes", 0), getattr(link, "max_bytes", 0)
 
 
 def _leading(scope: Scope) -> tuple[Mesh, Router] | None:
@@ -291,7 +304,8 @@ class _Call:
             ready: Sequence[Replica] = self.services.ready(self.svc)
             if not ready and not tried:
                 ready = await self._cold_start(settings.serve_cold_start_s)
-            picked = self.router.choose(self.mesh, self.svc, ready, self.key, tried)
+            picked = self.router.choose(self.mesh, self.svc, ready, self.key, tried,
+                                        len(self.raw) + 256)
             if isinstance(picked, str):
                 if last:
                     raise Refusal(502, "replica_failed", last)

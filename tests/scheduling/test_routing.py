@@ -77,3 +77,15 @@ def test_prompt_key() -> None:
     assert prompt_key({"input": "embed me"}) == "embed me"
     assert prompt_key({"messages": "not a list"}) == ""
     assert prompt_key({"messages": [1, None, {"content": 5}]}) == ":\n"
+
+
+def test_prefix_ring_skips_replicas_that_cannot_take_a_request_now() -> None:
+    everyone = [R(f"r{i}") for i in range(3)]
+    ring = PrefixRing([r.task_id for r in everyone])
+    owned = [f"k{i}" for i in range(300) if ring.pick(f"k{i}", everyone).task_id == "r0"]
+    assert owned
+    for key in owned:  # r0 is full (not offered): its keys go to the others
+        assert ring.pick(key, everyone[1:]).task_id in ("r1", "r2")
+    others = [f"k{i}" for i in range(300) if f"k{i}" not in owned]
+    assert all(ring.pick(k, everyone[1:]).task_id == ring.pick(k, everyone).task_id
+               for k in others)  # nobody else's keys move
