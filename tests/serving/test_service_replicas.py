@@ -13,12 +13,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from coordinator.core.services import Service
 from coordinator.settings import Settings
-from tests.conftest import LiveCoordinator, Proc, run_coordinator, wait_until
-from tests.security.handnode import HandNode
+from tests.conftest import (
+    ADMIN_HEADERS,
+    LiveCoordinator,
+    Proc,
+    free_port,
+    run_coordinator,
+    wait_until,
+)
+from tests.security.handnode import HandNode, healthy
 
 SERVE = {"executors": ["process"], "features": ["serve"], "isolation": "user+cgroup",
          "cpu_count": 4, "slots": 4}
@@ -331,3 +339,41 @@ async def test_an_update_replaces_replicas_new_ones_first(live: LiveCoordinator)
     await node.frame(type="cancel", task_id=old["task_id"])
     await wait_until(lambda: list(svc.replicas) == [new["task_id"]], 10, "only the new one")
     await node.close()
+
+
+async def test_kill9_of_the_coordinator_keeps_the_service_and_its_running_replica(
+    spawn_coordinator: Callable[..., Proc], spawn_client: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """The coordinator is killed with SIGKILL while a real client runs a ready replica: the
+    next coordinator reloads the service and the same replica task, the client re-reports
+    it, and it is ready again without a second replica being started."""
+    port, data = free_port(), tmp_path / "data"
+    coord = spawn_coordinator(port, data)
+    standin = ["python3", "-m", "http.server", "--bind", "127.0.0.1", "{port}"]
+
+    async def view() -> dict[str, Any] | None:
+        try:
+            r = await http.get("/services/chat", params={"history": "100"})
+        except httpx.TransportError:
+            return None
+        return r.json() if r.status_code == 200 else None
+
+    async def ready() -> dict[str, Any] | None:
+        v = await view()
+        return v if v and v["scale"]["ready"] == 1 else None
+
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                                 headers=ADMIN_HEADERS) as http:
+        await wait_until(lambda: healthy(http), 20, "coordinator up")
+        spawn_client("c1", f"ws://127.0.0.1:{port}")
+        doc = {"name": "chat", "model": "tiny", "command": standin, "health_path": "/"}
+        assert (await http.post("/services", json=doc)).status_code == 201
+        before = await wait_until(ready, 30, "the replica ready")
+        coord.kill9()
+        spawn_coordinator(port, data)
+        after = await wait_until(ready, 40, "the replica ready again after the restart")
+        assert [r["task_id"] for r in after["replicas"]] == \
+            [r["task_id"] for r in before["replicas"]]
+        assert after["replicas"][0]["attempt"] == before["replicas"][0]["attempt"]
+        started = [e for e in after["history"] if e["kind"] == "replica started"]
+        assert len(started) == 1  # no second replica was started

@@ -309,3 +309,18 @@ async def test_console_lists_services_with_replicas_nodes_and_latency(
         await page.wait_for(f"document.querySelector(\"{row} td.rps\").textContent !== '–'",
                             what="a request rate")
     await node.close()
+
+
+async def test_service_series_are_per_tenant_metrics(
+    coordinator: LiveCoordinator, tokens: Callable[..., Any]
+) -> None:
+    """gpumesh_service_* carry a tenant label: an admin or a `metrics` token sees them, a
+    tenant's read or submit token does not (docs/security.md, tenant privacy)."""
+    alice = await tokens("alice", "submit")
+    assert (await alice.post("/services", json=spec())).status_code == 201
+    scraper = await tokens("ops", "metrics")
+    for client, sees in ((coordinator.http, True), (scraper, True), (alice, False)):
+        body = (await client.get("/metrics")).text
+        assert ('gpumesh_service_requests_total{service="chat",status="2xx",tenant="alice"} 0.0'
+                in body) is sees
+        assert ("gpumesh_service_replicas_desired" in body) is sees
