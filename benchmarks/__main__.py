@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.stats import Result
 from benchmarks.stores import STORE_AWARE, databases
 
-NAMES = ("placement", "roundtrip", "throughput", "scale", "backlog", "blocked")
+NAMES = ("placement", "roundtrip", "throughput", "scale", "backlog", "blocked", "serving")
 
 
 def machine() -> dict[str, Any]:
