@@ -110,6 +110,8 @@ class ServiceManager:
         replica.outstanding += 1
         svc.outstanding += 1
         svc.last_request = time.monotonic()
+        if svc.outstanding <= svc.spec.target_ongoing:  # the common case: no count needed
+            return
         live = len(svc.live())
         if (svc.outstanding > svc.spec.target_ongoing * max(live, 1)
                 and svc.desired < svc.spec.replicas.max and not svc.deleted):
