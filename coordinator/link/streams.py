@@ -32,6 +32,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Literal
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
 from coordinator.model import Link
 from shared.protocol import (
     Error,
@@ -295,3 +299,21 @@ class StreamTable:
         """This coordinator stops leading: every stream ends short."""
         for stream in list(self._streams.values()):
             stream._end(why)
+
+
+class StreamMetrics(Collector):
+    """/metrics: streams open now, opened, and the frames and streams nodes got refused."""
+
+    def __init__(self, table: StreamTable) -> None:
+        self.table = table
+
+    def collect(self) -> Iterator[Metric]:
+        t = self.table
+        yield GaugeMetricFamily("gpumesh_serve_streams_open",
+                                "Requests to replicas in flight over node links", value=len(t))
+        yield CounterMetricFamily("gpumesh_serve_streams",
+                                  "Requests sent to replicas over node links", value=t.opened)
+        yield CounterMetricFamily(
+            "gpumesh_serve_stream_frames_refused",
+            "Stream frames refused from nodes (not their stream, past the window, malformed)",
+            value=t.refused_frames)

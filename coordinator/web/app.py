@@ -21,6 +21,7 @@ from coordinator.core.metrics import MeshMetrics
 from coordinator.leader.advertise import Advertiser
 from coordinator.leader.standby import BodyRefused, StandbyGate, fence_store, serve_role
 from coordinator.link.identity import NodeIdentities
+from coordinator.link.streams import StreamMetrics
 from coordinator.link.ws import Connections, node_socket
 from coordinator.settings import Settings
 from coordinator.storage.store import StoreError, open_store
@@ -99,6 +100,7 @@ def create_app(settings: Settings, *, freeze_gc: bool = False) -> Starlette:
         app.state.engines = engines
         router = app.state.router = Router(settings)  # /v1 (coordinator/web/openai.py)
         app.state.streams = router.streams  # the node link hands it stream frames
+        metrics.registry.register(StreamMetrics(router.streams))
         await mesh.start()
         artifacts = ArtifactFiles(settings.data_dir / "artifacts", mesh,
                                   settings.artifact_retention_s, settings.artifacts_max_bytes)

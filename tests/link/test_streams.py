@@ -143,6 +143,9 @@ async def test_frames_for_streams_not_opened_to_the_node_are_refused(
                          "four refusals to nb")
         assert not stream.ended and stream.status == 0 and stream.buffered == 0
         assert table(live).refused_frames == 4
+        text = (await live.http.get("/metrics")).text
+        assert "gpumesh_serve_stream_frames_refused_total 4.0" in text
+        assert "gpumesh_serve_streams_open 1.0" in text
         await a.send({"type": "stream_head", "stream": stream.id, "status": 200})
         await a.send({"type": "stream_data", "stream": stream.id, "data": "real"})
         await stream.started(10)
