@@ -324,3 +324,22 @@ async def test_service_series_are_per_tenant_metrics(
         assert ('gpumesh_service_requests_total{service="chat",status="2xx",tenant="alice"} 0.0'
                 in body) is sees
         assert ("gpumesh_service_replicas_desired" in body) is sees
+
+
+async def test_an_admin_names_the_tenant_when_a_name_is_ambiguous(
+    coordinator: LiveCoordinator, tokens: Callable[..., Any]
+) -> None:
+    alice, bob = await tokens("alice", "submit"), await tokens("bob", "submit")
+    assert (await alice.post("/services", json=spec())).status_code == 201
+    assert (await bob.post("/services", json=spec(model="b"))).status_code == 201
+    r = await coordinator.http.get("/services/chat")
+    assert r.status_code == 409 and "?tenant=" in r.json()["reason"]
+    r = await coordinator.http.get("/services/chat", params={"tenant": "bob"})
+    assert r.status_code == 200 and r.json()["model"] == "b"
+    r = await coordinator.http.delete("/services/chat", params={"tenant": "alice"})
+    assert r.status_code == 200 and r.json()["tenant"] == "alice"
+    assert (await coordinator.http.get("/services/chat")).json()["tenant"] == "bob"
+    # an admin creates in a tenant it names
+    r = await coordinator.http.post("/services", params={"tenant": "carol"},
+                                    json=spec(name="c", model="c"))
+    assert r.status_code == 201 and r.json()["tenant"] == "carol"
