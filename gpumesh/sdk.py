@@ -244,13 +244,15 @@ class Client(_Base):
     def request(self, method: str, path: str, body: Any = None) -> Any:
         return self.call(Calls.raw(method, path, body))
 
-    def logs(self, task_id: str, follow: bool = False) -> Iterator[str]:
-        """The task's output, line by line; with `follow`, until the task ends."""
+    def logs(self, task_id: str, follow: bool = False,
+             rank: int | None = None) -> Iterator[str]:
+        """The task's output, line by line; with `follow`, until the task ends. `rank`: the
+        output of that rank of a gang task."""
         resume = LogResume()
         if len(self.urls) > 1:
             self.get(task_id)  # finds the coordinator that answers
         while True:
-            call = Calls.logs(task_id, follow)
+            call = Calls.logs(task_id, follow, rank)
             try:
                 with self._http.stream("GET", self.url + call.path, params=dict(call.params),
                                        timeout=httpx.Timeout(30, read=None)) as resp:
@@ -371,13 +373,15 @@ class AsyncClient(_Base):
     async def request(self, method: str, path: str, body: Any = None) -> Any:
         return await self.call(Calls.raw(method, path, body))
 
-    async def logs(self, task_id: str, follow: bool = False) -> AsyncIterator[str]:
-        """The task's output, line by line; with `follow`, until the task ends."""
+    async def logs(self, task_id: str, follow: bool = False,
+                   rank: int | None = None) -> AsyncIterator[str]:
+        """The task's output, line by line; with `follow`, until the task ends. `rank`: the
+        output of that rank of a gang task."""
         resume = LogResume()
         if len(self.urls) > 1:
             await self.get(task_id)
         while True:
-            call = Calls.logs(task_id, follow)
+            call = Calls.logs(task_id, follow, rank)
             try:
                 async with self._http.stream("GET", self.url + call.path, params=dict(call.params),
                                              timeout=httpx.Timeout(30, read=None)) as resp:

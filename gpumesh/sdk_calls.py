@@ -156,8 +156,10 @@ class Calls:
         return Call("GET", "/tasks/completed", lambda d: (_tasks_of(d), d.get("next")), params)
 
     @staticmethod
-    def logs(task_id: str, follow: bool) -> Call[str]:
+    def logs(task_id: str, follow: bool, rank: int | None = None) -> Call[str]:
         params = {"follow": "1"} if follow else {}
+        if rank is not None:  # one rank of a gang task (issue 28)
+            params["rank"] = str(rank)
         return Call("GET", f"/tasks/{_q(task_id)}/logs", str, params)
 
 

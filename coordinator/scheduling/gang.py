@@ -17,7 +17,7 @@ caller keep nodes for a waiting gang: a reserved node is skipped unless `backfil
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 
 from coordinator.model import Node, Task, TaskState
 from coordinator.scheduling.placement import (
@@ -43,8 +43,9 @@ class GangNoFit(NoFit):
     __slots__ = ("fit", "need")
 
     def __init__(self, fit: int, need: int, evaluated: int = 0,
-                 filtered: dict[str, int] | None = None) -> None:
-        super().__init__(evaluated, filtered)
+                 filtered: dict[str, int] | None = None,
+                 explain: Callable[[], NoFit | Placement] | None = None) -> None:
+        super().__init__(evaluated, filtered, explain)
         self.fit, self.need = fit, need
 
     @property
@@ -96,9 +97,22 @@ def place_gang(
                 picked.append(Placement(name, fit[1], fit[0]))
                 if len(picked) == n:
                     return picked
-        # Not enough in the walk: the scan decides (and counts why the rest do not fit).
-        nodes = nodes.nodes.values()
+        index = nodes
+        if not req.shared and (req.gpu_count <= 1 or not index._mixed):
+            # The walk saw every node that could fit: `picked` is all of them. Why the rest
+            # do not fit is counted only if someone reads it (a queued task's reason).
+            return GangNoFit(len(picked), n, explain=lambda: _explain(
+                req, n, executor, list(index.nodes.values()), priority, mode, ask, reserved))
+        nodes = index.nodes.values()  # shared GPUs, mixed nodes: the scan decides
     return _scan_gang(req, n, executor, nodes, priority, mode, ask, reserved)
+
+
+def _explain(
+    req: Requirements, n: int, executor: str, nodes: Iterable[NodeView], priority: int,
+    mode: str, ask: PolicyAsk | None, reserved: Collection[str],
+) -> NoFit:
+    found = _scan_gang(req, n, executor, nodes, priority, mode, ask, reserved)
+    return found if isinstance(found, NoFit) else NoFit(0, {})
 
 
 def _scan_gang(

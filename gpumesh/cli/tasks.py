@@ -3,7 +3,7 @@
     gpumesh submit '{"task_type": "custom", "script": "nvidia-smi"}' --wait 600
     gpumesh tasks [--state running] [--node gpu-01] [--tenant acme] [--all] [--limit 50]
     gpumesh task ID
-    gpumesh logs [-f] ID
+    gpumesh logs [-f] [--rank N] ID
     gpumesh cancel ID
 """
 
@@ -67,6 +67,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("logs", help="a task's output")
     p.add_argument("id")
     p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
+    p.add_argument("--rank", type=int, default=None, metavar="N",
+                   help="a gang task: the output of its rank N")
     add_common(p)  # --json: one {"task_id", "line"} object per line (JSON Lines)
     p.set_defaults(func=cmd_logs)
 
@@ -257,7 +259,7 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     with client(args) as c:
-        for line in c.logs(args.id, follow=args.follow):
+        for line in c.logs(args.id, follow=args.follow, rank=args.rank):
             if args.json:
                 line = json.dumps({"task_id": args.id, "line": line})
             sys.stdout.write(line + "\n")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+from tests.cli.test_cli import gpumesh
 from tests.conftest import LiveCoordinator, Proc, wait_until
 from tests.gang import task_uids
 
@@ -73,6 +74,9 @@ async def test_rendezvous_env_and_logs_per_rank(
     assert f"rank=1 nnodes=2 world=2 per=0 addr={master} port={port} addrs={addrs}" in r1.text
     bad = await coordinator.http.get(f"/tasks/{gang}/logs", params={"rank": "2"})
     assert bad.status_code == 404 and "no member of rank" in bad.text
+    cli = await gpumesh("logs", gang, "--rank", "1", live=coordinator)  # the command line
+    assert cli.returncode == 0, cli.stderr
+    assert f"rank=1 nnodes=2 world=2 per=0 addr={master} port={port}" in cli.stdout
 
 
 async def test_a_failing_rank_stops_the_others_and_spends_attempts(
