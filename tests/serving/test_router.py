@@ -430,3 +430,40 @@ async def _stalled(need: int, granted: Callable[[], int]) -> bool:
     except AssertionError:
         return True
     return False
+
+
+async def test_caps_on_streams_and_the_wait_for_an_answer(settings: Settings) -> None:
+    capped = replace(settings, serve_max_streams=2, serve_max_streams_per_node=1,
+                     serve_head_timeout_s=3.0)
+    async with run_coordinator(capped) as live:
+        r = await live.http.post("/admin/tokens", json={"tenant": "alice", "role": "submit"})
+        headers = {"Authorization": f"Bearer {r.json()['token']}"}
+        async with httpx.AsyncClient(base_url=live.url, timeout=30, headers=headers) as alice:
+            a, b = await serve_node(live, "na"), await serve_node(live, "nb")
+            try:
+                await service(live, alice, replicas=2)
+                await asyncio.gather(make_ready(a), make_ready(b))
+                await ready_count(live, "alice", "tiny", 2)
+                first = asyncio.ensure_future(alice.post("/v1/chat/completions", json=CHAT))
+                await wait_until(_opened_on((a, b)), 20, "the first stream_open")
+                second = asyncio.ensure_future(alice.post("/v1/chat/completions", json=CHAT))
+                # one stream per node: the second goes to the other node
+                await wait_until(lambda: a.seen(type="stream_open") and b.seen(
+                    type="stream_open"), 20, "a stream to each node")
+                r = await alice.post("/v1/chat/completions", json=CHAT)  # a third: no room
+                assert r.status_code == 503, r.text
+                assert "MESH_SERVE_MAX_STREAMS" in r.json()["error"]["message"]
+                assert int(r.headers["retry-after"]) >= 1
+                # nobody answers: past MESH_SERVE_HEAD_TIMEOUT_S the caller gets 504 and the
+                # node is told to stop
+                for call in (first, second):
+                    r = await call
+                    assert r.status_code == 504, r.text
+                    assert r.json()["error"]["code"] == "replica_timeout"
+                for node in (a, b):
+                    sid = node.seen(type="stream_open")[0]["stream"]
+                    await node.frame(type="stream_cancel", stream=sid)
+                assert len(streams(live)) == 0
+            finally:
+                await a.close()
+                await b.close()
