@@ -50,6 +50,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "gpumesh": (
         "gpumesh", "shared", "gpu_client.detect", "gpu_client.detectors", "gpu_client.hoststats",
         "gpu_client.discover", "gpu_client.isolation", "coordinator.storage.datadir",
+        # `gpumesh simulate` runs the simulator here, on this machine (no mesh involved).
+        "coordinator.sim",
     ),
 }
 
