@@ -268,6 +268,10 @@ class StreamTable:
             if stream.status:
                 self._broken(stream, "bad_stream", "a second stream_head")
                 return
+            if msg.status < 200:  # 1xx: not a final answer, and not one to pass on
+                self._broken(stream, "bad_stream", f"stream_head status {msg.status}: "
+                             "an answer's status is 200-599")
+                return
             if msg.content_type and not _CONTENT_TYPE.fullmatch(msg.content_type):
                 self._broken(stream, "bad_stream", "stream_head content_type is not a plain "
                              "header value (1-200 printable ASCII characters)")

@@ -166,19 +166,21 @@ async def test_protocol_breaks_end_the_stream_with_a_reason(live: LiveCoordinato
     node = await serve_node(live, "n1")
     try:
         early, twice, header = open_to(live, "n1"), open_to(live, "n1"), open_to(live, "n1")
-        await opened(node, header)
+        informational = open_to(live, "n1")
+        await opened(node, informational)
         await node.send({"type": "stream_data", "stream": early.id, "data": "no head"})
         await node.send({"type": "stream_head", "stream": twice.id, "status": 200})
         await node.send({"type": "stream_head", "stream": twice.id, "status": 200})
         await node.send({"type": "stream_head", "stream": header.id, "status": 200,
                          "content_type": "text/plain\r\nSet-Cookie: x=1"})
+        await node.send({"type": "stream_head", "stream": informational.id, "status": 101})
         for s, why in ((early, "before stream_head"), (twice, "second stream_head"),
-                       (header, "plain header value")):
+                       (header, "plain header value"), (informational, "status 101")):
             with pytest.raises(StreamBroken, match=why):
                 await s.started(10)
             await node.frame(type="stream_cancel", stream=s.id)
-        await wait_until(lambda: len(node.seen(type="error", code="bad_stream")) == 3, 10,
-                         "three bad_stream errors")
+        await wait_until(lambda: len(node.seen(type="error", code="bad_stream")) == 4, 10,
+                         "four bad_stream errors")
     finally:
         await node.close()
 
