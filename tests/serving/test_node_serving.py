@@ -289,7 +289,10 @@ def engines() -> Any:
         e.kill()
 
 
-FAST_HEALTH = {"MESH_REPLICA_HEALTH_S": "0.2"}
+# A root client ends whatever runs under a task's uid when that task ends, and every client
+# on this machine (other test runs' too) starts at the same default range: these get their own.
+_UIDS = 100_000 + (os.getpid() % 50_000) * 4
+FAST_HEALTH = {"MESH_REPLICA_HEALTH_S": "0.2", "MESH_TASK_UIDS": f"{_UIDS}-{_UIDS + 3}"}
 
 
 async def _running_replica(
