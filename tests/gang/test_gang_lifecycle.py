@@ -59,7 +59,9 @@ async def test_rendezvous_env_and_logs_per_rank(
     await wait_until(_online(coordinator, 2), 20, "2 nodes")
     script = ("echo rank=$NODE_RANK nnodes=$NNODES world=$WORLD_SIZE per=$GPUS_PER_NODE "
               "addr=$MASTER_ADDR port=$MASTER_PORT addrs=$GPUMESH_NODE_ADDRS")
-    gang = await coordinator.submit(task_type="custom", command=["sh", "-c", script], nodes=2)
+    # the task's own env cannot point the ranks elsewhere: the rendezvous is set over it
+    gang = await coordinator.submit(task_type="custom", command=["sh", "-c", script], nodes=2,
+                                    env={"MASTER_ADDR": "10.9.9.9", "NODE_RANK": "7"})
     done = await coordinator.wait_finished(gang, 60)
     assert done["status"] == "completed", done
     ranks = {r["rank"]: r for r in done["result"]["ranks"]}
@@ -156,3 +158,20 @@ async def test_a_stream_of_small_tasks_does_not_starve_a_whole_cluster_gang(
     assert all(d["assigned_at"] >= done["assigned_at"] for d in later), (
         done["assigned_at"], [d["assigned_at"] for d in later])
     print(f"\n[gang] stream of {len(stream)} small tasks; a held one's reason: {held_reason!r}")
+
+
+async def test_a_caller_cannot_pose_as_a_gang_member_nor_ask_too_big_a_gang(
+    coordinator: LiveCoordinator,
+) -> None:
+    member = {"task_type": "custom", "command": ["true"],
+              "gang": {"id": "0" * 32, "rank": 0, "nodes": 2}}
+    r = await coordinator.http.post("/tasks/submit", json=member)
+    assert r.status_code == 422 and "$.gang: set by the coordinator" in r.text, r.text
+    big = {"task_type": "custom", "command": ["true"], "nodes": 65}
+    r = await coordinator.http.post("/tasks/submit", json=big)
+    assert r.status_code == 422 and "nodes" in r.text, r.text
+    shared = {"task_type": "custom", "command": ["true"], "nodes": 2,
+              "requirements": {"gpu_count": 1, "shared": True}}
+    r = await coordinator.http.post("/tasks/submit", json=shared)
+    assert r.status_code == 422 and "shared" in r.text, r.text
+    assert not coordinator.mesh.tasks
