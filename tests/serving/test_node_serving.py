@@ -479,6 +479,12 @@ async def test_cancel_aborts_the_engine_request_and_bad_streams_are_refused(
     await hand.send(StreamOpen(stream=33, task_id="svc-1", attempt=1, window=1 << 20,
                                path="/v1/completions", body=json.dumps({"size": 10})))
     assert "buffer full" in (await hand.stream(33)).error
+    # a replica whose health path could leave the engine's tree is refused, not run
+    bad = msgspec.structs.replace(engine.assign("svc-2"), service=ServiceRun(
+        service="tiny", model=engine.model, health_path="/v1/../admin"))
+    await hand.send(bad)
+    failed = (await wait_until(lambda: hand.of(TaskResult, task_id="svc-2"), 30, "refusal"))[0]
+    assert failed.status == "failed" and "health path" in failed.error
     # GET through a stream
     await hand.send(StreamOpen(stream=40, task_id="svc-1", attempt=1, path="/v1/models",
                                method="GET"))
