@@ -72,7 +72,8 @@ class _Plot:
 
     def __init__(self, title: str, xlabel: str, ylabel: str, x: tuple[float, float],
                  y: tuple[float, float], *, log_x: bool = False,
-                 ylabel_fmt: Callable[[float], str] = _fmt) -> None:
+                 ylabel_fmt: Callable[[float], str] = _fmt,
+                 xlabel_fmt: Callable[[float], str] = _fmt) -> None:
         self.x, self.y, self.log_x = x, y, log_x
         self.parts = [f'<svg class="plot" role="img" width="{W}" height="{H}" '
                       f'viewBox="0 0 {W} {H}"><title>{_esc(title)}</title>',
@@ -83,7 +84,7 @@ class _Plot:
             px = self.sx(t)
             self.parts.append(f'<line x1="{px:.1f}" y1="{TOP}" x2="{px:.1f}" y2="{H - BOTTOM}" '
                               f'stroke="#eee"/><text x="{px:.1f}" y="{H - BOTTOM + 15}" '
-                              f'text-anchor="middle">{_esc(_fmt(t))}</text>')
+                              f'text-anchor="middle">{_esc(xlabel_fmt(t))}</text>')
         for t in _nice_ticks(*y):
             py = self.sy(t)
             self.parts.append(f'<line x1="{LEFT}" y1="{py:.1f}" x2="{W - RIGHT}" y2="{py:.1f}" '
@@ -131,9 +132,18 @@ class _Plot:
 
 
 def _log_ticks(low: float, high: float) -> list[float]:
-    return [10.0 ** e for e in range(math.floor(math.log10(low)),
-                                     math.ceil(math.log10(high)) + 1)
-            if low <= 10.0 ** e <= high] or [low]
+    """Powers of ten in [low, high]; with 2 and 5 times each when there are 4 or fewer."""
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    steps = (1.0,) if len(decades) > 4 else (1.0, 2.0, 5.0)
+    return [m * 10.0 ** e for e in decades for m in steps if low <= m * 10.0 ** e <= high] or [low]
+
+
+def _duration(seconds: float) -> str:
+    """A tick on the log time axis: 10 s, 17 min, 2.8 h, 11.6 d."""
+    for size, unit in ((86400.0, "d"), (3600.0, "h"), (60.0, "min")):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
 
 
 # --- the series ---------------------------------------------------------------------------
@@ -194,9 +204,9 @@ def _jct_cdf(results: Sequence[SimResult]) -> str:
     curves = [_cdf([r.end_s - r.job.submit_s for r in res.records]) for res in results]
     xs = [x for c in curves for x, _ in c]
     lo, hi = (min(xs), max(xs)) if xs else (1.0, 10.0)
-    plot = _Plot("Job completion time, cumulative", "job completion time (seconds, log)",
+    plot = _Plot("Job completion time, cumulative", "job completion time (log scale)",
                  "share of jobs done", (max(lo, 1.0), max(hi, lo * 10, 10.0)), (0.0, 1.0),
-                 log_x=True, ylabel_fmt=lambda v: f"{v:.0%}")
+                 log_x=True, ylabel_fmt=lambda v: f"{v:.0%}", xlabel_fmt=_duration)
     for i, (res, c) in enumerate(zip(results, curves, strict=True)):
         plot.line(res.policy, _color(i), c)
     return plot.svg()
