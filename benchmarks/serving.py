@@ -290,14 +290,16 @@ def _goals(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
         added.append(f"{clients} client(s): added p50 {p50} ms, p99 {p99} ms (non-streamed); "
                      f"TTFT added p50 {ttft} ms, p99 {ttft99} ms; req/s mesh/direct {rps} "
                      f"(non-streamed), {srps} (streamed)")
+        # With 32 clients the engine's queue (one request at a time) hides most of what the
+        # mesh adds; with 1 client nothing does. Both are held to the goals.
+        n = f"{clients} client{'s' if clients > 1 else ''}"
+        goals += [
+            f"{'met' if p50 <= 1 else 'MISSED'}: {n}: added p50 {p50} ms (goal <= 1 ms)",
+            f"{'met' if ttft <= 2 else 'MISSED'}: {n}: added TTFT p50 {ttft} ms (goal <= 2 ms)",
+            f"{'met' if max(p99, ttft99) <= 5 else 'MISSED'}: {n}: added p99 {p99} ms, TTFT "
+            f"p99 {ttft99} ms (goal <= 5 ms)",
+        ]
         if clients == 32:
-            goals += [
-                f"{'met' if p50 <= 1 else 'MISSED'}: added p50 {p50} ms, 32 clients "
-                "(goal <= 1 ms)",
-                f"{'met' if ttft <= 2 else 'MISSED'}: added TTFT p50 {ttft} ms (goal <= 2 ms)",
-                f"{'met' if max(p99, ttft99) <= 5 else 'MISSED'}: added p99 {p99} ms, TTFT "
-                f"p99 {ttft99} ms (goal <= 5 ms)",
-                f"{'met' if min(rps, srps) >= 0.9 else 'MISSED'}: requests/s through the mesh "
-                f"{rps} / {srps} of direct (goal >= 0.9)",
-            ]
+            goals.append(f"{'met' if min(rps, srps) >= 0.9 else 'MISSED'}: {n}: requests/s "
+                         f"through the mesh {rps} / {srps} of direct (goal >= 0.9)")
     return goals, added
