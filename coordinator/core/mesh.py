@@ -665,6 +665,7 @@ class Mesh:
     def check_invariants(self) -> None:
         """Cross-checks of the registry, the queue and the tasks; raises on a broken one."""
         check_invariants(self)
+        self.services.check()
 
     # --- the node side (coordinator/core/node_side.py), as the link and tests call it ---
 

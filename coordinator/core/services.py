@@ -151,6 +151,24 @@ class ServiceManager:
             if not r.retiring:
                 self._retire_one(svc)
 
+    def check(self) -> None:
+        """Cross-checks of services, replicas and their tasks (Mesh.check_invariants)."""
+        loaded = self._mesh.loaded.is_set()
+        for task_id, svc in self.by_task.items():
+            r = svc.replicas.get(task_id)
+            assert r is not None, f"task {task_id} marked for {svc.key} but not its replica"
+            t = self._mesh.tasks.get(task_id)
+            assert t is not None or not loaded, f"replica {task_id} of {svc.key}: no such task"
+            if r.state == READY:
+                assert t is not None and t.state in ACTIVE and (t.node, t.attempt) == (
+                    r.node, r.attempt), f"replica {task_id} ready but its task is not there"
+        for svc in self.services.values():
+            for task_id in svc.replicas:
+                assert self.by_task.get(task_id) is svc, f"{svc.key}: {task_id} not marked"
+            if not svc.deleted:
+                assert self.by_model.get((svc.tenant, svc.model)) is svc, f"{svc.key}: model"
+                assert 0 <= svc.desired <= svc.spec.replicas.max, f"{svc.key}: desired"
+
     def run_for(self, task_id: str) -> ServiceRun | None:
         """What makes an `assign` of this task a replica (Mesh._assign_msg); None if it is
         not one."""
