@@ -109,6 +109,11 @@ class Tenants:
         if config is self.defaults and not _limits(config):
             return ""
         gpus = t.spec.requirements.gpu_count * t.gang_size  # a gang's GPUs count in full
+        if t.gang_size > 1 and config.max_running is not None:
+            running = (use.running if (use := self.ledger.use.get(tenant)) is not None else 0)
+            if running + t.gang_size > config.max_running:  # each member runs
+                return (f"tenant {tenant} is at its quota of {config.max_running} running "
+                        f"tasks (this gang runs {t.gang_size})")
         return quota_hold(config, self.ledger.use.get(tenant), gpus, t.spec.preemptible, tenant)
 
     def count(self, t: Task, prev: TaskState | None, to: TaskState) -> bool:
@@ -119,6 +124,8 @@ class Tenants:
             self.ledger.queue(tenant, -1)
         if to is TaskState.QUEUED:
             self.ledger.queue(tenant, 1)
+        if t.gang_size > 1:  # a gang's members hold its GPUs and run; it holds nothing itself
+            return False
         if to in ACTIVE and prev not in ACTIVE:
             self.ledger.start(t.id, tenant, len(t.gpu_indices), self.clock(), t.spec.preemptible)
         elif prev in ACTIVE and to not in ACTIVE:
@@ -187,7 +194,7 @@ class Tenants:
         held: dict[str, list[int]] = {}
         queued: Counter[str] = Counter()
         for t in tasks:
-            if t.state in ACTIVE:
+            if t.state in ACTIVE and t.gang_size == 1:  # a gang holds through its members
                 held[t.id] = [len(t.gpu_indices)]
             elif t.state is TaskState.QUEUED:
                 queued[tenant_of(t.tenant)] += 1

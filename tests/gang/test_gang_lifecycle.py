@@ -175,3 +175,28 @@ async def test_a_caller_cannot_pose_as_a_gang_member_nor_ask_too_big_a_gang(
     r = await coordinator.http.post("/tasks/submit", json=shared)
     assert r.status_code == 422 and "shared" in r.text, r.text
     assert not coordinator.mesh.tasks
+
+
+async def test_a_gangs_gpus_count_in_full_against_its_tenants_quota(
+    coordinator: LiveCoordinator,
+) -> None:
+    r = await coordinator.http.put("/admin/tenants/lab", json={"max_gpus": 3, "max_running": 3})
+    assert r.status_code == 200, r.text
+    big = await coordinator.submit(task_type="custom", command=["true"], tenant="lab", nodes=2,
+                                   requirements={"gpu_count": 2})
+    wide = await coordinator.submit(task_type="custom", command=["true"], tenant="lab",
+                                    nodes=4)
+    small = await coordinator.submit(task_type="custom", command=["true"], tenant="lab",
+                                     nodes=2, requirements={"gpu_count": 1})
+    reasons = {}
+    for task_id in (big, wide, small):
+        doc = await wait_until(lambda t=task_id: _reason(coordinator, t), 10, "a reason")
+        reasons[task_id] = doc
+    assert "GPU quota (0 of 3 GPUs held, this task needs 4)" in reasons[big], reasons[big]
+    assert "quota of 3 running tasks (this gang runs 4)" in reasons[wide], reasons[wide]
+    assert reasons[small].startswith("0 of 2 nodes fit"), reasons[small]  # within its quota
+
+
+async def _reason(live: LiveCoordinator, task_id: str) -> str:
+    doc = await live.task(task_id)
+    return str(doc.get("reason") or "")
