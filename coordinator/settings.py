@@ -12,7 +12,7 @@ from shared.config import ConfigError, env_bool, env_float, env_int, env_list, e
 # The balancing modes MESH_BALANCING may name; placement scores each (scheduling/placement.py).
 MODES = ("speed", "efficiency", "balanced", "endurance")
 # The queue policies MESH_POLICY may name (coordinator/scheduling/policy.py says what each does).
-POLICIES = ("priority", "fifo", "backfill")
+POLICIES = ("priority", "fifo", "backfill", "sef")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +47,7 @@ class Settings:
     max_wait_s: float = 300.0  # the longest `?wait=` a request may hold
     balancing: str = "balanced"  # speed | efficiency | balanced | endurance
     aging_s: float = 600.0  # a queued task gains one priority level per this many seconds
-    policy: str = "priority"  # MESH_POLICY: priority | fifo | backfill (scheduling/policy.py)
+    policy: str = "priority"  # MESH_POLICY: priority | fifo | backfill | sef (scheduling/policy.py)
     templates: Path | None = None  # task-type templates (TOML); None: the packaged defaults
     # Limits (README "Limits"): each refusal names the limit it hit.
     max_body_bytes: int = 4 << 20  # a request body over this is refused (413) while streaming

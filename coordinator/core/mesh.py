@@ -423,7 +423,7 @@ class Mesh:
     def _rank(self, t: Task) -> float:
         """Queue order, lower first, by `MESH_POLICY` (coordinator/scheduling/policy.py)."""
         settings = self.settings
-        return rank(settings.policy, settings.aging_s, t.submitted_at, t.priority)
+        return rank(settings.policy, settings.aging_s, t)
 
     def _is_queued(self, task_id: str) -> bool:
         t = self.tasks.get(task_id)

@@ -6,6 +6,11 @@ head that does not fit. Pure: no I/O; every clock is an argument. The live coord
   is worth `MESH_AGING_S` seconds of waiting), across tenants by fair share
   (coordinator/scheduling/fairshare.py). A class whose head does not fit is parked and the
   next class is tried, so small work flows around big work: nothing is held back for it.
+- `sef`: shortest estimate first, with aging. As `priority` (fair share across tenants,
+  classes parked, priority levels worth `MESH_AGING_S`), but within a tenant a task ranks as
+  if submitted its `timeout_s` later (a task without one: a day later; no estimate counts
+  for more than a day). Short work goes first; a long task is passed only by work
+  submitted less than its estimate after it, so it cannot starve.
 - `fifo`: strict submission order across every tenant. Work is tried in the order it was
   submitted (a requeued task keeps its place); the first task that does not fit holds back
   everything submitted after it until it is placed, even work that would fit now.
@@ -69,14 +74,22 @@ def queue_class(t: Task, policy: str) -> ClassKey:
     return key[0], key[1] + b"\0t" + bucket
 
 
-def rank(policy: str, aging_s: float, submitted_at: float, priority: int) -> float:
+UNKNOWN_ESTIMATE_S = 86_400.0  # `sef`: what a task without timeout_s counts as (a day)
+
+
+def rank(policy: str, aging_s: float, t: Task) -> float:
     """Queue order within a tenant, lower first (the submission sequence breaks ties).
     `priority`: with aging, priority is worth `aging_s` seconds of waiting per level, so old
     low-priority work is never starved by a stream of new high-priority work; without it,
-    strict priority. `fifo`, `backfill`: the time of submission."""
+    strict priority. `sef`: the same, with the task's `timeout_s` added (as if submitted
+    that much later). `fifo`, `backfill`: the time of submission."""
     if policy in STRICT:
-        return submitted_at
-    return submitted_at - priority * aging_s if aging_s > 0 else -priority
+        return t.submitted_at
+    if policy == "sef":
+        limit = t.spec.timeout_s
+        estimate = UNKNOWN_ESTIMATE_S if limit is None else min(limit, UNKNOWN_ESTIMATE_S)
+        return t.submitted_at + estimate - t.priority * aging_s
+    return t.submitted_at - t.priority * aging_s if aging_s > 0 else -t.priority
 
 
 class BackfillHold:

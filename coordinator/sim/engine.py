@@ -157,7 +157,7 @@ class _Cluster:
         self.fair.count(t, None, TaskState.QUEUED)
         settings = self.settings
         self.queue.push(queue_class(t, settings.policy),
-                        rank(settings.policy, settings.aging_s, t.submitted_at, t.priority),
+                        rank(settings.policy, settings.aging_s, t),
                         t.seq, t.id, tenant_of(t.tenant))
 
     def start(self, t: Task, where: list[Placement]) -> None:

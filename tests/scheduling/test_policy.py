@@ -41,7 +41,8 @@ async def test_two_tasks_are_served_in_the_policys_order(
     settings: Settings, spawn_client: Spawn, policy: str
 ) -> None:
     """Low (priority 1) is submitted before high (priority 7), both queued before the one-GPU
-    node joins: `priority` serves high first; `fifo` and `backfill` serve in submission order."""
+    node joins: `priority` and `sef` (same estimates) serve high first; `fifo` and `backfill`
+    serve in submission order."""
     async with run_coordinator(replace(settings, policy=policy)) as coordinator:
         r = await coordinator.http.post("/tasks/submit", json=[
             gpu_task(1, priority=1, name="low"), gpu_task(1, priority=7, name="high"),
@@ -51,7 +52,7 @@ async def test_two_tasks_are_served_in_the_policys_order(
         spawn_client("g1", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="1xA100-80GB")
         docs = {i: await coordinator.wait_finished(i) for i in (low, high)}
         assert {d["status"] for d in docs.values()} == {"completed"}
-        first, second = (high, low) if policy == "priority" else (low, high)
+        first, second = (high, low) if policy in ("priority", "sef") else (low, high)
         assert docs[first]["finished_at"] <= docs[second]["started_at"], docs
 
 
@@ -82,3 +83,19 @@ async def test_backfill_lets_by_only_what_cannot_delay_the_head(
         docs = {i: await coordinator.wait_finished(i) for i in (wide, long)}
         assert {d["status"] for d in docs.values()} == {"completed"}
         assert docs[wide]["finished_at"] <= docs[long]["started_at"], docs
+
+
+async def test_sef_serves_the_shorter_estimate_first(
+    settings: Settings, spawn_client: Spawn
+) -> None:
+    """Same priority; `long` (timeout_s 3600) submitted before `short` (timeout_s 60), both
+    queued before the one-GPU node joins: `sef` serves short first."""
+    async with run_coordinator(replace(settings, policy="sef")) as coordinator:
+        r = await coordinator.http.post("/tasks/submit", json=[
+            gpu_task(1, name="long", timeout_s=3600), gpu_task(1, name="short", timeout_s=60),
+        ])
+        long, short = (t["task_id"] for t in r.json()["tasks"])
+        spawn_client("g1", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="1xA100-80GB")
+        docs = {i: await coordinator.wait_finished(i) for i in (long, short)}
+        assert {d["status"] for d in docs.values()} == {"completed"}
+        assert docs[short]["finished_at"] <= docs[long]["started_at"], docs

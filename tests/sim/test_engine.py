@@ -61,6 +61,16 @@ EXPECTED: dict[str, dict[str, tuple[float, str]]] = {
         "7": (4, C), "8": (5, B), "9": (60, B), "10": (15, B), "11": (100, A),
         "12": (35, B),
     },
+    # Ranks: submit + duration - 600 x priority. At 0, 2 (rank -2950) goes before 1 (-2900)
+    # and takes A; 1 gets B. Parked classes flow as under `priority`, the shortest first:
+    # 5 at 2 (A), 6 at 3 (C); at 43 (6's end) 12 (-2986) before 8 (-2985), 10, 7: 12 on C,
+    # 8 at 48, 10 at 58, 7 at 78 (each at the one before's end); 9 at 50 on A (2's end);
+    # 4 at 100 on B (1's end), 11 at 102 on A (5's end).
+    "sef": {
+        "1": (0, B), "2": (0, A), "3": (0, C), "4": (100, B), "5": (2, A), "6": (3, C),
+        "7": (78, C), "8": (48, C), "9": (50, A), "10": (58, C), "11": (102, A),
+        "12": (43, C),
+    },
 }
 
 
