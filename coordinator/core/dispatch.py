@@ -25,7 +25,7 @@ from typing import Protocol
 
 from coordinator.model import Node, Task
 from coordinator.scheduling.fairqueue import FairQueue, QuotaHold, quota_wake_key
-from coordinator.scheduling.gang import GangHold, GangReservation, place_gang
+from coordinator.scheduling.gang import GangBackoff, GangHold, GangReservation, place_gang
 from coordinator.scheduling.placement import NoFit, Placement, PlacementIndex, place
 from coordinator.scheduling.policy import STOP, STRICT, Gate
 from coordinator.scheduling.policy import _node_outlook as node_outlook
@@ -134,6 +134,9 @@ def dispatch_pass(
                 assign(t, verdict, 0.0)
             continue
         if t.gang_size > 1:  # a gang: all of its members in one decision, or none
+            if gang_hold is not None and gang_hold.backoff.get(t.id, 0.0) > now:
+                queue.block(key, GangBackoff(gang_hold.backoff[t.id]), (GANG_WAKE,))
+                continue
             gang = decide_gang(host, t, assign_gang is not None)
             if isinstance(gang, NoFit):
                 queue.block(key, gang, (class_wake_key(t.spec.requirements, t.executor),))

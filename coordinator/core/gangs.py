@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from coordinator.core.dispatch import GANG_WAKE
 from coordinator.core.faults import Transition, note_history
 from coordinator.model import ACTIVE, FINISHED, Node, Task, TaskState, new_task_id
 from coordinator.scheduling.gang import GangReservation
@@ -47,6 +48,7 @@ from shared.tasks import GangRef
 
 if TYPE_CHECKING:
     from coordinator.core.logs import TaskLogs
+    from coordinator.scheduling.fairqueue import FairQueue
     from coordinator.scheduling.placement import PlacementIndex
     from coordinator.settings import Settings
     from coordinator.storage.store_core import GroupCommitStore
@@ -59,6 +61,7 @@ DONE, FAIL, CANC, LOST = (
 )
 _enc = msgspec.json.Encoder()
 OUTPUT_MAX = 64 << 10  # characters of rank 0's output the gang's result keeps
+BACKOFF_MAX_S = 300.0  # the longest a gang waits after its members did not all start
 
 
 class GangHost(Protocol):
@@ -76,6 +79,8 @@ class GangHost(Protocol):
     def index(self) -> PlacementIndex: ...
     @property
     def logs(self) -> TaskLogs: ...
+    @property
+    def queue(self) -> FairQueue: ...
 
     def next_seq(self) -> int: ...
     def count_new(self, t: Task) -> None: ...
@@ -111,6 +116,7 @@ class Gangs:
 
     def clear(self) -> None:
         self.reservation.clear()
+        self.reservation.backoff.clear()
         for a in self.attempts.values():
             if a.ready is not None:
                 a.ready.cancel()
@@ -271,9 +277,20 @@ class Gangs:
         if attempt.gang.state is A:
             waiting = [f"rank {member_rank(m)} on {m.node}" for m in attempt.members
                        if m.state is A]
+            gang = attempt.gang
             self.end(attempt, f"not every member started within "
                      f"{self._mesh.settings.gang_ready_s:g}s (MESH_GANG_READY_S): "
                      + ", ".join(waiting), infra=True)
+            if gang.state is Q:  # requeued with backoff: 1, 2, 4 ... s, at most BACKOFF_MAX_S
+                tries = sum(1 for h in gang.history if "MESH_GANG_READY_S" in h["cause"])
+                delay = min(BACKOFF_MAX_S, 2.0 ** (tries - 1))
+                self.reservation.backoff[gang.id] = time.time() + delay
+                asyncio.get_running_loop().call_later(delay, self._backoff_over, gang.id)
+
+    def _backoff_over(self, gang_id: str) -> None:
+        if self.reservation.backoff.pop(gang_id, None) is not None:
+            self._mesh.queue.wake((GANG_WAKE,))
+            self._wake()
 
     # --- ending an attempt -----------------------------------------------------------
 

@@ -153,6 +153,18 @@ class GangHold:
                 f"it in the queue{when}")
 
 
+class GangBackoff:
+    """Why a gang waits although it may fit: its last attempt did not start in time."""
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+
+    @property
+    def reason(self) -> str:
+        return ("backing off: its members did not all start within MESH_GANG_READY_S last "
+                "time; tried again shortly")
+
+
 class GangReservation:
     """Nodes kept for the first gang in the queue that does not fit (under the `priority`
     policy; `backfill` reserves for any head, gangs included: coordinator/scheduling/policy.py).
@@ -167,6 +179,9 @@ class GangReservation:
     def __init__(self) -> None:
         self.holder = ""  # the gang task's id; "" when none
         self.res: Reservation | None = None
+        # gang task id -> wall time before which it is not tried again (its members did not
+        # all start in time: backoff, as Kueue's waitForPodsReady requeues)
+        self.backoff: dict[str, float] = {}
 
     def clear(self) -> None:
         self.holder, self.res = "", None

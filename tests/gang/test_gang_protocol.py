@@ -48,6 +48,12 @@ async def test_rank0_reports_master_port_first_and_a_member_that_never_starts_st
         cause = doc["history"][0]["cause"]
         assert "not every member started within 1.5s" in cause and "rank 1 on" in cause
         assert doc["history"][0]["infra"] is True and doc["infra_losses"] == 1
+        # after its backoff (1 s the first time) the gang is placed again, rank 0 first
+        again = await wait_until(
+            lambda: [f for n in nodes for f in n.seen(type="assign")
+                     if f["task_id"] not in (a0["task_id"], a1["task_id"])], 20,
+            "the second attempt")
+        assert again[0]["gang"]["rank"] == 0 and again[0]["gang"]["gang_id"] == gang
         for node in nodes:
             node.running = []
             await node.close()
