@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,6 +45,7 @@ class Service:
     updated_at: float
     replicas: dict[str, Replica] = field(default_factory=dict)  # by task id
     desired: int = 0
+    adding: int = 0  # replicas being submitted, not yet marked (coordinator/core/services.py)
     outstanding: int = 0
     last_request: float = field(default_factory=time.monotonic)
     crashes: int = 0  # consecutive replica ends since one was last ready
@@ -81,6 +82,8 @@ class ServiceHost(Protocol):
     def tasks(self) -> dict[str, Task]: ...
     @property
     def loaded(self) -> asyncio.Event: ...
+    @property
+    def drains(self) -> Mapping[str, Any]: ...  # drained node names (coordinator/core/drain.py)
 
     async def submit(
         self, specs: list[tuple[TaskSubmit, dict[str, Any]]],

@@ -78,7 +78,7 @@ class ServiceManager:
         return self.by_model.get((tenant, model))
 
     def models(self, tenant: str) -> list[Service]:
-        return sorted((s for s in self.services.values() if s.tenant == tenant),
+        return sorted((s for s in self.services.values() if s.tenant == tenant and not s.deleted),
                       key=lambda s: s.model)
 
     def ready(self, svc: Service) -> list[Replica]:
@@ -319,13 +319,14 @@ class ServiceManager:
         if svc.deleted:
             return
         live = svc.live()
-        missing = svc.desired - len(live)
+        missing = svc.desired - len(live) - svc.adding  # adding: submitted, not yet marked
         if missing > 0:
             wait = svc.backoff_until - time.monotonic()
             if wait > 0:
                 self._arm_restart(svc, wait)
             else:
                 for _ in range(missing):
+                    svc.adding += 1
                     self._spawn(self._add_replica(svc))
         elif missing < 0:
             extra = sorted(live, key=lambda r: (r.state == READY, r.outstanding))
@@ -338,17 +339,35 @@ class ServiceManager:
         self._arm_idle(svc)
 
     async def _add_replica(self, svc: Service) -> None:
+        """Submit one replica; `mark` runs in the same turn as the task's creation, before
+        dispatch can place it, so its `assign` already carries `service`."""
+        marked = False
+
         def mark(tasks: list[Task]) -> Write:
+            nonlocal marked
+            marked, svc.adding = True, svc.adding - 1
             t = tasks[0]
             svc.replicas[t.id] = Replica(t.id, 0, "", STARTING)
             self.by_task[t.id] = svc
             self._event(svc, "replica started", {"task_id": t.id})
+            if svc.deleted or len(svc.live()) > svc.desired:  # wanted no more meanwhile
+                asyncio.get_running_loop().call_soon(self._surplus, svc)
             return ServiceWrite("replica", (t.id, svc.tenant, svc.name))
 
         try:
             await self._mesh.submit([(svc.task, dict(svc.spec.params))], also=mark)
         except Exception:  # noqa: BLE001 - a failed write rebuilds the Mesh and us with it
             log.exception("service %s/%s: replica not stored", svc.tenant, svc.name)
+        finally:
+            if not marked:
+                svc.adding -= 1
+
+    def _surplus(self, svc: Service) -> None:
+        if svc.deleted:
+            for r in list(svc.replicas.values()):
+                self._stop(svc, r, "service deleted")
+        else:
+            self._reconcile(svc)
 
     def _stop(self, svc: Service, r: Replica, why: str) -> None:
         if r.state == STOPPING:
@@ -499,6 +518,8 @@ class ServiceManager:
                 del svc.replicas[task_id]
                 del self.by_task[task_id]
                 self._write(ServiceWrite("unreplica", (task_id,)))
+        for name in self._mesh.drains:  # a drained node's replicas are replaced, as before
+            self.node_drained(name)
         for svc in self.services.values():
             svc.desired = max(svc.desired, min(len(svc.live()), svc.spec.replicas.max))
             self._reconcile(svc)

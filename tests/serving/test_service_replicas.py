@@ -377,3 +377,22 @@ async def test_kill9_of_the_coordinator_keeps_the_service_and_its_running_replic
         assert after["replicas"][0]["attempt"] == before["replicas"][0]["attempt"]
         started = [e for e in after["history"] if e["kind"] == "replica started"]
         assert len(started) == 1  # no second replica was started
+
+
+async def test_a_burst_scales_up_to_max_and_never_past_it(live: LiveCoordinator) -> None:
+    """Many requests in one turn of the loop: each may ask for one more replica, but the
+    replicas being submitted count, so the service ends at `max`, not beyond."""
+    node = await hand_node(live, "n1")
+    await create(live, replicas={"min": 1, "max": 3}, target_ongoing=1)
+    await run_replica(node)
+    services, svc = live.mesh.services, service(live)
+    (first,) = await wait_until(lambda: services.ready(svc), 10, "ready")
+    for _ in range(10):
+        services.started(svc, first)
+    assert svc.desired == 3
+    await wait_until(lambda: len(node.seen(type="assign")) == 3, 10, "two more assigns")
+    await live.mesh.settled()
+    assert len(svc.replicas) == 3 and svc.adding == 0
+    scaled = [e for e in await history(live) if e["kind"] == "scaled up"]
+    assert [e["detail"]["to"] for e in scaled] == [2, 3]
+    await node.close()
