@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 # per node per 10 s, whatever the node sends (shared/limits.py NodeLogLimit; README).
 NODE_LOGS = NodeLogLimit()
 for _name in ("coordinator.link.ws", "coordinator.link.join_proof", "coordinator.link.identity",
-              "coordinator.core.mesh"):
+              "coordinator.core.mesh", "coordinator.link.streams"):
     logging.getLogger(_name).addFilter(NODE_LOGS)
 
 
