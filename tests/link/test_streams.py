@@ -204,3 +204,18 @@ async def test_a_lost_node_ends_its_streams_and_no_head_in_time_cancels(
     with pytest.raises(StreamBroken, match="went away"):
         await stream.read()
     assert len(table(live)) == 0
+
+
+async def test_warnings_about_a_nodes_bogus_stream_frames_are_bounded(
+    live: LiveCoordinator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    node = await serve_node(live, "n1")
+    try:
+        with caplog.at_level("WARNING", logger="coordinator.link.streams"):
+            for i in range(50):
+                await node.send({"type": "stream_data", "stream": 10**9 + i, "data": "x"})
+            await wait_until(lambda: table(live).refused_frames == 50, 10, "50 refusals")
+        lines = [r for r in caplog.records if r.name == "coordinator.link.streams"]
+        assert 1 <= len(lines) <= 10  # NodeLogLimit: 10 of a kind per node per 10 s
+    finally:
+        await node.close()
