@@ -177,3 +177,9 @@ async def test_the_report_renders_in_chromium(tmp_path: Path) -> None:
         assert all(w > 800 and h > 100 and shapes > 2 for w, h, shapes in sizes)
         assert await page.evaluate("document.querySelectorAll('td.best').length") > 0
         assert page.errors == []
+
+
+def test_the_same_results_give_the_same_page() -> None:
+    results, summaries = hostile_results()
+    meta = {"trace": "t.csv"}
+    assert render_html(results, summaries, meta) == render_html(results, summaries, meta)
