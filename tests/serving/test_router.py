@@ -467,3 +467,50 @@ async def test_caps_on_streams_and_the_wait_for_an_answer(settings: Settings) ->
             finally:
                 await a.close()
                 await b.close()
+
+
+async def test_the_openai_client_reads_answers_refusals_and_a_broken_stream(
+    live: LiveCoordinator, tokens: Callable[..., Any],
+) -> None:
+    openai = pytest.importorskip("openai")
+    alice = await tokens("alice")
+    token = alice.headers["authorization"].removeprefix("Bearer ")
+    client = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=token, max_retries=0)
+    node = await serve_node(live, "n1")
+    try:
+        await service(live, alice)
+        await make_ready(node)
+        await ready_count(live, "alice", "tiny", 1)
+        assert [m.id for m in (await client.models.list()).data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError) as nf:
+            await client.chat.completions.create(model="nope", messages=CHAT["messages"])
+        assert nf.value.code == "model_not_found"
+        stranger = openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key="gm_nope",
+                                      max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as denied:
+            await stranger.models.list()
+        await stranger.close()
+        assert denied.value.code == "invalid_api_key"
+
+        async def serve_one_stream() -> None:
+            frame = await next_open(node)
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "tiny",
+                     "choices": [{"index": 0, "delta": {"content": "hel"}}]}
+            await answer(node, frame["stream"], f"data: {json.dumps(chunk)}\n\n",
+                         ctype="text/event-stream", end=False)
+            await node.send({"type": "stream_end", "stream": frame["stream"],
+                             "error": "engine died"})
+
+        serving = asyncio.ensure_future(serve_one_stream())
+        stream = await client.chat.completions.create(model="tiny", messages=CHAT["messages"],
+                                                      stream=True)
+        got = []
+        with pytest.raises(openai.APIError, match="engine died"):
+            async for chunk in stream:
+                got.append(chunk.choices[0].delta.content)
+        assert got == ["hel"]  # what came before the break, then the error
+        await stream.close()
+        await serving
+    finally:
+        await client.close()
+        await node.close()
