@@ -8,20 +8,28 @@ given back on `release()`, after every process running under it has been ended
 (`end_uid`). After a client restart the uids of the attempts it adopts stay taken: the pool
 is seeded from the uids the client itself recorded (its launch journal, root-only).
 
+Several clients on one host (one per GPU set, or a test's three) share the range, so a uid
+is also claimed host-wide: an exclusive `flock` on `LOCK_DIR/<uid>`, held while the attempt
+holds the uid and let go by the kernel when the client dies. Without it two clients hand the
+same uid to two attempts, and ending one attempt (`end_uid`) kills the other.
+
 Blocking (psutil scans): call through asyncio.to_thread.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
 DEFAULT_TASK_UIDS = (60000, 60999)
+LOCK_DIR = Path("/run/gpumesh/task-uids")  # host-wide claims (root-only, tmpfs: gone at boot)
 END_POLL_S = 0.02
 
 
@@ -32,10 +40,39 @@ class NoFreeUid(Exception):
 class UidPool:
     """Free uids of one range; `take(name)` / `free(name)`, thread-safe."""
 
-    def __init__(self, first: int, last: int) -> None:
+    def __init__(self, first: int, last: int, lock_dir: Path | None = LOCK_DIR) -> None:
         self.first, self.last = first, last
         self._lock = threading.Lock()
         self._taken: dict[str, int] = {}
+        self._claims: dict[int, int] = {}  # uid -> the fd holding its host-wide flock
+        self._lock_dir = lock_dir
+        if lock_dir is not None:
+            try:
+                lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError:
+                self._lock_dir = None  # no /run (or not root): claims within this client only
+
+    def _claim(self, uid: int) -> bool:
+        """Claim `uid` host-wide; False when another client holds it. Two syscalls on a
+        tmpfs, no scan: cheap enough for the launch path."""
+        if self._lock_dir is None or uid in self._claims:
+            return True
+        try:
+            fd = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return True  # the claim file cannot be made: fall back to this client's own pool
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._claims[uid] = fd
+        return True
+
+    def _unclaim(self, uid: int) -> None:
+        fd = self._claims.pop(uid, None)
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor lets the flock go
 
     def seed(self, taken: Iterable[tuple[str, int]]) -> None:
         """Mark uids of attempts a previous client left (read from the journal) as taken."""
@@ -43,6 +80,7 @@ class UidPool:
             for name, uid in taken:
                 if self.first <= uid <= self.last:
                     self._taken.setdefault(name, uid)
+                    self._claim(uid)  # ours before the restart; taken again if still free
 
     def take(self, name: str) -> int:
         with self._lock:
@@ -50,15 +88,17 @@ class UidPool:
                 return self._taken[name]
             used = set(self._taken.values())
             for uid in range(self.first, self.last + 1):
-                if uid not in used:
+                if uid not in used and self._claim(uid):
                     self._taken[name] = uid
                     return uid
         raise NoFreeUid(f"all {self.last - self.first + 1} task uids ({self.first}-{self.last}) "
-                        "are taken by running attempts")
+                        "are taken by running attempts (of this client or others on the host)")
 
     def free(self, name: str) -> None:
         with self._lock:
-            self._taken.pop(name, None)
+            uid = self._taken.pop(name, None)
+            if uid is not None and uid not in self._taken.values():
+                self._unclaim(uid)
 
     def taken(self) -> dict[str, int]:
         with self._lock:
