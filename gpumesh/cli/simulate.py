@@ -118,14 +118,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         trace = traces.read_trace(args.trace, skip_bad=args.skip_bad, limit=args.limit)
     except ValueError as exc:  # TraceError, ClusterError
         raise UsageError(str(exc)) from None
-    results = []
+    results, summaries = [], []
     for policy in policies:
         try:
-            results.append(engine.simulate(trace.jobs, cluster, policy, estimate=args.estimate,
-                                           seed=args.seed))
+            result = engine.simulate(trace.jobs, cluster, policy, estimate=args.estimate,
+                                     seed=args.seed)
         except (ValueError, RuntimeError) as exc:  # a bad --estimate; jobs that never start
             raise UsageError(f"simulate: {exc}") from None
-    summaries = [report.summarize(r) for r in results]
+        results.append(result)
+        summaries.append(report.summarize(result))
+        if args.json:  # each policy's line as soon as it is known: a full trace takes a while
+            sys.stdout.write(json.dumps(summaries[-1]) + "\n")
+            sys.stdout.flush()
     total = sum(g.count * g.gpus_per_node for g in cluster)
     meta = {
         "trace": f"{args.trace.name} ({trace.format}, {len(trace.jobs):,} jobs"
@@ -146,8 +150,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"cannot write {exc.filename}: {exc.strerror or exc}") from None
     if args.json:
-        for s in summaries:
-            sys.stdout.write(json.dumps(s) + "\n")
         return OK
     out = console()
     for key, value in meta.items():
