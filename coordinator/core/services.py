@@ -512,7 +512,14 @@ class ServiceManager:
         """Once every task is back (queued ones stream in after `load`): forget the marks of
         replicas that ended while the coordinator was away and reconcile every service; then
         hold the timers until cancelled with the Mesh's loops."""
-        await self._mesh.loaded.wait()
+        try:
+            await self._mesh.loaded.wait()
+            self._reloaded()
+            await asyncio.Event().wait()  # held until the Mesh stops its loops
+        finally:
+            self._stop_all()
+
+    def _reloaded(self) -> None:
         for task_id, svc in list(self.by_task.items()):
             if task_id not in self._mesh.tasks:  # ended while the coordinator was away
                 del svc.replicas[task_id]
@@ -524,10 +531,6 @@ class ServiceManager:
             svc.desired = max(svc.desired, min(len(svc.live()), svc.spec.replicas.max))
             self._reconcile(svc)
         log.info("%d services reloaded, %d replicas", len(self.services), len(self.by_task))
-        try:
-            await asyncio.Event().wait()  # held until the Mesh stops its loops
-        finally:
-            self._stop_all()
 
     def _stop_all(self) -> None:
         for svc in self.services.values():

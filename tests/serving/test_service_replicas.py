@@ -375,8 +375,12 @@ async def test_kill9_of_the_coordinator_keeps_the_service_and_its_running_replic
         assert [r["task_id"] for r in after["replicas"]] == \
             [r["task_id"] for r in before["replicas"]]
         assert after["replicas"][0]["attempt"] == before["replicas"][0]["attempt"]
-        started = [e for e in after["history"] if e["kind"] == "replica started"]
-        assert len(started) == 1  # no second replica was started
+        def started(v: dict[str, Any]) -> list[Any]:
+            return [e for e in v["history"] if e["kind"] == "replica started"]
+
+        # no replica was started after the kill (a replica that crashed at start before it,
+        # e.g. its port taken under load, was restarted then, and that is in `before` too)
+        assert started(after) == started(before), after["history"]
 
 
 async def test_a_burst_scales_up_to_max_and_never_past_it(live: LiveCoordinator) -> None:
