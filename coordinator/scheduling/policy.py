@@ -92,6 +92,18 @@ def rank(policy: str, aging_s: float, t: Task) -> float:
     return t.submitted_at - t.priority * aging_s if aging_s > 0 else -t.priority
 
 
+class FifoHold:
+    """Why a task waits under `fifo`: read as a queued task's `reason`."""
+
+    def __init__(self, head: str) -> None:
+        self.head = head
+
+    @property
+    def reason(self) -> str:
+        return (f"waiting behind task {self.head}, the first in the queue, which does not fit "
+                "yet (MESH_POLICY=fifo: nothing starts ahead of it)")
+
+
 class BackfillHold:
     """Why a task that fits now waits: read as a queued task's `reason`."""
 
@@ -230,7 +242,7 @@ def may_pass(res: Reservation | None, t: Task, where: Placement, now: float) -> 
     return False
 
 
-STOP = "stop"  # nothing after the head may go in this pass
+STOP = "stop"  # nothing after the head may go in this pass (no policy here asks for it)
 SKIP = "skip"  # this class was parked; try the next one
 
 
@@ -248,7 +260,7 @@ class Gate:
         self._seen = -1  # blocked classes when the barrier was last found
         self._barrier: Entry | None = None
         self._res: tuple[Entry, Reservation | None] | None = None
-        if policy == "backfill" and (held := _held_for.get(queue)) is not None:
+        if (held := _held_for.get(queue)) is not None:
             if held != queue.first_parked(NoFit):  # their head went: try them again
                 del _held_for[queue]
                 queue.wake((BACKFILL_WAKE,))
@@ -274,13 +286,14 @@ class Gate:
         return self._barrier
 
     def check(self, key: TenantKey, entry: Entry, t: Task) -> str | Placement | None:
-        """None: decide `t` as usual (nothing before it waits). STOP: end the pass. SKIP:
-        its class was parked. A Placement: backfill `t` there."""
+        """None: decide `t` as usual (nothing before it waits). SKIP: its class was parked
+        behind the head (fifo: always; backfill: when it does not fit now, or would delay
+        the head). A Placement: backfill `t` there."""
         barrier = self.barrier()
         if barrier is None or entry < barrier:
             return None
         if self.policy == "fifo":
-            return STOP
+            return self._hold(key, t, FifoHold(barrier[2]))
         req = t.spec.requirements
         if t.gang_size > 1:  # a gang never backfills: it waits its turn in the order
             return self._hold(key, t, BackfillHold(barrier[2], None, gang=True))
@@ -297,7 +310,7 @@ class Gate:
             return where
         return self._hold(key, t, BackfillHold(barrier[2], None if res is None else res.at))
 
-    def _hold(self, key: TenantKey, t: Task, why: BackfillHold) -> str:
+    def _hold(self, key: TenantKey, t: Task, why: BackfillHold | FifoHold) -> str:
         assert self._barrier is not None
         _held_for[self.queue] = self._barrier
         wake = class_wake_key(t.spec.requirements, t.executor)

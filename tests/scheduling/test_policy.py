@@ -99,3 +99,33 @@ async def test_sef_serves_the_shorter_estimate_first(
         docs = {i: await coordinator.wait_finished(i) for i in (long, short)}
         assert {d["status"] for d in docs.values()} == {"completed"}
         assert docs[short]["finished_at"] <= docs[long]["started_at"], docs
+
+
+async def test_fifo_holds_what_fits_behind_a_head_that_does_not_and_says_why(
+    settings: Settings, spawn_client: Spawn
+) -> None:
+    """Two GPUs, one held by `running`. The head `wide` wants both; `small` would fit now but
+    waits behind it, its reason naming the head; both run once `running` is cancelled."""
+    async with run_coordinator(replace(settings, policy="fifo")) as coordinator:
+        spawn_client("g2", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="2xA100-80GB")
+        await online(coordinator, "g2", 2)
+        running = await coordinator.submit(**gpu_task(1, sleep_s=300))
+        mesh = coordinator.mesh
+        await wait_until(lambda: mesh.tasks[running].state is TaskState.RUNNING, 20, "running")
+        wide = await coordinator.submit(**gpu_task(2, name="wide"))
+        small = await coordinator.submit(**gpu_task(1, name="small"))
+
+        async def reason() -> str:
+            doc = await coordinator.task(small)
+            assert doc["status"] == "queued", doc
+            return str(doc["reason"])
+
+        await wait_until(lambda: mesh.tasks[small].state is TaskState.QUEUED
+                         and f"behind task {wide}" in mesh.queued_reason(mesh.tasks[small]),
+                         10, "small held behind wide")
+        assert "MESH_POLICY=fifo" in await reason()
+        r = await coordinator.http.delete(f"/tasks/{running}")
+        assert r.status_code == 200, r.text
+        docs = {i: await coordinator.wait_finished(i) for i in (wide, small)}
+        assert {d["status"] for d in docs.values()} == {"completed"}
+        assert docs[wide]["started_at"] <= docs[small]["started_at"], docs
