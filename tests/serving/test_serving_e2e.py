@@ -70,8 +70,8 @@ async def tenant_token(live: LiveCoordinator | httpx.AsyncClient, tenant: str,
     return token
 
 
-def service_body(model: Path, **over: Any) -> dict[str, Any]:
-    params = {"gguf": str(model), "python": sys.executable}
+def service_body(gguf: Path, **over: Any) -> dict[str, Any]:
+    params = {"gguf": str(gguf), "python": sys.executable}
     params |= over.pop("params", {})
     return {"name": "tiny", "model": MODEL, "engine": "llama_cpp", "params": params,
             "replicas": {"min": 1, "max": 1}} | over
@@ -276,6 +276,46 @@ async def test_a_client_that_goes_away_mid_stream_cancels_the_engines_request(
 
 async def _says(live: LiveCoordinator, task_id: str, text: str) -> bool:
     return text in await task_output(live.http, task_id)
+
+
+async def test_llama_cpp_s_models_route_waits_while_it_generates_openapi_json_does_not(
+    no_engine_left: None, coordinator: LiveCoordinator, spawn_client: Spawn, model: Path
+) -> None:
+    """llama-cpp-python answers /v1/models only between generations (it takes the model's
+    lock), so a replica busy on one long answer fails the default health check and turns
+    `unhealthy`; `"health_path": "/openapi.json"` (served without the lock, and only once the
+    model has loaded) keeps it `ready`. Health checks every 0.5 s here instead of 5 s."""
+    for name in ("h1", "h2"):
+        spawn_client(name, coordinator.ws_url, MESH_REPLICA_HEALTH_S="0.5", **NODE_ENV)
+    alice = await tenant_token(coordinator, "alice")
+    await create_service(coordinator.http, alice, service_body(model, name="models"))
+    await create_service(coordinator.http, alice, service_body(
+        model, name="openapi", model="tiny-openapi", health_path="/openapi.json"))
+    svcs = coordinator.mesh.services
+
+    def replica(name: str) -> Any:
+        svc = svcs.lookup("alice", name)
+        return next(iter(svc.replicas.values()), None) if svc is not None else None
+
+    await wait_until(lambda: all(svcs.ready(svcs.lookup("alice", m))
+                                 for m in (MODEL, "tiny-openapi")), 120, "both ready")
+    plain, openapi = replica(MODEL), replica("tiny-openapi")
+    client = oai(coordinator.url, alice)
+    busy = [await client.chat.completions.create(**CHAT | LONG | {"model": m}, stream=True)
+            for m in (MODEL, "tiny-openapi")]
+    for stream in busy:
+        await anext(aiter(stream))  # each engine generates (and holds its lock) until closed
+    checked = (await task_output(coordinator.http, openapi.task_id)).count("GET /openapi.json")
+
+    async def settled() -> bool:
+        assert openapi.state == "ready", openapi
+        now = (await task_output(coordinator.http, openapi.task_id)).count("GET /openapi.json")
+        return plain.state == "unhealthy" and now >= checked + 3
+    await wait_until(settled, 60, "/v1/models failing while /openapi.json answers")
+    for stream in busy:
+        await stream.close()
+    await wait_until(lambda: plain.state == "ready", 60, "ready again once the answer ended")
+    assert await chat_text(client)
 
 
 async def test_kill_9_of_a_node_fails_its_requests_cleanly_and_the_replica_comes_back(
