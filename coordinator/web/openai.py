@@ -371,15 +371,26 @@ class _Call:
                 duration_s=time.perf_counter() - self.t0, completion_tokens=tokens)
 
     async def _pass_through(self, send: Send, stream: Stream) -> int | None:
-        """Send the answer as it comes; the completion tokens of its `usage`, if it said."""
+        """Send the answer as it comes; the completion tokens of its `usage`, if it said.
+        An answer that is already whole here (most non-streamed ones: head, data and end
+        came in one frame) goes out in one piece with its Content-Length."""
         ctype = stream.content_type.encode()
         sse = ctype.startswith(_SSE)
-        await send({"type": "http.response.start", "status": stream.status, "headers": [
-            (b"content-type", ctype), (b"cache-control", b"no-cache")]})
+        headers = [(b"content-type", ctype), (b"cache-control", b"no-cache")]
+        chunk = await stream.read()  # started(): bytes are here, or it ended whole
+        if stream.ended and not stream.error and not stream.buffered:
+            body = chunk or b""
+            await send({"type": "http.response.start", "status": stream.status,
+                        "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+            found = _USAGE.findall(body[-8192:])
+            return int(found[-1]) if found else None
+        await send({"type": "http.response.start", "status": stream.status, "headers": headers})
         prev = last = b""
         while True:
             try:
-                chunk = await stream.read()
+                if chunk is None:
+                    chunk = await stream.read()
             except StreamBroken as exc:
                 if self.gone.is_set():
                     return None
@@ -394,7 +405,7 @@ class _Call:
             if chunk is None:
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            prev, last = last, chunk
+            prev, last, chunk = last, chunk, None
         await send({"type": "http.response.body", "body": b""})
         found = _USAGE.findall((prev + last)[-8192:])
         return int(found[-1]) if found else None
