@@ -282,13 +282,14 @@ async def test_llama_cpp_s_models_route_waits_while_it_generates_openapi_json_do
     no_engine_left: None, coordinator: LiveCoordinator, spawn_client: Spawn, model: Path
 ) -> None:
     """llama-cpp-python answers /v1/models only between generations (it takes the model's
-    lock), so a replica busy on one long answer fails the default health check and turns
-    `unhealthy`; `"health_path": "/openapi.json"` (served without the lock, and only once the
-    model has loaded) keeps it `ready`. Health checks every 0.5 s here instead of 5 s."""
+    lock), so a replica checked there turns `unhealthy` while busy on one long answer;
+    `"health_path": "/openapi.json"` (served without the lock, and only once the model has
+    loaded) keeps it `ready`. Health checks every 0.5 s here instead of 5 s."""
     for name in ("h1", "h2"):
         spawn_client(name, coordinator.ws_url, MESH_REPLICA_HEALTH_S="0.5", **NODE_ENV)
     alice = await tenant_token(coordinator, "alice")
-    await create_service(coordinator.http, alice, service_body(model, name="models"))
+    await create_service(coordinator.http, alice, service_body(
+        model, name="models", health_path="/v1/models"))
     await create_service(coordinator.http, alice, service_body(
         model, name="openapi", model="tiny-openapi", health_path="/openapi.json"))
     svcs = coordinator.mesh.services
