@@ -141,7 +141,7 @@ async def test_kill9_of_a_members_client_stops_the_others_and_reruns_once(
     await wait_until(_online(coordinator, 3), 30, "3 nodes")
     flag, stop = tmp_path / "attempt1.flag", tmp_path / "stop"
     gang = await coordinator.submit(**_gang_body(2, FLAG=str(flag), STOP=str(stop)))
-    await wait_until(flag.exists, 180, "the first attempt's all_reduce")
+    await _parked(coordinator, gang, flag)
     members = _members(coordinator, gang)
     assert len(members) == 2 and all(m.state is TaskState.RUNNING for m in members)
     victim, other = members[1], members[0]
@@ -177,7 +177,7 @@ async def test_cancel_of_a_running_gang_stops_every_member(
     flag, stop = tmp_path / "attempt1.flag", tmp_path / "stop"
     script = f"train_{tmp_path.name}.py"  # its processes are found by this name
     gang = await coordinator.submit(**_gang_body(2, script, FLAG=str(flag), STOP=str(stop)))
-    await wait_until(flag.exists, 180, "the gang's all_reduce")
+    await _parked(coordinator, gang, flag)
     members = _members(coordinator, gang)
     assert _processes(script) >= 4  # a torchrun agent and a worker per rank
     r = await coordinator.http.delete(f"/tasks/{gang}")
@@ -192,6 +192,24 @@ async def test_cancel_of_a_running_gang_stops_every_member(
     # and every rank's processes are gone, though STOP never came
     await wait_until(lambda: _processes(script) == 0, 30, "the ranks' processes gone")
     stop.touch()
+
+
+async def _parked(live: LiveCoordinator, gang: str, flag: Path) -> None:
+    """Wait until the gang's first attempt passed its all_reduce (the flag); if the gang
+    ends instead, fail at once with every rank's log."""
+
+    async def parked_or_ended() -> bool:
+        if flag.exists():
+            return True
+        if gang in live.mesh.tasks:
+            return False
+        doc = await live.task(gang)
+        logs = [(await live.http.get(f"/tasks/{gang}/logs", params={"rank": str(r)})).text
+                for r in range(len(doc["gang"]["members"]))]
+        raise AssertionError(f"the gang ended before parking: {doc['error']}\n"
+                             + "\n----\n".join(x[-2000:] for x in logs))
+
+    await wait_until(parked_or_ended, 180, "the first attempt's all_reduce")
 
 
 def _processes(script: str) -> int:
