@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from functools import partial
 
 from tests.cli.test_cli import gpumesh
 from tests.conftest import LiveCoordinator, Proc, wait_until
@@ -188,10 +189,10 @@ async def test_a_gangs_gpus_count_in_full_against_its_tenants_quota(
                                     nodes=4)
     small = await coordinator.submit(task_type="custom", command=["true"], tenant="lab",
                                      nodes=2, requirements={"gpu_count": 1})
-    reasons = {}
+    reasons: dict[str, str] = {}
     for task_id in (big, wide, small):
-        doc = await wait_until(lambda t=task_id: _reason(coordinator, t), 10, "a reason")
-        reasons[task_id] = doc
+        reasons[task_id] = await wait_until(partial(_reason, coordinator, task_id), 10,
+                                            "a reason")
     assert "GPU quota (0 of 3 GPUs held, this task needs 4)" in reasons[big], reasons[big]
     assert "quota of 3 running tasks (this gang runs 4)" in reasons[wide], reasons[wide]
     assert reasons[small].startswith("0 of 2 nodes fit"), reasons[small]  # within its quota
@@ -200,3 +201,28 @@ async def test_a_gangs_gpus_count_in_full_against_its_tenants_quota(
 async def _reason(live: LiveCoordinator, task_id: str) -> str:
     doc = await live.task(task_id)
     return str(doc.get("reason") or "")
+
+
+async def test_a_drained_node_takes_no_member_and_a_running_gang_keeps_its_drained_node(
+    coordinator: LiveCoordinator, spawn_client: Spawn
+) -> None:
+    for i in range(3):
+        spawn_client(f"d{i}", coordinator.ws_url, MESH_TASK_UIDS=task_uids(i))
+    await wait_until(_online(coordinator, 3), 20, "3 nodes")
+    r = await coordinator.http.post("/mesh/nodes/d2/drain", json={"reason": "disk swap"})
+    assert r.status_code == 200, r.text
+    gang = await coordinator.submit(task_type="custom", command=["true"], nodes=3)
+    reason = await wait_until(partial(_reason, coordinator, gang), 10, "its reason")
+    assert reason.startswith("2 of 3 nodes fit; waiting for 1 more node to fit"), reason
+    assert "1 is draining" in reason, reason
+    assert not any(n.tasks for n in coordinator.mesh.nodes.values())  # no member holds a node
+    # a running gang is not stopped by a drain: it finishes where it runs
+    two = await coordinator.submit(task_type="custom", command=["sleep", "1"], nodes=2)
+    await wait_until(lambda: coordinator.mesh.tasks.get(two) is not None
+                     and coordinator.mesh.tasks[two].state.value == "running", 20, "running")
+    node = coordinator.mesh.gangs.attempts[two].members[0].node
+    r = await coordinator.http.post(f"/mesh/nodes/{node}/drain", json={"reason": "later"})
+    assert r.status_code == 200, r.text
+    assert (await coordinator.wait_finished(two, 30))["status"] == "completed"
+    cancelled = await coordinator.http.delete(f"/tasks/{gang}")
+    assert cancelled.status_code == 200
