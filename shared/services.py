@@ -27,6 +27,7 @@ MAX_HEALTH_PATH = 512  # characters in a health path
 MAX_IDLE_S = 7 * 86400.0  # `idle_s`: a week at most
 MAX_TARGET_ONGOING = 10_000  # `target_ongoing`: requests in flight per replica
 PORT = "{port}"  # what the node replaces with the replica's loopback port
+DEFAULT_HEALTH_PATH = "/v1/models"  # a custom service's, or an engine's that names none
 # The label the coordinator gives a node that speaks the "serve" protocol feature, and that
 # every replica requires: a client too old to run replicas is never sent one.
 SERVE_LABEL = "gpumesh.serve"
@@ -53,7 +54,7 @@ class ServiceSpec(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unkno
     executor: Literal["", "process", "docker"] = ""  # "": from the engine or the shape
     requirements: Requirements = msgspec.field(default_factory=Requirements)
     replicas: Replicas = msgspec.field(default_factory=Replicas)
-    health_path: str = "/v1/models"
+    health_path: str = ""  # "": the engine's (`health_path` in its template), else /v1/models
     idle_s: Annotated[float, msgspec.Meta(ge=1, le=MAX_IDLE_S)] = 300.0
     target_ongoing: Annotated[int, msgspec.Meta(ge=1, le=MAX_TARGET_ONGOING)] = 8
     routing: Literal["least", "prefix"] = "least"
@@ -89,7 +90,8 @@ def service_problem(spec: ServiceSpec) -> str | None:
                 f"{spec.replicas.max}")
     if spec.replicas.max < 1:
         return "$.replicas.max: at least 1, or the service can never serve"
-    if len(spec.health_path) > MAX_HEALTH_PATH or not _ORIGIN_FORM.fullmatch(spec.health_path):
+    if spec.health_path and (len(spec.health_path) > MAX_HEALTH_PATH
+                             or not _ORIGIN_FORM.fullmatch(spec.health_path)):
         return ("$.health_path: a path under / in origin-form (printable ASCII, no spaces, "
                 f"at most {MAX_HEALTH_PATH} characters), got {spec.health_path[:80]!r}")
     given = [f for f in ("engine", "command", "script", "image") if getattr(spec, f)]

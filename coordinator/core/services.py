@@ -46,7 +46,7 @@ from coordinator.core.service_model import (
 from coordinator.model import ACTIVE, FINISHED, Task, TaskState
 from coordinator.storage.store_core import ServiceWrite
 from shared.protocol import ReplicaState, ServiceRun
-from shared.services import ServiceSpec
+from shared.services import DEFAULT_HEALTH_PATH, ServiceSpec
 from shared.tasks import TaskSubmit
 
 if TYPE_CHECKING:
@@ -175,7 +175,8 @@ class ServiceManager:
         svc = self.by_task.get(task_id)
         if svc is None:
             return None
-        return ServiceRun(service=svc.name, model=svc.model, health_path=svc.spec.health_path)
+        return ServiceRun(service=svc.name, model=svc.model,
+                          health_path=svc.spec.health_path or DEFAULT_HEALTH_PATH)
 
     def task_moved(self, t: Task, to: TaskState) -> None:
         """A replica's task changed state (Mesh._transition calls this for marked tasks)."""

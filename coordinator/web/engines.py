@@ -22,7 +22,7 @@ import msgspec
 
 from coordinator.web.edge import frame_refusal, launch_refusal
 from coordinator.web.templates import DEFAULT_PATH, TemplateError, _fields, _fill
-from shared.services import PORT, SERVE_LABEL, ServiceSpec
+from shared.services import DEFAULT_HEALTH_PATH, PORT, SERVE_LABEL, ServiceSpec
 from shared.tasks import Requirements, TaskSubmit
 
 
@@ -37,8 +37,11 @@ class EngineTemplate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_f
     requirements: Requirements = msgspec.field(default_factory=Requirements)
     shm_size: str | None = None
     volumes: list[str] = []
+    health_path: str = ""  # what the node polls when the service names none
 
     def __post_init__(self) -> None:
+        if self.health_path and not self.health_path.startswith("/"):
+            raise ValueError("an engine's `health_path` is a path under /")
         if (self.command is None) == (self.script is None):
             raise ValueError("an engine needs either `command` or `script`")
         if self.executor == "docker" and not self.image:
@@ -99,6 +102,15 @@ def replica_task(spec: ServiceSpec, engines: Engines, tenant: str) -> TaskSubmit
     except (msgspec.ValidationError, ValueError) as exc:
         return f"$: {exc}"
     return launch_refusal(task, "$") or frame_refusal(task, spec.params, "$") or task
+
+
+def with_health_path(spec: ServiceSpec, engines: Engines) -> ServiceSpec:
+    """The spec with the path its node polls: its own, else its engine's, else /v1/models."""
+    if spec.health_path:
+        return spec
+    engine = engines.get(spec.engine) if spec.engine else None
+    path = (engine.health_path if engine is not None else "") or DEFAULT_HEALTH_PATH
+    return msgspec.structs.replace(spec, health_path=path)
 
 
 def _from_engine(spec: ServiceSpec, engine: EngineTemplate) -> dict[str, Any]:

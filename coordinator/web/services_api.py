@@ -22,7 +22,7 @@ from coordinator.core.mesh import Mesh
 from coordinator.core.services import Service, ServiceExists, ServiceManager
 from coordinator.web.api import JSON, error
 from coordinator.web.edge import BodyTooLarge, read_body
-from coordinator.web.engines import replica_task
+from coordinator.web.engines import replica_task, with_health_path
 from shared.services import ServiceSpec, decode_service
 from shared.tasks import executor_for
 
@@ -69,10 +69,11 @@ async def _spec(request: Request, tenant: str) -> tuple[ServiceSpec, Any] | JSON
     spec = decode_service(body)
     if isinstance(spec, str):
         return error(422, "invalid service", spec)
-    task = replica_task(spec, request.app.state.engines, tenant)
+    engines = request.app.state.engines
+    task = replica_task(spec, engines, tenant)
     if isinstance(task, str):
         return error(422, "invalid service", task)
-    return spec, task
+    return with_health_path(spec, engines), task
 
 
 async def create_service(request: Request) -> JSON:

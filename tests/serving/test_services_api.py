@@ -343,3 +343,25 @@ async def test_an_admin_names_the_tenant_when_a_name_is_ambiguous(
     r = await coordinator.http.post("/services", params={"tenant": "carol"},
                                     json=spec(name="c", model="c"))
     assert r.status_code == 201 and r.json()["tenant"] == "carol"
+
+
+async def test_the_health_path_is_the_services_else_the_engines_else_v1_models(
+    coordinator: LiveCoordinator,
+) -> None:
+    llama = {"name": "l", "model": "l", "engine": "llama_cpp", "params": {"gguf": "/m.gguf"},
+             "replicas": {"min": 0, "max": 1}}
+    cases = [
+        (llama, "/openapi.json"),  # llama-cpp-python's /v1/models waits while it generates
+        ({**llama, "name": "l2", "model": "l2", "health_path": "/v1/models"}, "/v1/models"),
+        ({"name": "v", "model": "v", "engine": "vllm", "replicas": {"min": 0, "max": 1}},
+         "/health"),
+        (spec(), "/v1/models"),
+    ]
+    for body, path in cases:
+        r = await coordinator.http.post("/services", json=body)
+        assert r.status_code == 201, r.text
+        assert r.json()["health_path"] == path
+        assert r.json()["spec"]["health_path"] == path  # stored resolved
+    svc = next(s for s in coordinator.mesh.services.all(None) if s.name == "l")
+    run = coordinator.mesh.services.run_for("nope")
+    assert run is None and svc.spec.health_path == "/openapi.json"
