@@ -16,7 +16,8 @@ head that does not fit. Pure: no I/O; every clock is an argument. The live coord
   everything submitted after it until it is placed, even work that would fit now.
   Priority is not looked at. Two things still pass it: work of a tenant held by its own
   quota does not hold others back (it waits for its tenant, not for room), and a task that
-  can never fit is refused at submit, so it never blocks.
+  no node here could run even when idle (a GPU type no node has, more GPUs than any node)
+  is parked apart (`NeverFits`) until a node that could run it joins.
 - `backfill`: EASY backfill on `timeout_s`. The order of `fifo`; the first task that does
   not fit (the head) gets a reservation: the earliest time some node it could run on has
   room for it, by the expected ends of the work running there (its start plus its
@@ -38,6 +39,7 @@ from weakref import WeakKeyDictionary
 
 from coordinator.model import Node, Task
 from coordinator.scheduling.fairqueue import FairQueue, TenantKey
+from coordinator.scheduling.fairshare import tenant_of
 from coordinator.scheduling.placement import (
     NoFit,
     Placement,
@@ -50,7 +52,7 @@ from coordinator.scheduling.placement import (
 from coordinator.scheduling.placement import (
     _policy_refuses as policy_refuses,  # the one node-policy filter
 )
-from coordinator.scheduling.queue import ClassKey, Entry
+from coordinator.scheduling.queue import ClassKey, Entry, Reason
 from coordinator.scheduling.wake import class_wake_key
 from coordinator.settings import POLICIES as POLICIES
 
@@ -59,6 +61,7 @@ STRICT = frozenset({"fifo", "backfill"})  # a head that does not fit holds back 
 # may move the reservation); a new head wakes them all (`Gate`).
 BACKFILL_WAKE: Hashable = ("backfill",)
 _held_for: WeakKeyDictionary[FairQueue, Entry] = WeakKeyDictionary()  # the head they wait for
+_verified: WeakKeyDictionary[FairQueue, Entry] = WeakKeyDictionary()  # a head that could run
 
 
 def queue_class(t: Task, policy: str) -> ClassKey:
@@ -90,6 +93,18 @@ def rank(policy: str, aging_s: float, t: Task) -> float:
         estimate = UNKNOWN_ESTIMATE_S if limit is None else min(limit, UNKNOWN_ESTIMATE_S)
         return t.submitted_at + estimate - t.priority * aging_s
     return t.submitted_at - t.priority * aging_s if aging_s > 0 else -t.priority
+
+
+class NeverFits:
+    """A head no node here could run even idle: parked apart, it holds nothing back."""
+
+    def __init__(self, nofit: Reason | None) -> None:
+        self.nofit = nofit
+
+    @property
+    def reason(self) -> str:
+        why = self.nofit.reason if self.nofit is not None else "no node fits"
+        return f"{why}; no node here could run it even when idle, so it holds no one back"
 
 
 class FifoHold:
@@ -279,11 +294,34 @@ class Gate:
         entries in order, so whatever it parks later comes after it)."""
         if self._barrier is not None:
             return self._barrier
-        blocked = self.queue.blocked
+        queue = self.queue
+        blocked = queue.blocked
         if blocked != self._seen:
             self._seen = blocked
-            self._barrier = self.queue.first_parked(NoFit)
+            while (head := queue.first_parked(NoFit)) is not None:
+                if _verified.get(queue) == head or self._could_ever_run(head):
+                    _verified[queue] = head
+                    break
+            self._barrier = head
+            self._seen = queue.blocked
         return self._barrier
+
+    def _could_ever_run(self, head: Entry) -> bool:
+        """Whether enough nodes here could run the head's task if they were idle; if not, its
+        class is parked apart (NeverFits) and holds nothing back."""
+        t = self.tasks.get(head[2])
+        if t is None:
+            return True
+        need = t.gang_size
+        for node in self.nodes.values():  # most heads: the first node will do
+            if _node_outlook(t, node, self.tasks) is not None:
+                need -= 1
+                if not need:
+                    return True
+        key = (tenant_of(t.tenant), queue_class(t, self.policy))
+        nofit = self.queue.reason(*key)
+        self.queue.block(key, NeverFits(nofit), (class_wake_key(t.spec.requirements, t.executor),))
+        return False
 
     def check(self, key: TenantKey, entry: Entry, t: Task) -> str | Placement | None:
         """None: decide `t` as usual (nothing before it waits). SKIP: its class was parked

@@ -129,3 +129,22 @@ async def test_fifo_holds_what_fits_behind_a_head_that_does_not_and_says_why(
         docs = {i: await coordinator.wait_finished(i) for i in (wide, small)}
         assert {d["status"] for d in docs.values()} == {"completed"}
         assert docs[wide]["started_at"] <= docs[small]["started_at"], docs
+
+
+@pytest.mark.parametrize("policy", ["fifo", "backfill"])
+async def test_a_head_no_node_could_ever_run_holds_no_one_back(
+    settings: Settings, spawn_client: Spawn, policy: str
+) -> None:
+    """First in the queue: a task for an H100 on a mesh of one A100 node. It waits, saying
+    why; the task submitted after it runs."""
+    async with run_coordinator(replace(settings, policy=policy)) as coordinator:
+        spawn_client("g1", coordinator.ws_url, GPU_ENABLED="true", MESH_FAKE_GPUS="1xA100-80GB")
+        await online(coordinator, "g1", 1)
+        r = await coordinator.http.post("/tasks/submit", json=[
+            {**gpu_task(1), "requirements": {"gpu_count": 1, "gpu_type": "H100"}},
+            gpu_task(1, timeout_s=60),
+        ])
+        never, runs = (t["task_id"] for t in r.json()["tasks"])
+        assert (await coordinator.wait_finished(runs))["status"] == "completed"
+        doc = await coordinator.task(never)
+        assert doc["status"] == "queued" and "holds no one back" in doc["reason"], doc
