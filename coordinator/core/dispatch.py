@@ -9,7 +9,8 @@ The Mesh (`Mesh._dispatch_pass`, coordinator/core/mesh.py) and the simulator
 - `assign(task, placement, hold_s)`: carry a decision out. The Mesh writes the transition
   queued -> assigned and sends the `assign` once it commits; the simulator starts the job on
   its virtual clock. The task has left the queue (`queue.pop`) when it is called.
-- `preempt(task, nofit)`: free GPUs for critical work (coordinator/core/preempt.py), or None.
+- `preempt(task, nofit)`: free GPUs for critical work (coordinator/core/preempt.py), or None;
+  `preempt_gang(gang, nofit)` the same for a critical gang, all of its members' room or none.
 
 A decision takes the ready class whose head comes first (the queue's order, across tenants
 by fair share). A class whose head does not fit is parked with its NoFit and costs nothing
@@ -36,6 +37,7 @@ from coordinator.settings import Settings
 Assign = Callable[[Task, Placement, float], None]
 AssignGang = Callable[[Task, list[Placement]], None]  # a gang's N placements, rank 0 first
 Preempt = Callable[[Task, NoFit], tuple[Placement | NoFit, float]]
+PreemptGang = Callable[[Task, NoFit], list[Placement] | NoFit]
 
 
 class DispatchHost(Protocol):
@@ -70,7 +72,8 @@ def decide(host: DispatchHost, t: Task, preempt: Preempt | None) -> tuple[Placem
 
 def decide_gang(host: DispatchHost, t: Task, supported: bool = True) -> list[Placement] | NoFit:
     """Where each member of gang task `t` goes (coordinator/scheduling/gang.py), all or none.
-    A gang is never placed by preempting others, nor preempted piecemeal."""
+    A gang is never preempted piecemeal; a critical one may preempt (`dispatch_pass`'s
+    `preempt_gang`) only once every member's room is found."""
     if not supported:
         return NoFit(filtered={"do not run gang tasks here": len(host.index)})
     spec = t.spec
@@ -100,7 +103,7 @@ def _around(host: DispatchHost, t: Task, kept: GangReservation, now: float) -> P
 def dispatch_pass(
     host: DispatchHost, assign: Assign, preempt: Preempt | None = None,
     deadline: float | None = None, assign_gang: AssignGang | None = None,
-    gang_hold: GangReservation | None = None,
+    gang_hold: GangReservation | None = None, preempt_gang: PreemptGang | None = None,
 ) -> bool:
     """Place queued work until nothing more fits. Synchronous: no await inside.
 
@@ -138,6 +141,9 @@ def dispatch_pass(
                 queue.block(key, GangBackoff(gang_hold.backoff[t.id]), (GANG_WAKE,))
                 continue
             gang = decide_gang(host, t, assign_gang is not None)
+            if (isinstance(gang, NoFit) and preempt_gang is not None and assign_gang is not None
+                    and host.settings.preemption):
+                gang = preempt_gang(t, gang)  # coordinator/core/preempt.py, all or nothing
             if isinstance(gang, NoFit):
                 queue.block(key, gang, (class_wake_key(t.spec.requirements, t.executor),))
                 if kept is not None:  # the first gang that does not fit keeps nodes

@@ -21,6 +21,11 @@ back to the queue as one unit, or fails when its attempts are spent. `max_attemp
 gang attempts; node faults (a lost node, a client restart, a member not started within
 MESH_GANG_READY_S) do not spend them, at most MESH_MAX_INFRA_RETRIES times, as for tasks.
 
+Preemption (coordinator/core/preempt.py) takes a gang as one unit: a member chosen as a
+victim stops every member (`preempted`; each node is sent `cancel` with the grace) and the
+gang is requeued without spending an attempt; a critical gang is placed on freed GPUs only
+when every member's room was found at once (`start`'s `hold_s`: the victims' grace).
+
 A coordinator restart ends a running gang as a unit (its members are cancelled; their nodes
 are told to stop when they re-register) and requeues it without spending an attempt: never
 half a gang.
@@ -125,11 +130,12 @@ class Gangs:
     # --- placement -------------------------------------------------------------------
 
     def start(
-        self, t: Task, found: list[Placement]
+        self, t: Task, found: list[Placement], hold_s: float = 0.0
     ) -> list[tuple[Task, asyncio.Future[None]]]:
         """Carry out a gang's placement (coordinator/scheduling/gang.py `place_gang`, in the
         dispatch pass): synchronous, so the members' inserts and every transition are
-        queued in one turn and commit in one batch."""
+        queued in one turn and commit in one batch. `hold_s`: how long the members' assigns
+        wait (preempted work leaving their GPUs)."""
         mesh = self._mesh
         placed: list[tuple[Task, asyncio.Future[None]]] = []
         members = []
@@ -141,7 +147,7 @@ class Gangs:
             node = mesh.nodes[p.node]
             write = self._transition(
                 m, A, cause=f"gang {t.id} rank {rank} placed on {node.name}", node=node,
-                gpus=p.gpu_indices,
+                gpus=p.gpu_indices, hold_s=hold_s,
             )
             members.append(m)
             placed.append((m, write))
@@ -149,7 +155,7 @@ class Gangs:
         attempt = Attempt(t, members)
         self.attempts[t.id] = attempt
         attempt.ready = asyncio.get_running_loop().call_later(
-            mesh.settings.gang_ready_s, self._ready_check, t.id, t.attempt
+            mesh.settings.gang_ready_s + hold_s, self._ready_check, t.id, t.attempt
         )
         mesh.logs.open(t.id).append(
             f"[gpumesh] gang attempt {t.attempt} placed: "
@@ -322,7 +328,30 @@ class Gangs:
         self._transition(gang, Q, cause=cause)
         self._wake()
 
-    def _stop_members(self, attempt: Attempt, cause: str) -> None:
+    def preempted(self, m: Task, cause: str, grace_s: float) -> bool:
+        """Member `m` was chosen as a preemption victim (coordinator/core/preempt.py): every
+        member of its gang stops (its node is sent `cancel` with `grace_s`) and the gang goes
+        back to the queue as one unit, spending no attempt (as preempted tasks do not).
+        False when `m` is no member of a current attempt (already being stopped)."""
+        ref = m.member_of
+        attempt = self.attempts.get(ref.id) if ref is not None else None
+        if attempt is None or attempt.ending or m not in attempt.members:
+            return False
+        gang = attempt.gang
+        self._stop_members(attempt, cause, grace_s)
+        if gang.state not in ACTIVE:
+            return True
+        self._mesh.logs.open(gang.id).append(
+            f"[gpumesh] gang attempt {gang.attempt} {cause}: every member stopped\n")
+        gang.infra_retries += 1  # not the gang's fault: it spends no attempt
+        note_history(gang, m.node, cause, infra=True)
+        self._transition(gang, LOST, cause=cause)
+        gang.error = f"requeued as one unit: {cause}"
+        self._transition(gang, Q, cause=cause)
+        self._wake()
+        return True
+
+    def _stop_members(self, attempt: Attempt, cause: str, grace_s: float = 0.0) -> None:
         attempt.ending = True
         self._close(attempt)
         for m in attempt.members:
@@ -333,7 +362,7 @@ class Gangs:
             write = self._transition(m, CANC, cause=f"gang stopped: {cause}",
                                      error=f"gang stopped: {cause}")
             if node is not None:
-                write.add_done_callback(_cancel_when_stored(node, task_id, at))
+                write.add_done_callback(_cancel_when_stored(node, task_id, at, grace_s))
 
     def _close(self, attempt: Attempt) -> None:
         if attempt.ready is not None:
@@ -411,12 +440,14 @@ class Gangs:
 
 
 def _cancel_when_stored(
-    node: Node, task_id: str, attempt: int
+    node: Node, task_id: str, attempt: int, grace_s: float = 0.0
 ) -> Callable[[asyncio.Future[None]], None]:
-    """Tell the member's node to stop it once its end is durable."""
+    """Tell the member's node to stop it once its end is durable (`grace_s`: SIGTERM to
+    SIGKILL, the preemption grace; 0: the node's own)."""
     def send(f: asyncio.Future[None]) -> None:
         if not f.cancelled() and f.exception() is None and node.link is not None:
-            node.link.send(Cancel(task_id=task_id, attempt=attempt, reason="gang stopped"))
+            node.link.send(Cancel(task_id=task_id, attempt=attempt, reason="gang stopped",
+                                  grace_s=grace_s))
 
     return send
 

@@ -116,6 +116,7 @@ class Mesh:
                            wake=self._wake_dispatch)
         self.node_side.gang_loss = self.node_side.faults.gang_loss = self.gangs.member_lost
         self.node_side.gang_port = self.gangs.on_port
+        self.preemption.stop_gang = self.gangs.preempted  # a gang is preempted as one unit
         # Model services: their specs, replicas (tasks marked as theirs) and scaling.
         self.services = ServiceManager(self, ServiceMetrics())
         self.metrics.registry.register(self.services.metrics)
@@ -598,11 +599,13 @@ class Mesh:
             placed.append((t, write))
 
         def assign_gang(t: Task, found: list[Placement]) -> None:
-            placed.extend(self.gangs.start(t, found))  # core/gangs.py
+            hold = self.preemption.gang_hold.pop(t.id, 0.0)  # victims leaving (preempt.py)
+            placed.extend(self.gangs.start(t, found, hold))  # core/gangs.py
 
         if dispatch_pass(self, assign, self.preemption.preempt_for,
                          deadline=time.perf_counter() + PASS_BUDGET_S, assign_gang=assign_gang,
-                         gang_hold=self.gangs.reservation):
+                         gang_hold=self.gangs.reservation,
+                         preempt_gang=self.preemption.preempt_gang_for):
             self._wake.set()
         return placed
 

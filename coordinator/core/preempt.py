@@ -15,12 +15,20 @@ infrastructure requeue, coordinator/core/faults.py), its node is sent `cancel` (
 SIGTERMs it, then kills it after its own grace), and the critical task is assigned to the
 freed GPUs at once but its `assign` goes out `MESH_PREEMPT_GRACE_S` later, the time the
 victims have to checkpoint and leave. Its `assigned_at` is that moment.
+
+Gangs (issue 28) are preempted and preempt as one unit. A running gang member is a victim
+like any task, but stopping it stops its whole gang (`stop_gang`, coordinator/core/gangs.py
+`Gangs.preempted`: every member is cancelled with the grace, the gang requeued as one
+without spending an attempt), and a plan that stops it is costed at all of its gang's GPUs.
+A critical gang that fits nowhere (`preempt_gang_for`) gets N distinct nodes, each either
+free for a member or freed by a plan on that node (`plan_gang`, cheapest first), or nothing
+is stopped: every member's room is found before any victim is touched.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -46,7 +54,7 @@ class Plan:
 
     @property
     def cost(self) -> tuple[int, int, int]:
-        stopped = sum(len(v.gpu_indices) for v in self.victims)
+        stopped = sum(_unit_gpus(v) for v in self.victims)
         return (max(v.priority for v in self.victims), stopped, len(self.victims))
 
 
@@ -81,10 +89,34 @@ class _Without:
         return self._node.policy
 
 
+def _unit_gpus(v: Task) -> int:
+    """The GPUs stopping `v` frees in all: a gang member stops its whole gang."""
+    ref = v.member_of
+    return len(v.gpu_indices) * (ref.nodes if ref is not None else 1)
+
+
 def stoppable(v: Task, crit: Task) -> bool:
+    # a gang member is stoppable, but only with its whole gang (core/gangs.py `preempted`)
     return (v.state in ACTIVE and bool(v.gpu_indices) and v.priority < crit.priority
-            and v.priority < CRITICAL and v.spec.preemptible
-            and v.member_of is None)  # a gang is never stopped piecemeal (core/gangs.py)
+            and v.priority < CRITICAL and v.spec.preemptible)
+
+
+def _plan_node(crit: Task, node: Node, tasks: Mapping[str, Task], mode: str) -> Plan | None:
+    """The fewest lowest-priority tasks on `node` to stop so that one `crit` fits there."""
+    req = crit.spec.requirements
+    cands = sorted(
+        (tasks[i] for i in node.tasks if i in tasks and stoppable(tasks[i], crit)),
+        key=lambda v: (v.priority, -(v.assigned_at or 0.0)),
+    )
+    chosen: list[Task] = []
+    for v in cands:
+        chosen.append(v)
+        fit = place(req, crit.executor, [_Without(node, {c.id for c in chosen})],
+                    crit.priority, mode, ask=crit.policy_ask)
+        if isinstance(fit, Placement):
+            used = set(fit.gpu_indices)
+            return Plan(node.name, tuple(c for c in chosen if used & set(c.gpu_indices)), fit)
+    return None
 
 
 def plan(crit: Task, nodes: Iterable[Node], tasks: Mapping[str, Task], mode: str) -> Plan | None:
@@ -95,23 +127,35 @@ def plan(crit: Task, nodes: Iterable[Node], tasks: Mapping[str, Task], mode: str
     for node in nodes:
         if not node.online or node.unavailable:
             continue
-        cands = sorted(
-            (tasks[i] for i in node.tasks if i in tasks and stoppable(tasks[i], crit)),
-            key=lambda v: (v.priority, -(v.assigned_at or 0.0)),
-        )
-        chosen: list[Task] = []
-        for v in cands:
-            chosen.append(v)
-            fit = place(req, crit.executor, [_Without(node, {c.id for c in chosen})],
-                        crit.priority, mode, ask=crit.policy_ask)
-            if isinstance(fit, Placement):
-                used = set(fit.gpu_indices)
-                victims = tuple(c for c in chosen if used & set(c.gpu_indices))
-                found = Plan(node.name, victims, fit)
-                if best is None or found.cost < best.cost:
-                    best = found
-                break
+        found = _plan_node(crit, node, tasks, mode)
+        if found is not None and (best is None or found.cost < best.cost):
+            best = found
     return best
+
+
+def plan_gang(crit: Task, n: int, nodes: Iterable[Node], tasks: Mapping[str, Task],
+              mode: str) -> list[Plan] | None:
+    """`n` distinct nodes for gang `crit`'s members, rank 0 first: nodes where a member fits
+    as they are (a Plan with no victims) before the cheapest plans; None unless all `n` are
+    found (then nothing may be stopped). Stopping more than one node's victims only frees
+    more, so each node's placement still holds once all of them are stopped."""
+    req = crit.spec.requirements
+    if not req.gpu_count:
+        return None
+    free: list[Plan] = []
+    costly: list[Plan] = []
+    for node in nodes:
+        if not node.online or node.unavailable:
+            continue
+        fit = place(req, crit.executor, [node], crit.priority, mode, ask=crit.policy_ask)
+        if isinstance(fit, Placement):
+            free.append(Plan(node.name, (), fit))
+        elif (found := _plan_node(crit, node, tasks, mode)) is not None:
+            costly.append(found)
+    if len(free) >= n or len(free) + len(costly) < n:
+        return None  # it fits without stopping anything, or it cannot fit at all
+    costly.sort(key=lambda p: p.cost)
+    return free + costly[: n - len(free)]
 
 
 class PreemptHost(Protocol):
@@ -135,6 +179,12 @@ class Preemption:
         self._mesh = mesh
         self._transition = transition
         self.preempted_total = 0
+        # Stops a gang member's whole gang (coordinator/core/gangs.py `Gangs.preempted`);
+        # set by the Mesh. Returns whether the gang was stopped.
+        self.stop_gang: Callable[[Task, str, float], bool] | None = None
+        # gang task id -> how long its members' assigns wait (victims leaving), read by
+        # the Mesh when it starts the gang that `preempt_gang_for` found room for.
+        self.gang_hold: dict[str, float] = {}
 
     def preempt_for(self, crit: Task, nofit: NoFit) -> tuple[Placement | NoFit, float]:
         """Free GPUs for a critical task that fits nowhere; returns where it goes and how
@@ -151,10 +201,38 @@ class Preemption:
             self._stop_victim(v, node, crit)
         return found.placement, settings.preempt_grace_s
 
+    def preempt_gang_for(self, crit: Task, nofit: NoFit) -> list[Placement] | NoFit:
+        """Room for every member of a critical gang that fits nowhere, found at once before
+        any victim is stopped; the NoFit (nothing stopped) when not all of it can be found.
+        Its members' assigns wait MESH_PREEMPT_GRACE_S (`gang_hold`)."""
+        mesh = self._mesh
+        settings = mesh.settings
+        if crit.priority < CRITICAL or not settings.preemption:
+            return nofit
+        found = plan_gang(crit, crit.gang_size, mesh.nodes.values(), mesh.tasks,
+                          settings.balancing)
+        if found is None:
+            return nofit
+        for p in found:
+            node = mesh.nodes[p.node]
+            for v in p.victims:
+                self._stop_victim(v, node, crit)
+        self.gang_hold[crit.id] = settings.preempt_grace_s
+        return [p.placement for p in found]
+
     def _stop_victim(self, v: Task, node: Node, crit: Task) -> None:
+        if v.state not in ACTIVE:
+            return  # stopped already, with its gang (another node's plan named it too)
         # The victim's tenant reads this (history, logs): another tenant's task id stays out
         by = crit.id if crit.tenant == v.tenant else "of another tenant"
-        cause = f"preempted by critical task {by} (priority {crit.priority}) on {node.name}"
+        what = "critical gang" if crit.gang_size > 1 else "critical task"
+        cause = f"preempted by {what} {by} (priority {crit.priority}) on {node.name}"
+        if v.member_of is not None:  # its whole gang stops, as one unit (core/gangs.py)
+            if self.stop_gang is not None and self.stop_gang(
+                v, cause, self._mesh.settings.preempt_grace_s
+            ):
+                self.preempted_total += 1  # a gang counts once
+            return
         attempt = v.attempt
         self.preempted_total += 1
         self._mesh.logs.open(v.id).append(f"[gpumesh] attempt {attempt} {cause}\n")
