@@ -48,6 +48,9 @@ def container_spec(
     get /dev/kfd and /dev/dri with ROCR_VISIBLE_DEVICES; Intel GPUs /dev/dri with
     ZE_AFFINITY_MASK; simulated (`fake`) GPUs only the environment.
 
+    A gang member runs with host networking (`network_mode: host`), so the rendezvous its
+    node found and was given is reachable as is.
+
     Never privileged: `no-new-privileges`, every capability dropped but the node's `caps`
     (MESH_DOCKER_CAPS). `volumes`: the task's, resolved and checked on this host right
     before create (`gpu_client.policy.resolve_volumes`); the task's own when None.
@@ -93,7 +96,12 @@ def container_spec(
     if assign.files or assign.artifacts:  # files go in, artifacts come out, here (workdir.py)
         spec["working_dir"] = WORKSPACE
         labels[LABEL_ARTIFACTS] = json.dumps(assign.artifacts)
-    if assign.service is not None and (port := assign.env.get(PORT_VAR, "")).isdigit():
+    if assign.gang is not None:
+        # A gang member (issue 28) shares the node's network: rank 0 listens on the
+        # MASTER_PORT its node found free, at the node's address its peers were given
+        # (gpu_client/gang.py), and every member reaches its peers as the node does.
+        spec["network_mode"] = "host"
+    elif assign.service is not None and (port := assign.env.get(PORT_VAR, "")).isdigit():
         spec["ports"] = {f"{port}/tcp": ("127.0.0.1", int(port))}  # the node's loopback only
     if assign.shm_size:
         spec["shm_size"] = assign.shm_size
