@@ -31,6 +31,7 @@ class Replica:
     outstanding: int = 0  # requests in flight: the router changes it via started/finished
     port: int = 0
     retiring: bool = False  # to be replaced: stopped once a new replica is ready
+    ready_timer: asyncio.TimerHandle | None = None  # MESH_SERVICE_READY_S after placement
     reason: str = ""
 
 

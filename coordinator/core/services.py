@@ -38,6 +38,7 @@ from coordinator.core.service_model import (
     READY,
     STARTING,
     STOPPING,
+    UNHEALTHY,
     Replica,
     Service,
     ServiceExists,
@@ -146,6 +147,7 @@ class ServiceManager:
         self._event(svc, f"replica {msg.state}", {"task_id": r.task_id, "node": node,
                                                   "attempt": msg.attempt, "reason": r.reason})
         if msg.state == READY:
+            _disarm(r)
             svc.crashes = 0
             svc.ready_event.set()
             if not r.retiring:
@@ -184,10 +186,14 @@ class ServiceManager:
         if svc is None:
             return
         r = svc.replicas[t.id]
+        if to is not TaskState.RUNNING:  # started: its deadline to be ready still runs
+            _disarm(r)
         if to is TaskState.ASSIGNED:
             r.attempt, r.node = t.attempt, t.node or ""
             if r.state != STOPPING:
                 r.state = STARTING
+                r.ready_timer = asyncio.get_running_loop().call_later(
+                    self._mesh.settings.service_ready_s, self._not_ready, svc, r, t.attempt)
             self._event(svc, "replica placed", {"task_id": t.id, "node": r.node,
                                                 "attempt": t.attempt})
         elif to in (TaskState.LOST, TaskState.QUEUED):
@@ -214,16 +220,33 @@ class ServiceManager:
             self._forget_if_gone(svc)
             return
         if wanted and not r.retiring:
-            svc.crashes += 1
-            s = self._mesh.settings
-            delay = min(s.service_restart_s * 2 ** (svc.crashes - 1), s.service_restart_max_s)
-            svc.backoff_until = time.monotonic() + delay
-            self._event(svc, "replica restart", {"task_id": t.id, "in_s": round(delay, 3),
-                                                 "crashes": svc.crashes})
-            self.metrics.scaled(svc.tenant, svc.name, "restart")
-            self._arm_restart(svc, delay)
+            self._arm_restart(svc, self._crashed(svc, t.id))
         else:
             self._reconcile(svc)
+
+    def _crashed(self, svc: Service, task_id: str) -> float:
+        """One more crash in a row: the backoff before the next replica, in seconds."""
+        svc.crashes += 1
+        s = self._mesh.settings
+        delay = float(min(s.service_restart_s * 2 ** (svc.crashes - 1), s.service_restart_max_s))
+        svc.backoff_until = time.monotonic() + delay
+        self._event(svc, "replica restart", {"task_id": task_id, "in_s": round(delay, 3),
+                                             "crashes": svc.crashes})
+        self.metrics.scaled(svc.tenant, svc.name, "restart")
+        return delay
+
+    def _not_ready(self, svc: Service, r: Replica, attempt: int) -> None:
+        """A replica placed MESH_SERVICE_READY_S ago and never ready (an engine that hangs
+        while loading): stopped and replaced after the crash backoff, like a crash."""
+        r.ready_timer = None
+        if svc.replicas.get(r.task_id) is not r or r.attempt != attempt or r.state not in (
+                STARTING, UNHEALTHY) or svc.deleted:
+            return
+        ready_s = self._mesh.settings.service_ready_s
+        self._event(svc, "replica not ready", {"task_id": r.task_id, "node": r.node,
+                                               "within_s": ready_s})
+        self._crashed(svc, r.task_id)
+        self._stop(svc, r, f"not ready within {ready_s:g}s (MESH_SERVICE_READY_S)")
 
     # --- create, update, delete (coordinator/web/services_api.py) ----------------------
 
@@ -536,8 +559,16 @@ class ServiceManager:
     def _stop_all(self) -> None:
         for svc in self.services.values():
             self._cancel_timers(svc)
+            for r in svc.replicas.values():
+                _disarm(r)
         for task in self._background:
             task.cancel()
+
+
+def _disarm(r: Replica) -> None:
+    if r.ready_timer is not None:
+        r.ready_timer.cancel()
+        r.ready_timer = None
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:

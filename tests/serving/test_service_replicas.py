@@ -400,3 +400,21 @@ async def test_a_burst_scales_up_to_max_and_never_past_it(live: LiveCoordinator)
     scaled = [e for e in await history(live) if e["kind"] == "scaled up"]
     assert [e["detail"]["to"] for e in scaled] == [2, 3]
     await node.close()
+
+
+async def test_a_replica_never_ready_is_replaced_like_a_crash(settings: Settings) -> None:
+    """An engine that hangs while loading (placed, started, never healthy) is stopped after
+    MESH_SERVICE_READY_S and a new replica follows after the crash backoff."""
+    fast = replace(settings, service_ready_s=1.0, service_restart_s=0.2)
+    async with run_coordinator(fast) as live:
+        node = await hand_node(live, "n1")
+        await create(live)
+        first = await run_replica(node, state="starting")
+        await node.frame(type="cancel", task_id=first["task_id"])
+        second = await run_replica(node, skip=1)  # the next one, after the backoff
+        assert second["task_id"] != first["task_id"]
+        svc = service(live)
+        await wait_until(lambda: live.mesh.services.ready(svc), 10, "the new one ready")
+        events = kinds(await history(live))
+        assert "replica not ready" in events and "replica restart" in events
+        await node.close()
