@@ -232,6 +232,7 @@ def _tenant_env(env: Mapping[str, str], d: Settings) -> _TenantEnv:
         "preempt_grace_s": env_float(env, "MESH_PREEMPT_GRACE_S", d.preempt_grace_s),
     }
 
+
 class _ServeEnv(TypedDict):
     serve_cold_start_s: float
     serve_max_streams: int
