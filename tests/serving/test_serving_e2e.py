@@ -288,10 +288,14 @@ async def test_llama_cpp_s_models_route_waits_while_it_generates_openapi_json_do
     for name in ("h1", "h2"):
         spawn_client(name, coordinator.ws_url, MESH_REPLICA_HEALTH_S="0.5", **NODE_ENV)
     alice = await tenant_token(coordinator, "alice")
+    # An answer long enough to outlast several health checks however fast the machine is:
+    # 15,000 tokens (a context to hold them), and the test reads only its first chunk, so the
+    # node's window fills and the engine waits, still holding its lock, until it is closed.
+    ctx = {"n_ctx": "16384"}
     await create_service(coordinator.http, alice, service_body(
-        model, name="models", health_path="/v1/models"))
+        model, name="models", health_path="/v1/models", params=ctx))
     await create_service(coordinator.http, alice, service_body(
-        model, name="openapi", model="tiny-openapi", health_path="/openapi.json"))
+        model, name="openapi", model="tiny-openapi", health_path="/openapi.json", params=ctx))
     svcs = coordinator.mesh.services
 
     def replica(name: str) -> Any:
@@ -302,7 +306,8 @@ async def test_llama_cpp_s_models_route_waits_while_it_generates_openapi_json_do
                                  for m in (MODEL, "tiny-openapi")), 120, "both ready")
     plain, openapi = replica(MODEL), replica("tiny-openapi")
     client = oai(coordinator.url, alice)
-    busy = [await client.chat.completions.create(**CHAT | LONG | {"model": m}, stream=True)
+    longer = LONG | {"max_tokens": 15000}
+    busy = [await client.chat.completions.create(**CHAT | longer | {"model": m}, stream=True)
             for m in (MODEL, "tiny-openapi")]
     for stream in busy:
         await anext(aiter(stream))  # each engine generates (and holds its lock) until closed
