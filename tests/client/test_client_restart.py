@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -203,15 +204,22 @@ POINTS = [
 ]
 
 
+@pytest.fixture
+def top() -> Iterator[Path]:
+    """A directory any user can traverse, removed after the test (a root client runs each
+    task as a uid of its own: the marks and the gate must be where any user reaches them,
+    not in pytest's 0700 tmp)."""
+    path = Path(tempfile.mkdtemp(prefix="gpumesh-marks-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize(("point", "attempt", "losses"), POINTS, ids=[p[0] for p in POINTS])
 async def test_client_killed_at_a_point_of_launch_then_restarted(
-    settings: Settings, spawn_client: Spawn, tmp_path: Path, point: str, attempt: int,
-    losses: int,
+    settings: Settings, spawn_client: Spawn, tmp_path: Path, top: Path, point: str,
+    attempt: int, losses: int,
 ) -> None:
-    # (a root client runs each task as a uid of its own: the marks and the gate must be
-    # where any user reaches them, not in pytest's 0700 tmp)
-    top = Path(tempfile.mkdtemp(prefix="gpumesh-marks-"))
-    top.chmod(0o755)
     marks, gate = top / "marks", top / "gate"
     marks.mkdir()
     marks.chmod(0o1777)
