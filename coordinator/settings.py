@@ -82,6 +82,7 @@ class Settings:
     service_restart_max_s: float = 60.0
     max_services: int = 1000
     service_ready_s: float = 900.0  # a replica placed but not ready this long is restarted
+    service_unhealthy_s: float = 60.0  # a replica unhealthy this long, unbroken, is replaced
     # Tenants (coordinator/scheduling/tenants.py): defaults for a tenant without a stored config
     # (0 = unlimited), the fair-share half-life, and preemption of low work by critical work.
     tenant_default_weight: float = 1.0
@@ -172,6 +173,8 @@ class Settings:
                                             d.service_restart_max_s),
             max_services=env_int(env, "MESH_MAX_SERVICES", d.max_services),
             service_ready_s=env_float(env, "MESH_SERVICE_READY_S", d.service_ready_s),
+            service_unhealthy_s=env_float(env, "MESH_SERVICE_UNHEALTHY_S",
+                                          d.service_unhealthy_s),
             **_tenant_env(env, d),
             artifact_retention_s=env_float(env, "MESH_ARTIFACT_RETENTION_S",
                                            d.artifact_retention_s),

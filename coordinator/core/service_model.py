@@ -32,6 +32,7 @@ class Replica:
     port: int = 0
     retiring: bool = False  # to be replaced: stopped once a new replica is ready
     ready_timer: asyncio.TimerHandle | None = None  # MESH_SERVICE_READY_S after placement
+    unhealthy_timer: asyncio.TimerHandle | None = None  # MESH_SERVICE_UNHEALTHY_S after unhealthy
     reason: str = ""
 
 

@@ -15,7 +15,8 @@ timer per service). `_reconcile` brings the live replicas to `desired`. A replic
 task ends while it was wanted (crash, exit, failure) is replaced after a backoff that
 doubles per consecutive crash (MESH_SERVICE_RESTART_S up to MESH_SERVICE_RESTART_MAX_S) and
 resets once a replica is ready. A replica to be replaced (its node drained, its service
-updated) is `retiring`: a new one is started first and the old one cancelled once a new one
+updated, or unhealthy for MESH_SERVICE_UNHEALTHY_S without a break: an engine wedged without
+exiting) is `retiring`: a new one is started first and the old one cancelled once a new one
 is ready. Every change is an event of the service's history (table `service_events`) and
 a metric (coordinator/core/service_metrics.py).
 
@@ -146,6 +147,11 @@ class ServiceManager:
         r.state, r.reason = msg.state, msg.reason[:512]
         self._event(svc, f"replica {msg.state}", {"task_id": r.task_id, "node": node,
                                                   "attempt": msg.attempt, "reason": r.reason})
+        if msg.state != UNHEALTHY:
+            _disarm_unhealthy(r)  # a break: the next spell of unhealthy starts a new count
+        elif r.unhealthy_timer is None and not r.retiring:
+            r.unhealthy_timer = asyncio.get_running_loop().call_later(
+                self._mesh.settings.service_unhealthy_s, self._unhealthy, svc, r, msg.attempt)
         if msg.state == READY:
             _disarm(r)
             svc.crashes = 0
@@ -161,6 +167,8 @@ class ServiceManager:
             assert r is not None, f"task {task_id} marked for {svc.key} but not its replica"
             t = self._mesh.tasks.get(task_id)
             assert t is not None or not loaded, f"replica {task_id} of {svc.key}: no such task"
+            assert r.unhealthy_timer is None or r.state == UNHEALTHY, (
+                f"replica {task_id} is {r.state} with its unhealthy deadline armed")
             if r.state == READY:
                 assert t is not None and t.state in ACTIVE and (t.node, t.attempt) == (
                     r.node, r.attempt), f"replica {task_id} ready but its task is not there"
@@ -247,6 +255,23 @@ class ServiceManager:
                                                "within_s": ready_s})
         self._crashed(svc, r.task_id)
         self._stop(svc, r, f"not ready within {ready_s:g}s (MESH_SERVICE_READY_S)")
+
+    def _unhealthy(self, svc: Service, r: Replica, attempt: int) -> None:
+        """A replica unhealthy for MESH_SERVICE_UNHEALTHY_S without a break (an engine wedged
+        without exiting: the node's health checks fail, its process lives on) is replaced as
+        a drained node's is: a new replica first, this one cancelled once a new one is ready."""
+        r.unhealthy_timer = None
+        if svc.replicas.get(r.task_id) is not r or r.attempt != attempt or (
+                r.state != UNHEALTHY or r.retiring or svc.deleted):
+            return
+        why = f"unhealthy for {self._mesh.settings.service_unhealthy_s:g} s: {r.reason}"
+        r.retiring = True
+        self._event(svc, "replica retiring", {"task_id": r.task_id, "node": r.node,
+                                              "attempt": attempt, "why": why})
+        self.metrics.scaled(svc.tenant, svc.name, "restart")
+        log.warning("service %s/%s: replica %s on %s %s; replacing it", svc.tenant, svc.name,
+                    r.task_id, r.node, why, extra={"task": r.task_id, "node": r.node})
+        self._reconcile(svc)
 
     # --- create, update, delete (coordinator/web/services_api.py) ----------------------
 
@@ -397,6 +422,7 @@ class ServiceManager:
         if r.state == STOPPING:
             return
         r.state = STOPPING
+        _disarm(r)
         self._ready_changed(svc)
         self._event(svc, "replica stopping", {"task_id": r.task_id, "node": r.node, "why": why})
         self._spawn(self._cancel(r.task_id, why))
@@ -569,6 +595,13 @@ def _disarm(r: Replica) -> None:
     if r.ready_timer is not None:
         r.ready_timer.cancel()
         r.ready_timer = None
+    _disarm_unhealthy(r)
+
+
+def _disarm_unhealthy(r: Replica) -> None:
+    if r.unhealthy_timer is not None:
+        r.unhealthy_timer.cancel()
+        r.unhealthy_timer = None
 
 
 def _retrieved(fut: asyncio.Future[None]) -> None:

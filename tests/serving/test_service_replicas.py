@@ -418,3 +418,79 @@ async def test_a_replica_never_ready_is_replaced_like_a_crash(settings: Settings
         events = kinds(await history(live))
         assert "replica not ready" in events and "replica restart" in events
         await node.close()
+
+
+async def test_a_replica_unhealthy_too_long_is_replaced_one_that_recovers_is_kept(
+    settings: Settings,
+) -> None:
+    """An engine wedged without exiting: its node reports it unhealthy and it stays so for
+    MESH_SERVICE_UNHEALTHY_S; it is replaced as a drained node's replica is, a new one first
+    and the old one cancelled once the new one is ready. A replica that is ready again
+    before its deadline is kept: `keep` goes unhealthy first and recovers, `wedged` goes
+    unhealthy after it and stays so, so `keep`'s deadline, were it still armed, would pass
+    before `wedged`'s is seen to."""
+    fast = replace(settings, service_unhealthy_s=2.0)
+    async with run_coordinator(fast) as live:
+        node = await hand_node(live, "n1")
+        await create(live, replicas={"min": 2, "max": 2})
+        keep, wedged = await run_replica(node), await run_replica(node, skip=1)
+        svc = service(live)
+        services = live.mesh.services
+        await wait_until(lambda: len(services.ready(svc)) == 2, 10, "two ready")
+        ref_keep = {"task_id": keep["task_id"], "attempt": keep["attempt"]}
+        ref_wedged = {"task_id": wedged["task_id"], "attempt": wedged["attempt"]}
+        await node.send({"type": "replica", **ref_keep, "state": "unhealthy",
+                         "reason": "GET /v1/models: 503"})
+        await node.send({"type": "replica", **ref_keep, "state": "ready"})
+        await node.send({"type": "replica", **ref_wedged, "state": "unhealthy",
+                         "reason": "GET /v1/models: timed out"})
+        await wait_until(lambda: [r.task_id for r in services.ready(svc)] == [keep["task_id"]],
+                         10, "the wedged one unhealthy, the other ready again")
+        assert svc.replicas[keep["task_id"]].unhealthy_timer is None  # disarmed on recovery
+        # the deadline passes: a replacement is placed; the wedged one is not cancelled yet
+        new = await run_replica(node, skip=2, state="starting")
+        assert svc.replicas[wedged["task_id"]].retiring
+        assert not svc.replicas[keep["task_id"]].retiring
+        assert not node.seen(type="cancel")
+        events = await history(live)
+        retiring = [e["detail"] for e in events if e["kind"] == "replica retiring"]
+        assert retiring == [{"task_id": wedged["task_id"], "node": "n1",
+                             "attempt": wedged["attempt"],
+                             "why": "unhealthy for 2 s: GET /v1/models: timed out"}]
+        # the new one ready: the wedged one is cancelled, the recovered one kept
+        await node.send({"type": "replica", "task_id": new["task_id"],
+                         "attempt": new["attempt"], "state": "ready"})
+        await node.frame(type="cancel", task_id=wedged["task_id"])
+        await wait_until(lambda: set(svc.replicas) == {keep["task_id"], new["task_id"]}, 10,
+                         "the wedged one gone")
+        assert [c["task_id"] for c in node.seen(type="cancel")] == [wedged["task_id"]]
+        assert svc.desired == 2
+        body = (await live.http.get("/metrics")).text
+        restarts = [line for line in body.splitlines() if line.startswith(
+            'gpumesh_service_scale_events_total{kind="restart",service="chat"')]
+        assert len(restarts) == 1 and restarts[0].endswith(" 1.0"), restarts
+        await node.close()
+
+
+async def test_an_unhealthy_replicas_deadline_ends_with_it(settings: Settings) -> None:
+    """The deadline is disarmed when the replica stops (its service deleted) or its task
+    moves on (its node lost it): no timer outlives what it watches."""
+    fast = replace(settings, service_unhealthy_s=600.0)
+    async with run_coordinator(fast) as live:
+        node = await hand_node(live, "n1")
+        await create(live, replicas={"min": 1, "max": 1})
+        first = await run_replica(node)
+        svc = service(live)
+        ref = {"task_id": first["task_id"], "attempt": first["attempt"]}
+        await node.send({"type": "replica", **ref, "state": "unhealthy", "reason": "503"})
+        replica = svc.replicas[first["task_id"]]
+        await wait_until(lambda: replica.unhealthy_timer is not None, 10, "the deadline armed")
+        # unhealthy again with another reason: the same spell, the same deadline
+        armed = replica.unhealthy_timer
+        await node.send({"type": "replica", **ref, "state": "unhealthy", "reason": "timed out"})
+        await wait_until(lambda: replica.reason == "timed out", 10, "the new reason")
+        assert replica.unhealthy_timer is armed
+        assert (await live.http.delete("/services/chat")).status_code == 200
+        assert replica.unhealthy_timer is None and armed is not None and armed.cancelled()
+        await node.frame(type="cancel", task_id=first["task_id"])
+        await node.close()
