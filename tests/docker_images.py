@@ -9,10 +9,12 @@ built only when the engine does not have it yet. `docker_unavailable()` says why
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import shutil
 import subprocess
 import tarfile
+import warnings
 from pathlib import Path
 
 import docker
@@ -27,14 +29,22 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 @functools.cache
 def docker_unavailable() -> str:
     """Why no Docker engine can be used here ("" when one answers ping)."""
-    try:
-        client = docker.from_env(timeout=10)
+    why = ""
+    # With no engine, docker-py's constructor raises holding its open socket, which then
+    # warns when collected, inside whichever test runs next: dropped here, quietly.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
         try:
-            client.ping()
-        finally:
-            client.close()
-    except (DockerException, RequestException) as exc:
-        return f"no Docker engine answers (`docker info` fails): {exc}"
+            client = docker.from_env(timeout=10)
+            try:
+                client.ping()
+            finally:
+                client.close()
+        except (DockerException, RequestException) as exc:
+            why = f"no Docker engine answers (`docker info` fails): {exc}"
+        gc.collect()
+    if why:
+        return why
     if _busybox() is None:
         return "no static busybox to build the test image (apt-get install busybox-static)"
     return ""
