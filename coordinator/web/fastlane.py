@@ -13,6 +13,12 @@ functions the routes use (`api.accept_tasks`, `api.task_answer`), but only in th
 - for a submission, a JSON content type and a body within MESH_MAX_BODY_BYTES;
 - for a read, no query but a valid `wait`.
 
+The OpenAI API's `POST /v1/chat/completions`, `/v1/completions` and `/v1/embeddings` take
+the lane too, in the same plain case (a leader, no `Origin`, a JSON content type, a token
+that may `submit`): the caller is set as the auth middleware sets it and the router
+(coordinator/web/openai.py `Relay`) answers, refusals included, from there. Every streamed
+chunk of its answer then skips the stack's `send` wrappers as well (issue 27's benchmark).
+
 Everything else, every refusal the middleware would make included (401, 403, 413, 415, a bad
 `wait`), goes down the full stack, with the body already read replayed to it, so those
 answers are the full stack's, byte for byte. Answers carry the headers the full stack adds
@@ -41,6 +47,8 @@ from coordinator.access.auth import (
 )
 from coordinator.storage.store import StoreError
 from coordinator.web.api import Answer, accept_tasks, not_stored, task_answer
+from coordinator.web.openai import PATHS as OPENAI_POSTS
+from coordinator.web.openai import Relay
 
 _SKIP = frozenset({"active", "completed"})  # /tasks/... routes of their own
 _JSON = (b"content-type", b"application/json")
@@ -67,6 +75,9 @@ class FastLane:
                     receive = handed
                 elif method == "GET" and await self._task(scope, path[7:], send):
                     return
+            elif path in OPENAI_POSTS and scope["method"] == "POST" and self._openai(scope):
+                await Relay(scope, receive, _vary(send))
+                return
         await self.app(scope, receive, send)
 
     def _serving(self) -> Any:
@@ -83,6 +94,18 @@ class FastLane:
             return None
         who = caller_of(h, self.auth, self.book())
         return (who, h) if who is not None and who.can(need) else None
+
+    def _openai(self, scope: Scope) -> bool:
+        """Whether this `POST /v1/...` goes straight to the router (coordinator/web/openai.py),
+        its caller set as the auth middleware would: a leader, a JSON body, a `submit` token.
+        The router reads the body and answers every refusal of its own (413, 429, 404...)."""
+        if self._serving() is None:
+            return False
+        caller = self._caller(scope, "submit")
+        if caller is None or not is_json(caller[1].get(b"content-type")):
+            return False
+        scope.setdefault("state", {})["principal"] = caller[0]
+        return True
 
     async def _submit(self, scope: Scope, receive: Receive, send: Send) -> Receive | None:
         """None when answered; else the `receive` to hand down (the body replayed)."""
@@ -163,6 +186,16 @@ def _replay(chunks: list[bytes], receive: Receive, more: bool,
         return pending.pop(0) if pending else await receive()
 
     return again
+
+
+def _vary(send: Send) -> Send:
+    """`send` with the `vary: Origin` header the full stack's CORS middleware adds."""
+    async def sender(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), _VARY]
+        await send(message)
+
+    return sender
 
 
 async def _send(send: Send, answer: Answer) -> None:

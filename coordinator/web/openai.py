@@ -403,10 +403,14 @@ class _Call:
                 # connection, so the caller sees an incomplete answer, never a short one
                 return None
             if chunk is None:
+                await send({"type": "http.response.body", "body": b""})
                 break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # the last chunk and the end of the body leave in one write when both are here
+            done = stream.ended and not stream.error and not stream.buffered
+            await send({"type": "http.response.body", "body": chunk, "more_body": not done})
             prev, last, chunk = last, chunk, None
-        await send({"type": "http.response.body", "body": b""})
+            if done:
+                break
         found = _USAGE.findall((prev + last)[-8192:])
         return int(found[-1]) if found else None
 

@@ -55,6 +55,10 @@ def _shape(r: httpx.Response) -> tuple[int, Any, list[tuple[str, str]]]:
             doc["tasks"] = [{k: v for k, v in t.items() if k != "task_id"} for t in doc["tasks"]]
         if isinstance(doc.get("reason"), str):  # the data dirs differ: /fast/ and /full/
             doc["reason"] = doc["reason"].replace("/fast/", "/D/").replace("/full/", "/D/")
+        error = doc.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):  # OpenAI's shape
+            doc["error"] = error | {"message": error["message"].replace(
+                "/fast/", "/D/").replace("/full/", "/D/")}
     headers = sorted((k, v) for k, v in r.headers.items() if k not in ("date",))
     return r.status_code, doc, headers
 
@@ -211,3 +215,47 @@ async def test_a_rebuilding_mesh_answers_503_both_ways(pair: Pair, lane_hits: li
     finally:
         for live in pair:
             live.mesh.broken = ""
+
+
+async def test_openai_requests_match(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`POST /v1/...` with a plain caller goes straight to the router; its answers, refusals
+    included, are the full stack's, and what the lane does not take (no token, a read token,
+    not JSON, a browser) the stack answers as before."""
+    relayed: list[str] = []
+    real = fastlane.Relay
+
+    def counted(scope: Any, receive: Any, send: Any) -> Any:
+        relayed.append(scope["path"])
+        return real(scope, receive, send)
+
+    monkeypatch.setattr(fastlane, "Relay", counted)
+    reads = []
+    for live in pair:
+        r = await live.http.post("/admin/tokens", json={"tenant": "a", "role": "read"})
+        reads.append(r.json()["token"])
+    chat = "/v1/chat/completions"
+    cases: list[tuple[int, str, dict[str, Any]]] = [
+        (404, chat, {"json": {"model": "nope", "messages": []}}),
+        (404, "/v1/embeddings", {"json": {"model": "nope", "input": "x"}}),
+        (400, "/v1/completions", {"json": {"prompt": "x"}}),
+        (400, chat, {"json": [1, 2]}),
+        (400, chat, {"content": b"{not json", "headers": {"Content-Type": "application/json"}}),
+        (413, chat, {"json": {"model": "m", "pad": "x" * (600 << 10)}}),
+        (415, chat, {"content": b"{}", "headers": {"Content-Type": "text/plain"}}),
+        (401, chat, {"json": {"model": "nope"}, "token": None}),
+        (401, chat, {"json": {"model": "nope"}, "token": "Bearer gm_wrong"}),
+        (404, chat, {"json": {"model": "nope"}, "headers": {"Origin": "https://x.example"}}),
+    ]
+    for status, path, kw in cases:
+        r = await _same(pair, "POST", path, **kw)
+        assert r.status_code == status, (r.status_code, r.text, kw)
+        if status != 415:
+            assert r.json()["error"]["code"], r.text  # OpenAI's error shape
+    assert len(relayed) == 6  # the 404s, 400s and the 413 of plain callers
+    fast, full = [], []
+    for live, read, out in zip(pair, reads, (fast, full), strict=True):
+        r = await live.http.post(chat, json={"model": "nope"},
+                                 headers={"Authorization": f"Bearer {read}"})
+        out.append(r)
+    assert _shape(fast[0]) == _shape(full[0]) and fast[0].status_code == 403
+    assert len(relayed) == 6
