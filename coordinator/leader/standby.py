@@ -6,8 +6,10 @@ leads once it holds the lease (coordinator/leader/lease.py). A standby:
 - answers `GET /health` itself (`"role": "standby"`, `"leader": "<url>"`);
 - forwards every other HTTP request to the leader with `httpx` — method, path, query, the
   caller's headers (its `Authorization` too: the leader decides), the body read under
-  `MESH_MAX_BODY_BYTES` — and streams the leader's answer back as it comes (long polls and
-  `logs?follow` included). No leader known, or the leader unreachable: 503 + `Retry-After`.
+  `MESH_MAX_BODY_BYTES` — and streams the leader's answer back as it comes (long polls,
+  `logs?follow` and `/v1` streams included); a caller who disconnects closes the request to
+  the leader, which then sees its caller leave (a `/v1` stream is cancelled on its node).
+  No leader known, or the leader unreachable: 503 + `Retry-After`.
   Only an origin-form target is forwarded (a path from `/`, `origin_form`), and the URL is
   the leader's base with that path and query (`upstream_url`), so nothing a caller writes
   can name another host: `*`, `http://host/x` or `@host:port/x` get 400;
@@ -21,6 +23,7 @@ forwards such a request again (two standbys with stale views would otherwise bou
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -32,7 +35,7 @@ from urllib.parse import quote_from_bytes
 import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from coordinator.leader.lease import Lead, Leadership, Lease, new_holder_id, serve_leadership
 from coordinator.settings import Settings
@@ -193,23 +196,79 @@ class StandbyGate:
         headers.append((FORWARDED, role.url.encode()))
         url = upstream_url(role.leader_url, target)
         req = role.http.build_request(scope["method"], url, headers=headers, content=body)
+        # uvicorn drops what is sent to a caller that left without a word, so a relay alone
+        # would hold the leader's answer open until its next chunk, for ever where none comes
+        # (a stream the engine still computes, a completion not yet answered, a long poll):
+        # the caller's `http.disconnect` is watched from here on, and closes the request to
+        # the leader, which then sees its own caller leave (a `/v1` stream is cancelled on
+        # its node).
+        gone = asyncio.ensure_future(_caller_gone(receive))
         try:
-            upstream = await role.http.send(req, stream=True)
+            await self._answer(role, scope, req, gone, send)
+        finally:
+            gone.cancel()
+            if gone.done() and not gone.cancelled():
+                gone.exception()  # retrieved: a broken `receive` counts as the caller gone
+
+    async def _answer(self, role: Role, scope: Scope, req: httpx.Request,
+                      gone: asyncio.Future[None], send: Send) -> None:
+        assert role.http is not None
+        sending = asyncio.ensure_future(role.http.send(req, stream=True))
+        if not await _first(sending, gone):
+            return _left(scope, "before the leader answered")
+        try:
+            upstream = sending.result()
         except httpx.HTTPError as exc:
             log.warning("forwarding %s %r to the leader %s failed: %s", scope["method"],
                         scope["path"], role.leader_url, exc)
             return await _unavailable(f"the leader {role.leader_url} did not answer "
                                       f"({type(exc).__name__}); retry shortly")(
-                scope, receive, send)
+                scope, _no_body, send)
         try:
             await send({"type": "http.response.start", "status": upstream.status_code,
                         "headers": [(k, v) for k, v in upstream.headers.raw
                                     if k.lower() not in _HOP_OUT]})
-            async for chunk in upstream.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            relaying = asyncio.ensure_future(_relay(upstream, send))
+            if not await _first(relaying, gone):
+                return _left(scope, "before the leader's answer ended")
+            relaying.result()  # the leader's answer broke off: raised, as before
         finally:
-            await upstream.aclose()
+            await upstream.aclose()  # mid-answer: closes the connection, the leader sees it
+
+
+async def _first(work: asyncio.Future[Any], gone: asyncio.Future[None]) -> bool:
+    """Wait for `work` or the caller's leaving; False (and `work` cancelled and over) if
+    the caller left first."""
+    await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+    if work.done():
+        return True
+    work.cancel()
+    await asyncio.wait((work,))  # its cleanup (httpx closing the connection) has run
+    if not work.cancelled() and work.exception() is None:
+        with contextlib.suppress(Exception):
+            await work.result().aclose()  # a response that came as it was cancelled
+    return False
+
+
+async def _caller_gone(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass  # the body was read already: only a disconnect can come
+
+
+async def _no_body() -> Message:
+    """The `receive` of an answer made here (the watcher owns the caller's)."""
+    return {"type": "http.disconnect"}
+
+
+async def _relay(upstream: httpx.Response, send: Send) -> None:
+    async for chunk in upstream.aiter_raw():
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _left(scope: Scope, when: str) -> None:
+    log.info("the caller of a forwarded %s %r left %s: the request to the leader is closed",
+             scope["method"], scope["path"][:64], when)
 
 
 async def _redirect_node(role: Role, receive: Receive, send: Send) -> None:
@@ -226,9 +285,15 @@ async def _redirect_node(role: Role, receive: Receive, send: Send) -> None:
     await send({"type": "websocket.close", "code": int(code), "reason": reason[:123]})
 
 
-def forwarding_client(max_wait_s: float) -> httpx.AsyncClient:
-    """The standby's client to the leader: long polls may hold `max_wait_s`; nothing else."""
-    timeout = httpx.Timeout(connect=3.0, read=max_wait_s + 30.0, write=30.0, pool=5.0)
+def forwarding_client(settings: Settings) -> httpx.AsyncClient:
+    """The standby's client to the leader. A read may wait as long as the leader itself
+    stays silent before an answer: a long poll (`max_wait_s`), or a `/v1` request that waits
+    for a replica to start (MESH_SERVE_COLD_START_S) and then for its answer's head
+    (MESH_SERVE_HEAD_TIMEOUT_S: a non-streamed completion's head comes with its end); the
+    leader's own deadlines answer first. A caller who leaves closes the request sooner."""
+    silent_s = max(settings.max_wait_s,
+                   settings.serve_cold_start_s + settings.serve_head_timeout_s)
+    timeout = httpx.Timeout(connect=3.0, read=silent_s + 30.0, write=30.0, pool=5.0)
     return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
 
 
@@ -266,7 +331,7 @@ async def serve_role(state: Any, settings: Settings, lead: Lead) -> AsyncIterato
         async with lead(None, None):  # type: ignore[arg-type]
             yield
         return
-    role = Role(url=url, http=forwarding_client(settings.max_wait_s))
+    role = Role(url=url, http=forwarding_client(settings))
     state.role = role
     leadership = Leadership(Lease(dsn, new_holder_id(), url, settings.lease_s), lead,
                             on_role=role.set)
