@@ -8,6 +8,7 @@ its node die, it is a real `python -m gpu_client` process running a stand-in com
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -494,3 +495,57 @@ async def test_an_unhealthy_replicas_deadline_ends_with_it(settings: Settings) -
         assert replica.unhealthy_timer is None and armed is not None and armed.cancelled()
         await node.frame(type="cancel", task_id=first["task_id"])
         await node.close()
+
+
+# Answers its health path with 200, or 503 while a file named after its port exists in the
+# directory given: a stand-in engine that wedges (and recovers) on cue, and never exits.
+WEDGING = """
+import http.server, os, sys
+port, wedges = int(sys.argv[1]), sys.argv[2]
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        wedged = os.path.exists(os.path.join(wedges, str(port)))
+        self.send_response(503 if wedged else 200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+# A root client ends whatever runs under a task's uid when that task ends: uids of our own.
+_UIDS = 300_000 + (os.getpid() % 50_000) * 4
+
+
+async def test_a_real_clients_wedged_replica_is_replaced(
+    settings: Settings, spawn_client: Callable[..., Proc], tmp_path: Path
+) -> None:
+    """With the node side of serving (gpu_client/serving.py): the stand-in engine's health
+    path fails and stays failing, its process lives on; the client reports it unhealthy, and
+    after MESH_SERVICE_UNHEALTHY_S the coordinator starts a new replica, which the client
+    health-checks and reports ready, and then cancels the wedged one."""
+    wedges = tmp_path / "wedges"
+    wedges.mkdir()
+    wedges.chmod(0o1777)
+    fast = replace(settings, service_unhealthy_s=1.0)
+    async with run_coordinator(fast) as live:
+        client = spawn_client("c1", live.ws_url, MESH_REPLICA_HEALTH_S="0.2",
+                              MESH_TASK_UIDS=f"{_UIDS}-{_UIDS + 3}")
+        await create(live, command=["python3", "-c", WEDGING, "{port}", str(wedges)],
+                     health_path="/")
+        svc = service(live)
+        services = live.mesh.services
+        (old,) = await wait_until(lambda: services.ready(svc), 30,
+                                  f"a ready replica; the client's log:\n{client.output()[-2000:]}")
+        (wedges / str(old.port)).touch()
+        new = await wait_until(
+            lambda: [r for r in services.ready(svc) if r.task_id != old.task_id], 60,
+            f"a new replica ready; the client's log:\n{client.output()[-2000:]}")
+        done = await live.wait_finished(old.task_id)
+        assert done["status"] == "cancelled"
+        assert list(svc.replicas) == [new[0].task_id]
+        events = await history(live)
+        (retiring,) = [e["detail"] for e in events if e["kind"] == "replica retiring"
+                       and e["detail"]["task_id"] == old.task_id]
+        assert retiring["why"] == "unhealthy for 1 s: health check answered 503", retiring
+        assert (await live.http.delete("/services/chat")).status_code == 200
+        await live.wait_finished(new[0].task_id)
