@@ -13,8 +13,10 @@ import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from coordinator.leader.standby import forwarding_client
@@ -121,6 +123,33 @@ async def _serve_through(standby: httpx.AsyncClient, node: HandNode, leader_port
         await whole
         assert r.status_code == 200
         assert b"".join([c async for c in r.aiter_raw()]) == b"data: a\n\ndata: [DONE]\n\n"
+
+    # the official client, pointed at the standby
+    token = standby.headers["Authorization"].removeprefix("Bearer ")
+    v1 = str(standby.base_url).rstrip("/") + "/v1"
+    client = openai.AsyncOpenAI(base_url=v1, api_key=token, max_retries=0)
+    try:
+        assert [m.id async for m in client.models.list()] == ["tiny"]
+        pieces = ["he", "llo"]
+        sse = [f"data: {json.dumps(_chunk(p))}\n\n" for p in pieces] + ["data: [DONE]\n\n"]
+        whole = asyncio.ensure_future(_whole(node, 4, *sse))
+        stream = await client.chat.completions.create(model="tiny", messages=CHAT["messages"],
+                                                      stream=True)
+        got = [c.choices[0].delta.content async for c in stream]
+        await whole
+        assert got == pieces
+        wrong = openai.AsyncOpenAI(base_url=v1, api_key="nope",
+                                   max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            await wrong.models.list()
+        await wrong.close()
+    finally:
+        await client.close()
+
+
+def _chunk(content: str) -> dict[str, Any]:
+    return {"id": "c2", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+            "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]}
 
 
 async def _first_chunk(node: HandNode, skip: int, data: str) -> int:
