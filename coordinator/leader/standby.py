@@ -290,11 +290,19 @@ def forwarding_client(settings: Settings) -> httpx.AsyncClient:
     stays silent before an answer: a long poll (`max_wait_s`), or a `/v1` request that waits
     for a replica to start (MESH_SERVE_COLD_START_S) and then for its answer's head
     (MESH_SERVE_HEAD_TIMEOUT_S: a non-streamed completion's head comes with its end); the
-    leader's own deadlines answer first. A caller who leaves closes the request sooner."""
+    leader's own deadlines answer first. A caller who leaves closes the request sooner.
+
+    Each forwarded request holds a connection to the leader while its answer lasts: as many
+    at once as the leader holds long answers of its bounded kinds (MESH_SERVE_MAX_STREAMS
+    `/v1` streams, MESH_MAX_LOG_FOLLOWERS `logs?follow`), not httpx's default 100, past
+    which a caller waited for one and got 503."""
     silent_s = max(settings.max_wait_s,
                    settings.serve_cold_start_s + settings.serve_head_timeout_s)
     timeout = httpx.Timeout(connect=3.0, read=silent_s + 30.0, write=30.0, pool=5.0)
-    return httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
+    limits = httpx.Limits(max_connections=settings.serve_max_streams
+                          + settings.max_log_followers, max_keepalive_connections=64)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False,
+                             trust_env=False)
 
 
 def postgres_dsn(settings: Settings) -> str | None:

@@ -39,9 +39,10 @@ async def _ready(standby: httpx.AsyncClient) -> bool:
     return r.status_code == 200 and r.json()["scale"]["ready"] == 1
 
 
-async def test_v1_through_a_standby_streams_answers_refuses_and_cancels(
+async def _leader_and_standby(
     db: str, spawn_coordinator: Callable[..., Proc], tmp_path: Path,
-) -> None:
+) -> tuple[int, int, str]:
+    """A leads, B stands by; a submit token of tenant alice."""
     pa, pb = free_port(), free_port()
     async with httpx.AsyncClient(headers=ADMIN_HEADERS, timeout=30) as admin:
         spawn_coordinator(pa, tmp_path / "a", **_coordinator_env(db, pa, "coord-a"))
@@ -51,7 +52,14 @@ async def test_v1_through_a_standby_streams_answers_refuses_and_cancels(
         r = await admin.post(f"{_url(pb)}/admin/tokens", json={"tenant": "alice",
                                                                "role": "submit"})
         assert r.status_code == 200, r.text
-        token = r.json()["token"]
+        token: str = r.json()["token"]
+    return pa, pb, token
+
+
+async def test_v1_through_a_standby_streams_answers_refuses_and_cancels(
+    db: str, spawn_coordinator: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    pa, pb, token = await _leader_and_standby(db, spawn_coordinator, tmp_path)
     node = HandNode("n1", f"ws://127.0.0.1:{pa}")
     node.register_extra = dict(SERVE)
     await node.connect()
@@ -63,13 +71,17 @@ async def test_v1_through_a_standby_streams_answers_refuses_and_cancels(
             await node.close()
 
 
-async def _serve_through(standby: httpx.AsyncClient, node: HandNode, leader_port: int) -> None:
+async def _one_ready_replica(standby: httpx.AsyncClient, node: HandNode) -> None:
     doc = {"name": "tiny", "model": "tiny", "command": STANDIN,
            "replicas": {"min": 1, "max": 1}}
     r = await standby.post("/services", json=doc)
     assert r.status_code == 201, r.text
     await make_ready(node)
     await wait_until(lambda: _ready(standby), 20, "the replica ready (seen via the standby)")
+
+
+async def _serve_through(standby: httpx.AsyncClient, node: HandNode, leader_port: int) -> None:
+    await _one_ready_replica(standby, node)
 
     # /v1/models: the caller's tenant's models
     r = await standby.get("/v1/models")
@@ -177,3 +189,35 @@ async def test_the_forwarder_waits_as_long_as_the_leader_may_stay_silent() -> No
         assert client.timeout.connect == 3.0  # a leader that does not answer: 503 soon
     finally:
         await client.aclose()
+
+
+MANY = 110  # more than httpx's default pool (100 connections) held the standby to
+
+
+async def test_a_standby_forwards_more_streams_at_once_than_a_default_pool(
+    db: str, spawn_coordinator: Callable[..., Proc], tmp_path: Path,
+) -> None:
+    """Each forwarded request holds one connection to the leader for as long as its answer
+    lasts: a hundred long streams must not make the next caller wait for one and get 503."""
+    pa, pb, token = await _leader_and_standby(db, spawn_coordinator, tmp_path)
+    node = HandNode("n1", f"ws://127.0.0.1:{pa}")
+    node.register_extra = dict(SERVE)
+    await node.connect()
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=_url(pb), headers=auth, timeout=30,
+                                 limits=httpx.Limits(max_connections=MANY)) as standby:
+        try:
+            await _one_ready_replica(standby, node)
+            calls = [asyncio.ensure_future(standby.post(
+                "/v1/chat/completions", json={**CHAT, "stream": True})) for _ in range(MANY)]
+            opened = await wait_until(lambda: len(node.seen(type="stream_open")) >= MANY or [
+                c.result().text for c in calls if c.done()], 30,
+                f"{MANY} streams open on the node at once")
+            assert isinstance(opened, bool), opened  # the text of an early answer
+            for frame in node.seen(type="stream_open"):
+                await answer(node, frame["stream"], "data: [DONE]\n\n",
+                             ctype="text/event-stream")
+            for r in await asyncio.gather(*calls):
+                assert r.status_code == 200 and r.text == "data: [DONE]\n\n", r.text
+        finally:
+            await node.close()
