@@ -15,7 +15,10 @@ replica this node runs at that attempt. The answer goes back as `stream_head`, `
 chunks as the engine writes them (decoded incrementally, never split inside a character, at
 most MAX_STREAM_CHUNK bytes each) and one `stream_end`. Flow control: a stream never has
 more than its `window` bytes sent beyond the credit granted back (`stream_credit`); it waits
-for credit, the engine's socket fills, the engine slows down. `stream_cancel` (and a lost
+for credit, reading the engine pauses (holding at most one read of it, 256 KiB), the engine's
+socket fills, the engine slows down. Each read of the engine goes out at once from the
+connection's callback (gpu_client/enginehttp.py `Answer.pipe`), as one chunk when it fits the
+credit and MAX_STREAM_CHUNK: never held back to gather more. `stream_cancel` (and a lost
 connection) closes the engine request at once, which llama.cpp's server takes as a cancel.
 
 Bounds per node: at most `serve_max_streams` open streams, and the windows of open streams
@@ -41,7 +44,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from gpu_client.enginehttp import EngineClient, EngineError
+from gpu_client.enginehttp import Answer, EngineClient, EngineError
 from gpu_client.executors.base import OnOutput, RunOutcome
 from shared.protocol import (
     MAX_STREAM_CHUNK,
@@ -163,6 +166,9 @@ class Stream:
     more: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     cancelled: str = ""  # why the coordinator cancelled it
+    answer: Answer | None = None  # the engine's, while its body is piped here
+    pending: bytes = b""  # decoded text (as UTF-8) waiting for credit; the engine is paused
+    over: bool = False  # ended: nothing more is sent for it
 
 
 class Serving:
@@ -376,6 +382,8 @@ class Serving:
         if s is None:
             return  # ended already: credit for it means nothing
         s.credit = min(s.window, s.credit + m.bytes)
+        if s.pending:
+            self._flush(s)
         s.more.set()
 
     def on_cancel(self, m: StreamCancel) -> None:
@@ -396,6 +404,7 @@ class Serving:
         s = self.streams.pop(sid, None)
         if s is None:
             return
+        s.over = True
         s.replica.streams.discard(sid)
         self.reserved -= s.reserved
         if s.task is not None and s.task is not asyncio.current_task():
@@ -414,9 +423,15 @@ class Serving:
                 self._send_raw(StreamHead(stream=s.id, status=answer.status,
                                           content_type=answer.content_type[:MAX_CONTENT_TYPE]))
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-                async for raw in answer.body():
-                    await self._emit(s, decoder.decode(raw).encode())
-                await self._emit(s, decoder.decode(b"", final=True).encode())
+                s.answer = answer
+                try:  # each read's bytes go out from the engine connection's callback
+                    await answer.pipe(lambda raw: self._feed(s, _text(decoder, raw)))
+                except EngineError as exc:
+                    error = f"engine request failed: {exc}"
+                self._feed(s, decoder.decode(b"", True))
+                while s.pending:  # what came before the end (or the break) waits for credit
+                    s.more.clear()
+                    await s.more.wait()
         except EngineError as exc:
             error = f"engine request failed: {exc}"
         except Exception as exc:  # noqa: BLE001 - the stream ends with the reason, never hangs
@@ -425,18 +440,39 @@ class Serving:
         # CancelledError goes through: ended by the coordinator, the replica's end, the link's
         self._end(s.id, error)
 
-    async def _emit(self, s: Stream, data: bytes) -> None:
-        """Send `data` (whole characters) as chunks within the window, waiting for credit."""
-        pos = 0
-        while pos < len(data):
+    def _feed(self, s: Stream, text: str) -> None:
+        """Send `text` (one read's worth, whole characters) at once when it fits the credit
+        and one chunk, else as chunks within the window, the rest held (reading the engine
+        paused) until credit comes."""
+        if not text or s.over:
+            return
+        if s.pending:
+            s.pending += text.encode()
+            return
+        n = len(text) if text.isascii() else len(text.encode())
+        if n <= s.credit and n <= MAX_STREAM_CHUNK:
+            self._send_raw(StreamData(stream=s.id, data=text))
+            s.credit -= n
+            return
+        s.pending = text.encode()
+        self._flush(s)
+
+    def _flush(self, s: Stream) -> None:
+        """Send what of `s.pending` the credit allows; pause the engine while some is left."""
+        data, pos = s.pending, 0
+        while pos < len(data) and not s.over:
             n = piece(data, pos, s.credit)
             if n == 0:
-                s.more.clear()
-                await s.more.wait()
-                continue
+                break
             self._send_raw(StreamData(stream=s.id, data=data[pos:pos + n].decode()))
             s.credit -= n
             pos += n
+        s.pending = data[pos:] if not s.over else b""
+        if s.answer is not None:
+            if s.pending:
+                s.answer.pause()
+            else:
+                s.answer.resume()
 
     # --- plumbing -----------------------------------------------------------------------
 
@@ -459,6 +495,17 @@ class Serving:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("serving task failed", exc_info=task.exception())
+
+
+def _text(decoder: codecs.IncrementalDecoder, raw: bytes) -> str:
+    """`raw` as text: at once when it is whole valid UTF-8 (the usual case), else through
+    `decoder`, which holds a character split by the read and replaces invalid bytes."""
+    if not decoder.getstate()[0]:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            pass
+    return decoder.decode(raw)
 
 
 def _has_control(text: str) -> bool:
