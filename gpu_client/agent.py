@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from gpu_client.artifacts import result_fields, ship
 from gpu_client.credential import credential_paths, join_token, load_any, save_all
@@ -62,6 +63,7 @@ from shared.protocol import (
     ServerMsg,
     StreamCancel,
     StreamCredit,
+    StreamData,
     StreamOpen,
     TaskAccepted,
     TaskOutcome,
@@ -389,19 +391,24 @@ class Agent:
         try:
             while True:
                 first = await outbox.get()
-                if self._bundle:
+                if self._bundle and type(first) is not StreamData:
                     # One turn of the loop first: an instant task's result, set off by the
                     # assign that queued this `task_accepted`, then leaves in the same frame
                     # and the accepted is dropped (_bundles): one frame per task, not two.
+                    # Not for a token of a stream (nothing follows from it; the other
+                    # streams' tokens of the same turn of the loop are queued already).
                     await asyncio.sleep(0)
                 if not self._bundle or outbox.empty():
-                    await ws.send(encode(first))
+                    frame = encode(first)
+                    if not _send_now(ws, frame):
+                        await ws.send(frame)
                     continue
                 msgs = [first]  # what queued up meanwhile leaves together (negotiated)
                 while not outbox.empty() and len(msgs) < BUNDLE_MSGS:
                     msgs.append(outbox.get_nowait())
                 for frame in _bundles(msgs):
-                    await ws.send(frame)
+                    if not _send_now(ws, frame):
+                        await ws.send(frame)
         except ConnectionClosed:
             return  # the reader sees the close too
         except Exception:
@@ -645,6 +652,20 @@ class Agent:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
+
+
+def _send_now(ws: ClientConnection, frame: bytes) -> bool:
+    """Write `frame` to the socket at once, through websockets' Sans-I/O protocol, when the
+    connection is open and nothing waits in its write buffer: `ws.send` does the same plus
+    an async context and a drain, which cost more than the frame on a streamed token. False
+    (nothing done) otherwise: then `ws.send` waits for room or raises ConnectionClosed."""
+    transport = ws.transport
+    if ws.protocol.state is not State.OPEN or transport.get_write_buffer_size():
+        return False
+    ws.protocol.send_binary(frame)
+    for data in ws.protocol.data_to_send():
+        transport.write(data)
+    return True
 
 
 def _bundles(msgs: list[Msg]) -> list[bytes]:
