@@ -74,6 +74,7 @@ MAX_CONTENT_TYPE = 256  # characters of a content type passed either way
 MIN_WINDOW = 4  # a window must hold one character of UTF-8
 MAX_REASON = 300  # characters of a reason sent to the coordinator
 MAX_HEALTH_BODY = 1 << 20  # bytes of a health answer read (then the check failed)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BAD_PATH = re.compile(r"\.\.|//|\\|[\x00-\x20\x7f]|%(2e|2f|5c|00)|#", re.IGNORECASE)
 
 
@@ -509,4 +510,4 @@ def _text(decoder: codecs.IncrementalDecoder, raw: bytes) -> str:
 
 
 def _has_control(text: str) -> bool:
-    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    return _CONTROL.search(text) is not None
