@@ -10,6 +10,13 @@ added latency is not hidden in the engine's queue: llama-cpp-python answers one 
 time), each sending one request after another on a kept-alive connection, in alternating
 blocks (direct, mesh, direct, ...) so a busy neighbour slows both alike.
 
+Every line runs in two layouts. `shared`: all processes may run on every core, so on a small
+box the coordinator, the node's client and the load generator compete with the engine for
+its cores. `pinned`: the engine's threads on the first core, everything else on the others,
+the same for the direct and the mesh blocks; that is a deployment's layout (the coordinator
+on another machine, the node's client beside an engine that leaves it a core), and it shows
+what the mesh adds apart from taking the engine's CPU.
+
 Non-streamed: a chat completion of 1 token, timed from the request's first byte out to the
 body's last byte in. Streamed (`"stream": true`, 8 tokens): time to first token (TTFT) is the
 first SSE `data:` chunk; the whole stream is read. Coordinator CPU per request is psutil's
@@ -210,7 +217,7 @@ async def _measure(port: int, coord: procs.Proc, node: procs.Proc, model: Path, 
         await asyncio.sleep(0.2)
     cold_s = time.monotonic() - began
     await conn.close()
-    _, engine = _engine(model)
+    engine_pid, engine = _engine(model)
     assert engine, "the engine's port"
 
     bodies = {"non-streamed": one,
@@ -219,6 +226,59 @@ async def _measure(port: int, coord: procs.Proc, node: procs.Proc, model: Path, 
     for body in bodies.values():
         direct = await _answer(engine, "none", body)
         assert direct and await _answer(port, token, body) == direct, direct
+    rows: list[dict[str, Any]] = []
+    layouts = ["shared", "pinned"] if _pinnable() else ["shared"]
+    for layout in layouts:
+        _pin(layout, engine_pid, [coord.pid, node.pid, os.getpid()])
+        rows += await _layout(layout, port, engine, token, bodies, coord, node, rounds, per)
+    _pin("shared", engine_pid, [coord.pid, node.pid, os.getpid()])
+    goals, added = [], []
+    for layout in layouts:
+        g, a = _goals([r for r in rows if r["layout"] == layout])
+        goals += [f"{layout}: {line}" for line in g]
+        added += [f"{layout}: {line}" for line in a]
+    notes = [
+        f"{rounds} alternating blocks per line, each `clients` connections x {per} requests "
+        f"(x {per * 8} with 1 client), after a warm-up; cold start (POST /services to the first "
+        f"answer through the mesh): {cold_s:.1f} s",
+        "non-streamed: 1 token, request out to body in; streamed: 8 tokens, TTFT = first SSE "
+        "data chunk; the engine (llama-cpp-python) answers one request at a time, so with 32 "
+        "clients a request mostly waits in its queue",
+        "layout `shared`: every process may run on every core; `pinned`: the engine (all its "
+        "threads) on core 0, the coordinator, the node's client and this load generator on the "
+        "others, for direct and mesh blocks alike (as where the coordinator runs elsewhere and "
+        "the node's client has a core the engine does not need)",
+        "cpu ms/req: the coordinator's (and the node's) user+system CPU over the mesh blocks "
+        "/ their requests, averaged over the layout's mesh lines",
+        *added,
+    ]
+    columns = ["layout", "request", "clients", "path", "requests", "p50_ms", "p99_ms",
+               "ttft_p50_ms", "ttft_p99_ms", "req_per_s", "coord_cpu_ms_per_req",
+               "node_cpu_ms_per_req"]
+    return Result("serving", rows, columns, notes, goals)
+
+
+def _pinnable() -> bool:
+    return hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2
+
+
+def _pin(layout: str, engine: int, others: list[int]) -> None:
+    """Pin every thread of the engine to the first core and `others` to the rest
+    ("pinned"), or let all of them run anywhere again ("shared")."""
+    cores = sorted(os.sched_getaffinity(0) | set().union(*(
+        os.sched_getaffinity(int(t)) for t in os.listdir(f"/proc/{engine}/task"))))
+    first, rest = {cores[0]}, set(cores[1:])
+    for pid, where in [(engine, first), *((p, rest) for p in others)]:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), set(cores) if layout == "shared" else where)
+            except (ProcessLookupError, PermissionError):
+                pass  # a thread that just ended
+
+
+async def _layout(layout: str, port: int, engine: int, token: str, bodies: dict[str, bytes],
+                  coord: procs.Proc, node: procs.Proc, rounds: int,
+                  per: int) -> list[dict[str, Any]]:
     coord_cpu = procs.CpuMeter([coord.pid])
     node_cpu = procs.CpuMeter([node.pid])
     rows: list[dict[str, Any]] = []
@@ -242,7 +302,7 @@ async def _measure(port: int, coord: procs.Proc, node: procs.Proc, model: Path, 
             for path_name, (f, t, s) in got.items():
                 lat, ttft = summary([x / 1e6 for x in t]), summary([x / 1e6 for x in f])
                 row: dict[str, Any] = {
-                    "request": kind, "clients": clients, "path": path_name,
+                    "layout": layout, "request": kind, "clients": clients, "path": path_name,
                     "requests": len(t), "p50_ms": round(lat["p50"], 2),
                     "p99_ms": round(lat["p99"], 2), "req_per_s": round(len(t) / s, 1),
                 }
@@ -255,21 +315,7 @@ async def _measure(port: int, coord: procs.Proc, node: procs.Proc, model: Path, 
         if r["path"] == "mesh":
             r["coord_cpu_ms_per_req"] = round(1000 * coord_cpu.total / mesh_requests, 3)
             r["node_cpu_ms_per_req"] = round(1000 * node_cpu.total / mesh_requests, 3)
-    goals, added = _goals(rows)
-    notes = [
-        f"{rounds} alternating blocks per line, each `clients` connections x {per} requests "
-        f"(x {per * 8} with 1 client), after a warm-up; cold start (POST /services to the first "
-        f"answer through the mesh): {cold_s:.1f} s",
-        "non-streamed: 1 token, request out to body in; streamed: 8 tokens, TTFT = first SSE "
-        "data chunk; the engine (llama-cpp-python) answers one request at a time, so with 32 "
-        "clients a request mostly waits in its queue",
-        "cpu ms/req: the coordinator's (and the node's) user+system CPU over the mesh blocks "
-        "/ their requests, averaged over all mesh lines",
-        *added,
-    ]
-    columns = ["request", "clients", "path", "requests", "p50_ms", "p99_ms", "ttft_p50_ms",
-               "ttft_p99_ms", "req_per_s", "coord_cpu_ms_per_req", "node_cpu_ms_per_req"]
-    return Result("serving", rows, columns, notes, goals)
+    return rows
 
 
 def _goals(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
